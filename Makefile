@@ -1,0 +1,115 @@
+# parmap: a parallel map for Lua 5.4 on forked workers.
+#   make            build build/parmap/core.so and build/libparmap.a
+#   make demo       build and run examples/demo.lua (a real speed-up)
+#   make test       install what is missing, build, run every spec
+#   make check-asan / check-valgrind   the specs under ASan+UBSan / valgrind
+#   make install PREFIX=/usr/local DESTDIR=   and   make uninstall
+
+LUA_VERSION ?= 5.4
+LUA         ?= lua$(LUA_VERSION)
+PKG_CONFIG  ?= pkg-config
+LUA_PC      ?= lua$(LUA_VERSION)
+LUA_INCDIR  ?= $(shell $(PKG_CONFIG) --variable=includedir $(LUA_PC) 2>/dev/null)/lua$(LUA_VERSION)
+LUA_CFLAGS  ?= $(shell $(PKG_CONFIG) --cflags $(LUA_PC) 2>/dev/null || echo -I$(LUA_INCDIR))
+LUA_LIBDIR  ?= $(shell $(PKG_CONFIG) --variable=libdir $(LUA_PC) 2>/dev/null)
+LUA_LIBS    ?= $(shell $(PKG_CONFIG) --libs $(LUA_PC) 2>/dev/null || echo -llua$(LUA_VERSION))
+
+CC       ?= cc
+CFLAGS   ?= -O2 -g
+WARN     := -std=c99 -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes
+ALLFLAGS = $(WARN) $(CFLAGS) -fPIC -fvisibility=hidden $(LUA_CFLAGS) -Isrc -I$(BUILD)
+LDFLAGS  ?=
+
+BUILD ?= build
+PREFIX ?= /usr/local
+DESTDIR ?=
+LUA_SHARE := $(PREFIX)/share/lua/$(LUA_VERSION)
+LUA_LIB   := $(PREFIX)/lib/lua/$(LUA_VERSION)
+
+CORE_SRC := src/buf.c src/codec.c src/proc.c src/worker.c src/map.c src/core.c
+CORE_OBJ := $(CORE_SRC:src/%.c=$(BUILD)/%.o)
+HEADERS  := $(wildcard src/*.h)
+
+BUSTED ?= busted
+BUSTED_FLAGS ?=
+
+.PHONY: all demo test deps check check-asan check-valgrind install uninstall clean
+
+all: $(BUILD)/parmap/core.so $(BUILD)/libparmap.a
+
+$(BUILD)/%.o: src/%.c $(HEADERS) | $(BUILD)
+	$(CC) $(ALLFLAGS) -c -o $@ $<
+
+$(BUILD)/parmap_lua.h: lua/parmap.lua src/bin2c.lua | $(BUILD)
+	$(LUA) src/bin2c.lua parmap_lua < lua/parmap.lua > $@.tmp && mv $@.tmp $@
+
+$(BUILD)/front.o: src/front.c $(BUILD)/parmap_lua.h $(HEADERS)
+	$(CC) $(ALLFLAGS) -c -o $@ $<
+
+$(BUILD)/parmap/core.so: $(CORE_OBJ)
+	@mkdir -p $(BUILD)/parmap
+	$(CC) -shared $(CFLAGS) $(LDFLAGS) -o $@ $(CORE_OBJ) -pthread
+
+$(BUILD)/libparmap.a: $(CORE_OBJ) $(BUILD)/front.o
+	rm -f $@
+	$(AR) rcs $@ $^
+
+$(BUILD):
+	@mkdir -p $(BUILD)
+
+demo: all
+	LUA_PATH='lua/?.lua;;' LUA_CPATH='$(BUILD)/?.so;;' $(LUA) examples/demo.lua
+
+# Install what a fresh Debian/Ubuntu machine lacks (needs root or sudo).
+deps:
+	@need=""; \
+	command -v $(LUA) >/dev/null 2>&1 || need="$$need lua$(LUA_VERSION)"; \
+	$(PKG_CONFIG) --exists $(LUA_PC) 2>/dev/null || need="$$need liblua$(LUA_VERSION)-dev"; \
+	command -v $(PKG_CONFIG) >/dev/null 2>&1 || need="$$need pkg-config"; \
+	command -v $(BUSTED) >/dev/null 2>&1 || need="$$need lua-busted"; \
+	command -v $(CC) >/dev/null 2>&1 || need="$$need gcc make"; \
+	if [ -n "$$need" ]; then \
+	  echo "installing:$$need"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$need >/dev/null; \
+	fi
+
+# Runs every spec; ends with the line "N passed, N failed" counted from
+# busted's TAP output, and fails when a spec fails.
+test: deps
+	@$(MAKE) --no-print-directory all
+	@bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
+
+check: test
+
+ASAN_BUILD := build-asan
+check-asan: deps
+	@$(MAKE) --no-print-directory BUILD=$(ASAN_BUILD) \
+	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
+	  LDFLAGS="-fsanitize=address,undefined" all
+	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	  PARMAP_BUILD=$(ASAN_BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
+
+check-valgrind: deps
+	@command -v valgrind >/dev/null 2>&1 || $(MAKE) --no-print-directory deps-valgrind
+	@$(MAKE) --no-print-directory all
+	@PARMAP_VALGRIND=1 bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
+
+install: all
+	install -d $(DESTDIR)$(LUA_SHARE) $(DESTDIR)$(LUA_LIB)/parmap \
+	  $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
+	install -m 644 lua/parmap.lua $(DESTDIR)$(LUA_SHARE)/parmap.lua
+	install -m 755 $(BUILD)/parmap/core.so $(DESTDIR)$(LUA_LIB)/parmap/core.so
+	install -m 644 $(BUILD)/libparmap.a $(DESTDIR)$(PREFIX)/lib/libparmap.a
+	install -m 644 src/parmap.h $(DESTDIR)$(PREFIX)/include/parmap.h
+
+uninstall:
+	rm -f $(DESTDIR)$(LUA_SHARE)/parmap.lua $(DESTDIR)$(LUA_LIB)/parmap/core.so \
+	  $(DESTDIR)$(PREFIX)/lib/libparmap.a $(DESTDIR)$(PREFIX)/include/parmap.h
+	-rmdir $(DESTDIR)$(LUA_LIB)/parmap 2>/dev/null
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)

@@ -1,0 +1,425 @@
+-- parmap: a parallel map for Lua 5.4 on forked worker processes.
+--
+-- This is the friendly front: it checks arguments (every message names the
+-- argument), gives the call semantics of Python's parmapper, draws progress
+-- and builds error objects. The C half (parmap.core) runs the workers.
+-- When the module is compiled into a C host, the core table is passed in.
+
+local core = ...
+if type(core) ~= "table" then core = require "parmap.core" end
+
+local error, type, select, tostring, setmetatable, getmetatable, next =
+  error, type, select, tostring, setmetatable, getmetatable, next
+local math_type, tointeger, floor = math.type, math.tointeger, math.floor
+local format, rep = string.format, string.rep
+
+local M = {}
+M._VERSION = "0.1.0"
+
+-- star = parmap.None: the item is counted but not passed.
+M.None = setmetatable({}, {
+  __name = "parmap.None",
+  __tostring = function() return "parmap.None" end,
+  __newindex = function() error("parmap.None is read-only", 2) end,
+})
+
+---------------------------------------------------------------- errors
+
+local Error = {}
+Error.__index = Error
+Error.__name = "parmap.Error"
+
+function Error.__tostring(e)
+  local s = format("parmap: item %d failed in %s %d: %s", e.index,
+    e.pid == core.pid() and "process" or "worker", e.pid, e.message)
+  if e.traceback ~= "" then s = s .. "\n" .. e.traceback end
+  return s
+end
+
+-- kind: "error" (fn raised), "value" (a result cannot travel), "died" (the
+-- worker ended), "timeout" (the item ran past opts.timeout).
+local function make_error(index, kind, err, message, traceback, pid)
+  return setmetatable({ index = index, kind = kind, err = err,
+    message = message, traceback = traceback or "", pid = pid }, Error)
+end
+
+--- Is v an error object of parmap?
+function M.iserror(v)
+  return getmetatable(v) == Error
+end
+
+---------------------------------------------------------------- values
+
+local SCALAR = { ["nil"] = true, boolean = true, number = true, string = true }
+
+local function keypath(k)
+  if type(k) == "string" then
+    if k:match("^[%a_][%w_]*$") then return "." .. k end
+    return format("[%q]", k)
+  elseif math_type(k) == "float" then
+    return format("[%.17g]", k)
+  elseif type(k) == "table" then
+    return "[<table>]"
+  end
+  return "[" .. tostring(k) .. "]"
+end
+
+-- Where, breadth first, the first value that cannot travel sits in v.
+local function find_unsendable(v)
+  local t = type(v)
+  if SCALAR[t] then return nil end
+  if t ~= "table" then return "", t end
+  local seen, queue, paths, head = { [v] = true }, { v }, { "" }, 1
+  while queue[head] do
+    local tbl, path = queue[head], paths[head]
+    head = head + 1
+    for k, x in next, tbl do
+      local kt, xt = type(k), type(x)
+      if kt == "table" then
+        if not seen[k] then
+          seen[k] = true
+          queue[#queue + 1], paths[#paths + 1] = k, path .. "[<table>]"
+        end
+      elseif not SCALAR[kt] then
+        return path, kt .. " (as a key)"
+      end
+      if xt == "table" then
+        if not seen[x] then
+          seen[x] = true
+          queue[#queue + 1], paths[#paths + 1] = x, path .. keypath(k)
+        end
+      elseif not SCALAR[xt] then
+        return path .. keypath(k), xt
+      end
+    end
+  end
+end
+
+-- describe("result"|"item", index, values...): why they cannot travel.
+local function describe(what, index, ...)
+  local n = select("#", ...)
+  for j = 1, n do
+    local path, t = find_unsendable((select(j, ...)))
+    if path then
+      local head
+      if what == "item" then
+        head = format("parmap: item %d", index)
+      elseif n > 1 then
+        head = format("result %d of item %d", j, index)
+      else
+        head = format("result of item %d", index)
+      end
+      return format("%s: cannot send a %s%s", head, t,
+        path ~= "" and (" at " .. path) or "")
+    end
+  end
+  return format("%s of item %d: cannot send this value", what, index)
+end
+M._describe = describe -- for tests
+
+---------------------------------------------------------------- progress
+
+local function clock(s)
+  s = floor(s + 0.5)
+  if s >= 3600 then
+    return format("%d:%02d:%02d", s // 3600, s % 3600 // 60, s % 60)
+  end
+  return format("%02d:%02d", s // 60, s % 60)
+end
+
+-- A bar on stderr; a single final line when stderr is not a terminal.
+local function progress_bar(label)
+  label = label and (label .. " ") or ""
+  local tty, t0, last = core.isatty(2), core.now(), -1
+  return function(done, total, finished)
+    local now = core.now()
+    if not finished and (not tty or now - last < 0.1) then return end
+    last = now
+    local el = now - t0
+    local rate = el > 0 and done / el or 0
+    local s
+    if total and total > 0 then
+      local frac = done / total
+      local fill = floor(frac * 30)
+      s = format("%s[%s%s] %d/%d %3d%% %.0f items/s %s %s", label,
+        rep("#", fill), rep(".", 30 - fill), done, total, floor(frac * 100),
+        rate, finished and "in" or "ETA",
+        clock(finished and el or (rate > 0 and (total - done) / rate or 0)))
+    else
+      s = format("%s%d items %.0f items/s %s", label, done, rate, clock(el))
+    end
+    if tty then
+      io.stderr:write("\r", s, "\27[K", finished and "\n" or "")
+    else
+      io.stderr:write(s, "\n")
+    end
+  end
+end
+
+---------------------------------------------------------------- options
+
+local OPTIONS = { N = true, star = true, kwstar = true, args = true,
+  kwargs = true, chunksize = true, ordered = true, progress = true,
+  total = true, exception = true, timeout = true }
+local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
+
+local function callable(f)
+  if type(f) == "function" then return true end
+  local mt = getmetatable(f)
+  return type(mt) == "table" and mt.__call ~= nil
+end
+
+local function typename(v)
+  local mt = getmetatable(v)
+  return type(mt) == "table" and type(mt.__name) == "string" and mt.__name
+    or type(v)
+end
+
+local function bad(level, name, what, got)
+  error(format("parmap: bad option '%s' (%s expected, got %s)", name, what,
+    got), level + 1)
+end
+
+local function posint(v)
+  local i = tointeger(v)
+  return i and i >= 1 and i or nil
+end
+
+-- Check parmap's arguments; return the spec core.start takes.
+local function check(level, fn, items, opts)
+  level = level + 1
+  if not callable(fn) then
+    error(format("parmap: bad argument #1 'fn' (function expected, got %s)",
+      typename(fn)), level)
+  end
+  local it = type(items)
+  if it ~= "table" and it ~= "function" then
+    error(format("parmap: bad argument #2 'items' (table or function expected, got %s)",
+      typename(items)), level)
+  end
+  if opts == nil then opts = {} end
+  if type(opts) ~= "table" then
+    error(format("parmap: bad argument #3 'opts' (table expected, got %s)",
+      typename(opts)), level)
+  end
+  for k in next, opts do
+    if not OPTIONS[k] then
+      error(format("parmap: unknown option '%s'", tostring(k)), level)
+    end
+  end
+  local spec = { fn = fn, items = items, from_table = it == "table" and 1 or 0,
+    make_error = make_error, describe = describe }
+
+  local N = opts.N
+  if N == nil then
+    N = core.ncpu()
+  elseif not posint(N) then
+    bad(level, "N", "positive integer", tostring(N))
+  end
+  spec.N = posint(N)
+
+  local star = opts.star
+  if star == nil or star == false then
+    spec.star = 0
+  elseif star == true then
+    spec.star = 1
+  elseif star == M.None then
+    spec.star = 2
+  else
+    bad(level, "star", "true, false or parmap.None", tostring(star))
+  end
+  local kwstar = opts.kwstar
+  if kwstar ~= nil and type(kwstar) ~= "boolean" then
+    bad(level, "kwstar", "boolean", typename(kwstar))
+  end
+  spec.kwstar = kwstar and 1 or 0
+
+  local args = opts.args
+  if args == nil then
+    args = {}
+  elseif type(args) ~= "table" then
+    bad(level, "args", "table", typename(args))
+  end
+  local nargs = args.n
+  if nargs == nil then
+    nargs = #args
+  elseif not tointeger(nargs) or nargs < 0 then
+    bad(level, "args.n", "non-negative integer", tostring(nargs))
+  end
+  spec.args, spec.nargs = args, tointeger(nargs)
+
+  local kwargs = opts.kwargs
+  if kwargs ~= nil and type(kwargs) ~= "table" then
+    bad(level, "kwargs", "table", typename(kwargs))
+  end
+  spec.kwargs = kwargs
+  spec.has_kw = (kwargs ~= nil or kwstar) and 1 or 0
+
+  local total = opts.total
+  if total ~= nil then
+    total = tointeger(total)
+    if not total or total < 0 then
+      bad(level, "total", "non-negative integer", tostring(opts.total))
+    end
+  end
+  if it == "table" then
+    local n = items.n
+    if n ~= nil then
+      n = tointeger(n)
+      if not n or n < 0 then
+        error(format("parmap: bad argument #2 'items' (items.n must be a non-negative integer, got %s)",
+          tostring(items.n)), level)
+      end
+    else
+      n = #items
+    end
+    total = n
+  end
+  spec.total = total
+
+  local chunksize = opts.chunksize
+  if chunksize ~= nil then
+    if chunksize == -1 then
+      if not total then
+        error("parmap: chunksize = -1 needs a known total (a table, or the 'total' option)",
+          level)
+      end
+      chunksize = (total + spec.N - 1) // spec.N
+      if chunksize < 1 then chunksize = 1 end
+    elseif not posint(chunksize) then
+      bad(level, "chunksize", "positive integer or -1", tostring(chunksize))
+    end
+    spec.chunksize = posint(chunksize)
+  end
+
+  local ordered = opts.ordered
+  if ordered ~= nil and type(ordered) ~= "boolean" then
+    bad(level, "ordered", "boolean", typename(ordered))
+  end
+  spec.ordered = ordered == false and 0 or 1
+
+  local exception = opts.exception
+  if exception == nil then
+    exception = spec.N > 1 and "raise" or "proc"
+  elseif not EXCEPTION[exception] then
+    bad(level, "exception", "'raise', 'return' or 'proc'", tostring(exception))
+  end
+  spec.exception, spec.exception_name = EXCEPTION[exception], exception
+
+  local progress = opts.progress
+  if progress == true then
+    spec.progress = progress_bar(nil)
+  elseif type(progress) == "string" then
+    spec.progress = progress_bar(progress)
+  elseif callable(progress) then
+    local user = progress
+    spec.progress = function(done, total_) user(done, total_) end
+  elseif progress ~= nil and progress ~= false then
+    bad(level, "progress", "boolean, string or function", typename(progress))
+  end
+
+  local timeout = opts.timeout
+  if timeout ~= nil then
+    if type(timeout) ~= "number" or not (timeout > 0) then
+      bad(level, "timeout", "positive number of seconds", tostring(timeout))
+    end
+    if spec.N == 1 then
+      error("parmap: option 'timeout' needs N > 1 (a serial map cannot stop its own item)",
+        level)
+    end
+    spec.timeout = timeout
+  end
+  return spec
+end
+
+---------------------------------------------------------------- serial
+
+-- The to-be-closed value a serial map returns, so that every map has the
+-- same four-value protocol.
+local Serial = { __name = "parmap.SerialMap" }
+Serial.__index = Serial
+function Serial.__close(s) s.closed = true end
+Serial.close = Serial.__close
+
+local call = core.call
+
+-- N = 1: a plain loop in this process, no fork.
+local function serial(spec)
+  local fn, items, from_table = spec.fn, spec.items, spec.from_table == 1
+  local star, kwstar, args, nargs = spec.star, spec.kwstar == 1, spec.args,
+    spec.nargs
+  local has_kw, kwargs, total = spec.has_kw == 1, spec.kwargs, spec.total
+  local exception, progress = spec.exception_name, spec.progress
+  local state = setmetatable({ closed = false }, Serial)
+  local i, ended = 0, false
+
+  local function finish(...)
+    if progress then progress(i, total, false) end
+    return i, ...
+  end
+
+  local function outcome(status, ...)
+    if status == "ok" then return finish(...) end
+    if status == "shape" then error((...), 0) end
+    local err, message, traceback = ...
+    local e = make_error(i, "error", err, message, traceback, core.pid())
+    if exception == "raise" then error(e, 0) end
+    return finish(e)
+  end
+
+  local function step()
+    if ended or state.closed then return nil end
+    local item
+    if from_table then
+      if i < total then item = items[i + 1] end
+    else
+      item = items()
+    end
+    if (from_table and i >= total) or (not from_table and item == nil) then
+      ended = true
+      if progress then progress(i, total, true) end
+      return nil
+    end
+    i = i + 1
+    if exception == "proc" then
+      return finish(call(fn, item, i, star, kwstar, args, nargs, has_kw,
+        kwargs, false))
+    end
+    return outcome(call(fn, item, i, star, kwstar, args, nargs, has_kw,
+      kwargs, true))
+  end
+  return step, nil, nil, state
+end
+
+---------------------------------------------------------------- the API
+
+local function start(level, fn, items, opts)
+  local spec = check(level + 1, fn, items, opts)
+  if spec.N == 1 then return serial(spec) end
+  local m = core.start(spec)
+  return core.next, m, nil, m
+end
+
+--- for i, r1, r2, ... in parmap.parmap(fn, items, opts) do ... end
+function M.parmap(fn, items, opts)
+  return start(2, fn, items, opts)
+end
+M.parmapper = M.parmap
+M.imap = M.parmap
+
+--- results, n = parmap.map(fn, items, opts): the first value of each item.
+function M.map(fn, items, opts)
+  local out, n = {}, 0
+  local f, s, c, closer <close> = start(2, fn, items, opts)
+  for i, r in f, s, c do
+    out[i] = r
+    if i > n then n = i end
+  end
+  return out, n
+end
+
+M.ncpu = core.ncpu
+
+return setmetatable(M, {
+  __call = function(_, fn, items, opts) return start(2, fn, items, opts) end,
+})

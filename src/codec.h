@@ -1,0 +1,43 @@
+/*
+** codec.h: the value codec. Turns Lua values into bytes and back.
+** Knows Lua values and buffers; knows nothing of processes or pipes.
+**
+** A record is: a count n, n root values, then the body of every table the
+** roots reach, in the order the tables were first met (breadth first).
+** A table inside a value is written as "new table" or "table #k", so the
+** encoder and decoder never recurse: nesting depth costs no C stack, shared
+** references and cycles come back as they were. Metatables do not travel.
+*/
+#ifndef PARMAP_CODEC_H
+#define PARMAP_CODEC_H
+
+#include <lua.h>
+
+#include "buf.h"
+
+enum { PARMAP_OK = 0, PARMAP_EVALUE = -1, PARMAP_ECORRUPT = -2 };
+
+/*
+** Encode the n values at stack indices first..first+n-1 (absolute) as one
+** record appended to b. `scratch` is the absolute index of an empty table the
+** codec may use and leaves empty again. Returns PARMAP_OK, or PARMAP_EVALUE
+** with *what set to the type name of a value that cannot be sent (b is then
+** truncated back to its old length). Raises a Lua error when out of memory.
+*/
+int parmap_encode(lua_State *L, int first, int n, parmap_buf *b, int scratch,
+                  const char **what);
+
+/*
+** Decode the record that starts at p[*pos] (the input ends at p[len]):
+** pushes its values and returns their count, with *pos moved past it.
+** On malformed input pushes nothing, sets *err and returns PARMAP_ECORRUPT.
+*/
+int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
+                  int scratch, const char **err);
+
+/* Varints shared with the engine's own framing. */
+int parmap_put_varint(parmap_buf *b, unsigned long long v);
+int parmap_get_varint(const char *p, size_t len, size_t *pos,
+                      unsigned long long *v);
+
+#endif

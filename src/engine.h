@@ -1,0 +1,102 @@
+/*
+** engine.h: what the parent side (map.c) and the worker side (worker.c)
+** of one parallel map share: the configuration, the frame headers on the
+** sockets, the shared-memory slot of each worker, the call adapter.
+*/
+#ifndef PARMAP_ENGINE_H
+#define PARMAP_ENGINE_H
+
+#include <lua.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "buf.h"
+
+enum { STAR_FALSE = 0, STAR_TRUE = 1, STAR_NONE = 2 };
+enum { EXC_RAISE = 0, EXC_RETURN = 1, EXC_PROC = 2 };
+
+/* User values of a Map userdata, and the worker's stack slots (same order). */
+enum {
+  U_FN = 1,
+  U_ITEMS,    /* the sequence table, or the iterator function */
+  U_ARGS,     /* extra positional arguments (a sequence) */
+  U_KW,       /* kwargs table, or nil */
+  U_PROGRESS, /* progress(done, total, finished), or nil */
+  U_MKERR,    /* make_error(index, kind, err, message, traceback, pid) */
+  U_DESC,     /* describe(prefix, values...) -> message */
+  U_SCRATCH,  /* the codec's scratch table */
+  U_COUNT = U_SCRATCH
+};
+
+typedef struct Config {
+  int star, kwstar, has_kw, nargs;
+  int from_table; /* items is a table: workers index their own copy */
+  int exception, ordered;
+  lua_Integer total;     /* -1 when unknown */
+  lua_Integer chunksize; /* 0: automatic */
+  int N;
+  double timeout; /* seconds per item, 0: none */
+} Config;
+
+/* Frame headers. Both ends are the same machine: native byte order. */
+#define FRAME_HDR 32
+#define MAGIC_TASK 0x504d5431u   /* parent -> worker: a segment of items */
+#define MAGIC_RESULT 0x504d5231u /* worker -> parent: results */
+
+typedef struct TaskHdr {
+  uint32_t magic, count;
+  int64_t from;     /* index of the first item */
+  uint64_t bodylen; /* serialized items (iterator input), else 0 */
+  uint64_t reserved;
+} TaskHdr;
+
+typedef struct ResultHdr {
+  uint32_t magic, nitems;
+  uint64_t bodylen;
+  uint64_t elapsed_ns; /* time spent on the segment, with FLAG_END */
+  uint64_t flags;
+} ResultHdr;
+#define FLAG_END 1u /* the segment is complete */
+
+/* A result record starts with one of these bytes, then a codec record:
+   REC_OK: the values fn returned.
+   REC_ERR: kind, err, message, traceback, pid. */
+enum { REC_OK = 0, REC_ERR = 1 };
+
+/* Written by a worker, read by the parent: what it is doing now. */
+typedef struct Shm {
+  int64_t cur;      /* index of the item being run, 0 when none */
+  uint64_t start;   /* when it started (monotonic ns), if timeouts are on */
+  char pad[48];     /* one cache line each */
+} Shm;
+
+/* Stack layout needed by the call adapter (absolute indices). */
+typedef struct CallSpec {
+  int star, kwstar, has_kw, nargs;
+  int fn, args, kw;
+} CallSpec;
+
+/*
+** Push fn and its arguments for `item` (at absolute index item) following
+** the call table. Returns the argument count, or -1 with an error message
+** pushed when the item does not have the shape its mode needs.
+*/
+int parmap_push_call(lua_State *L, const CallSpec *cs, int item,
+                     lua_Integer index);
+
+/* Message handler: boxes an error with its string form and traceback. */
+int parmap_msgh(lua_State *L);
+/* Replace the error value at idx (and all above it) by three values:
+   err, message, traceback. Returns 3. */
+int parmap_unbox(lua_State *L, int idx);
+
+/* Run the worker side in a forked child; never returns. */
+void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
+                        Shm *shm, int fd);
+
+/* Append an REC_ERR record; raises only when out of memory. */
+void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
+                      const char *kind, int err_idx, const char *message,
+                      const char *traceback, pid_t pid);
+
+#endif

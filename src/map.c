@@ -1,0 +1,881 @@
+/*
+** map.c: the parent side of a parallel map, as a Lua userdata.
+**
+** Items are cut into chunks (contiguous index ranges). Each chunk owns a
+** slot in a fixed window: its serialized items (iterator input) and the
+** result records that come back, appended in index order. A chunk is handed
+** to one worker at a time as a segment; a worker holds at most DEPTH
+** segments. The loop consumes records straight from the slots, so ordered
+** mode holds at most the window's chunks, whatever the input length.
+**
+** When a worker dies, the item it was running (read from its shared-memory
+** slot) gets an error record; the other items it held go back to their
+** slots and are handed out again, to a new worker if need be.
+*/
+#define _GNU_SOURCE
+#include <errno.h>
+#include <lauxlib.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "codec.h"
+#include "engine.h"
+#include "map.h"
+#include "proc.h"
+
+#define MAP_MT "parmap.Map"
+#define DEPTH 2            /* segments a worker may hold */
+#define WINDOW_PER_WORKER 4 /* chunks in the window per worker */
+#define TARGET_NS 2000000.0 /* aim for chunks of about 2 ms of work */
+#define MAX_CHUNK 1000000
+
+enum { M_RUNNING = 0, M_DONE, M_CLOSED };
+
+typedef struct Seg {
+  int slot;
+  lua_Integer from, to; /* items from..to-1 */
+} Seg;
+
+typedef struct Worker {
+  pid_t pid; /* 0: no process */
+  int fd;
+  int qn, nsent; /* segments held; of those, fully sent */
+  size_t sent;   /* bytes of segment nsent's message sent */
+  TaskHdr shdr;
+  ResultHdr rhdr;
+  size_t rhave;   /* header bytes read */
+  uint64_t rleft; /* body bytes still to come */
+  int timed_out;
+  Seg q[DEPTH];
+} Worker;
+
+typedef struct Slot {
+  int used, busy; /* busy: a segment is out with a worker */
+  uint64_t seq;
+  lua_Integer start, count;
+  lua_Integer next;     /* first index not handed out */
+  lua_Integer recv;     /* items with a record in out */
+  lua_Integer consumed; /* items the loop has taken */
+  size_t rpos;          /* next record in out */
+  parmap_buf out;       /* result records */
+  parmap_buf in;        /* serialized items (iterator input) */
+  size_t *offs;         /* offs[k]: item start+k in `in`; count+1 of them */
+  size_t offs_cap;
+  parmap_buf fail; /* error records for items not to run: index, len, bytes */
+} Slot;
+
+typedef struct Map {
+  pid_t owner; /* the process that may stop the workers */
+  int state;
+  int in_call;  /* a user callback is running (an error leaves it set) */
+  int self;     /* stack index of this userdata in the current call */
+  Config cfg;
+  Worker *w;
+  int nw;    /* size of w: the N asked for */
+  int nlive; /* at most cfg.N (lowered if a fork fails) */
+  Shm *shm;
+  size_t shm_size;
+  Slot *slots;
+  int nslots, slots_used;
+  uint64_t seq_new, seq_take; /* next chunk to make; to consume (ordered) */
+  int cur;                    /* unordered: slot being drained */
+  lua_Integer next_index;     /* first item not in a chunk */
+  int exhausted;
+  lua_Integer done, reported;
+  double item_ns;
+  lua_Integer last_size;
+  struct pollfd *pfd;
+  int *pfd_w;
+} Map;
+
+/* ---------------------------------------------------------------- helpers */
+
+static Map *checkmap(lua_State *L, int idx) {
+  Map *m = (Map *)luaL_checkudata(L, idx, MAP_MT);
+  m->self = lua_absindex(L, idx);
+  return m;
+}
+
+static void nomem(lua_State *L) { luaL_error(L, "parmap: not enough memory"); }
+
+static void reserve(lua_State *L, parmap_buf *b, size_t n) {
+  if (parmap_buf_reserve(b, n)) nomem(L);
+}
+
+static int seg_len(const Seg *g) { return (int)(g->to - g->from); }
+
+/* First item of g that has no record yet. */
+static lua_Integer seg_first_open(Map *m, const Worker *w, int k) {
+  const Seg *g = &w->q[k];
+  const Slot *s = &m->slots[g->slot];
+  (void)w;
+  return (k == 0) ? s->start + s->recv : g->from;
+}
+
+/* ---------------------------------------------------------------- failures */
+
+/* Record an error for item `index` of slot s instead of running it. The
+   error value is on top of the stack (popped). */
+static void add_failure(lua_State *L, Map *m, Slot *s, lua_Integer index,
+                        const char *kind, const char *message, pid_t pid) {
+  int64_t ix = (int64_t)index;
+  uint64_t n;
+  lua_getiuservalue(L, m->self, U_SCRATCH);
+  lua_insert(L, -2);
+  /* encode into the slot's fail buffer: index, length, record */
+  reserve(L, &s->fail, 16);
+  {
+    size_t at = s->fail.len;
+    s->fail.len += 16;
+    parmap_put_error(L, &s->fail, lua_gettop(L) - 1, kind, lua_gettop(L),
+                     message, "", pid);
+    n = s->fail.len - at - 16;
+    memcpy(s->fail.p + at, &ix, 8);
+    memcpy(s->fail.p + at + 8, &n, 8);
+  }
+  lua_pop(L, 2);
+}
+
+/* Lowest failed index >= from in slot s, or 0. */
+static lua_Integer next_failure(const Slot *s, lua_Integer from, size_t *at) {
+  size_t i = 0;
+  lua_Integer best = 0;
+  while (i < s->fail.len) {
+    int64_t ix;
+    uint64_t n;
+    memcpy(&ix, s->fail.p + i, 8);
+    memcpy(&n, s->fail.p + i + 8, 8);
+    if (ix >= from && (best == 0 || ix < best)) {
+      best = ix;
+      if (at) *at = i;
+    }
+    i += 16 + (size_t)n;
+  }
+  return best;
+}
+
+/* Move the failure record at `at` into the slot's results. */
+static void take_failure(lua_State *L, Map *m, Slot *s, size_t at) {
+  uint64_t n;
+  memcpy(&n, s->fail.p + at + 8, 8);
+  reserve(L, &s->out, (size_t)n);
+  memcpy(s->out.p + s->out.len, s->fail.p + at + 16, (size_t)n);
+  s->out.len += (size_t)n;
+  memmove(s->fail.p + at, s->fail.p + at + 16 + n,
+          s->fail.len - at - 16 - (size_t)n);
+  s->fail.len -= 16 + (size_t)n;
+  s->recv++;
+  s->next++;
+  m->done++;
+}
+
+/* ---------------------------------------------------------------- chunks */
+
+static lua_Integer chunk_size(Map *m) {
+  lua_Integer size;
+  if (m->cfg.chunksize > 0) return m->cfg.chunksize;
+  if (m->item_ns <= 0) {
+    size = m->last_size ? m->last_size * 2 : 1;
+  } else {
+    double want = TARGET_NS / m->item_ns;
+    size = want >= MAX_CHUNK ? MAX_CHUNK : (lua_Integer)want;
+    if (size > m->last_size * 4) size = m->last_size * 4;
+  }
+  if (m->cfg.total >= 0) { /* shrink near the end: all finish together */
+    lua_Integer rem = m->cfg.total - m->next_index + 1;
+    lua_Integer guided = (rem + 2 * m->cfg.N - 1) / (2 * m->cfg.N);
+    if (size > guided) size = guided;
+  }
+  if (size < 1) size = 1;
+  if (size > MAX_CHUNK) size = MAX_CHUNK;
+  m->last_size = size;
+  return size;
+}
+
+static Slot *free_slot(Map *m) {
+  int i;
+  if (m->cfg.ordered) {
+    Slot *s = &m->slots[m->seq_new % (uint64_t)m->nslots];
+    return s->used ? NULL : s;
+  }
+  for (i = 0; i < m->nslots; i++)
+    if (!m->slots[i].used) return &m->slots[i];
+  return NULL;
+}
+
+static void offs_reserve(lua_State *L, Slot *s, size_t n) {
+  if (s->offs_cap < n) {
+    size_t *p = (size_t *)realloc(s->offs, n * sizeof *p);
+    if (p == NULL) nomem(L);
+    s->offs = p;
+    s->offs_cap = n;
+  }
+}
+
+/* Pull up to `size` items from the iterator into slot s. */
+static void pull_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
+  int base = lua_gettop(L);
+  lua_getiuservalue(L, m->self, U_ITEMS);
+  lua_getiuservalue(L, m->self, U_SCRATCH);
+  offs_reserve(L, s, (size_t)size + 1);
+  s->offs[0] = 0;
+  while (s->count < size) {
+    const char *what;
+    lua_Integer index = s->start + s->count;
+    lua_pushvalue(L, base + 1);
+    m->in_call = 1;
+    lua_call(L, 0, 1);
+    m->in_call = 0;
+    if (lua_isnil(L, -1)) {
+      m->exhausted = 1;
+      break;
+    }
+    if (parmap_encode(L, base + 3, 1, &s->in, base + 2, &what) != PARMAP_OK) {
+      /* it cannot travel: it fails at its turn, like a bad shape */
+      lua_getiuservalue(L, m->self, U_DESC);
+      lua_pushliteral(L, "item");
+      lua_pushinteger(L, index);
+      lua_pushvalue(L, base + 3);
+      m->in_call = 1;
+      lua_call(L, 3, 1);
+      m->in_call = 0;
+      lua_pushvalue(L, -1);
+      add_failure(L, m, s, index, "shape", lua_tostring(L, -1), 0);
+    }
+    s->count++;
+    s->offs[s->count] = s->in.len;
+    lua_settop(L, base + 2);
+  }
+  lua_settop(L, base);
+}
+
+/* Make the next chunk, or return NULL when there is no room or no input. */
+static Slot *new_chunk(lua_State *L, Map *m) {
+  Slot *s;
+  lua_Integer size;
+  if (m->exhausted || (s = free_slot(m)) == NULL) return NULL;
+  size = chunk_size(m);
+  s->start = m->next_index;
+  s->count = 0;
+  s->in.len = s->out.len = s->fail.len = 0;
+  s->rpos = 0;
+  s->recv = s->consumed = 0;
+  s->next = s->start;
+  s->busy = 0;
+  if (m->cfg.from_table) {
+    lua_Integer rem = m->cfg.total - m->next_index + 1;
+    s->count = size < rem ? size : rem;
+    if (s->count >= rem) m->exhausted = 1;
+  } else {
+    pull_items(L, m, s, size);
+  }
+  if (s->count == 0) return NULL;
+  s->used = 1;
+  s->seq = m->seq_new++;
+  m->slots_used++;
+  m->next_index += s->count;
+  return s;
+}
+
+/* A slot with items to hand out, after moving due failures into place. */
+static Slot *work_slot(lua_State *L, Map *m) {
+  int i;
+  for (i = 0; i < m->nslots; i++) {
+    Slot *s = &m->slots[i];
+    while (s->used && !s->busy && s->next < s->start + s->count) {
+      size_t at = 0;
+      if (next_failure(s, s->next, &at) != s->next) return s;
+      take_failure(L, m, s, at);
+    }
+  }
+  return new_chunk(L, m);
+}
+
+/* ---------------------------------------------------------------- workers */
+
+static void spawn_failed(lua_State *L, Map *m, int err) {
+  if (m->nlive > 0) { /* carry on with the workers we have */
+    m->cfg.N = m->nlive;
+    return;
+  }
+  luaL_error(L, "parmap: cannot start a worker: %s", strerror(err));
+}
+
+/* Fork worker wi. Returns 0, or -1 when the fork failed. */
+static int spawn(lua_State *L, Map *m, int wi) {
+  Worker *w = &m->w[wi];
+  int sv[2];
+  pid_t pid;
+  if (parmap_socketpair(sv)) return -1;
+  parmap_fd_register(sv[0]);
+  memset(&m->shm[wi], 0, sizeof m->shm[wi]);
+  pid = parmap_fork(sv[1]);
+  if (pid < 0) {
+    int e = errno;
+    parmap_fd_close(sv[0]);
+    close(sv[1]);
+    errno = e;
+    return -1;
+  }
+  if (pid == 0) {
+    parmap_worker_main(L, m->self, &m->cfg, &m->shm[wi], sv[1]);
+    _exit(70); /* not reached */
+  }
+  close(sv[1]);
+  memset(w, 0, sizeof *w);
+  w->pid = pid;
+  w->fd = sv[0];
+  m->nlive++;
+  return 0;
+}
+
+static int depth(Map *m) {
+  /* long chunks gain nothing from a queue, and strand work at the end */
+  return (m->item_ns * (double)m->last_size > 4 * TARGET_NS) ? 1 : DEPTH;
+}
+
+/* A worker to give a segment to: an idle one, a new one, or one with room.
+   Returns its index, -2 when one must be forked, -1 when none can take. */
+static int pick_worker(Map *m) {
+  int i, best = -1, d = depth(m);
+  for (i = 0; i < m->nw; i++)
+    if (m->w[i].pid && m->w[i].qn == 0) return i;
+  if (m->nlive < m->cfg.N) return -2;
+  for (i = 0; i < m->nw; i++)
+    if (m->w[i].pid && m->w[i].qn < d &&
+        (best < 0 || m->w[i].qn < m->w[best].qn))
+      best = i;
+  return best;
+}
+
+static void assign(Map *m, int wi, Slot *s) {
+  Worker *w = &m->w[wi];
+  Seg *g = &w->q[w->qn++];
+  lua_Integer end = s->start + s->count, stop = next_failure(s, s->next, NULL);
+  g->slot = (int)(s - m->slots);
+  g->from = s->next;
+  g->to = (stop > 0 && stop < end) ? stop : end;
+  s->next = g->to;
+  s->busy = 1;
+}
+
+static void dispatch(lua_State *L, Map *m) {
+  for (;;) {
+    Slot *s;
+    int wi = pick_worker(m);
+    if (wi == -1) return;
+    if ((s = work_slot(L, m)) == NULL) return;
+    if (wi == -2) {
+      int i;
+      for (i = 0; m->w[i].pid; i++) { /* a free entry: nlive < N <= nw */
+      }
+      if (spawn(L, m, i)) {
+        spawn_failed(L, m, errno);
+        if ((wi = pick_worker(m)) < 0) return; /* s waits, unassigned */
+      } else {
+        wi = i;
+      }
+    }
+    assign(m, wi, s);
+  }
+}
+
+/* ---------------------------------------------------------------- deaths */
+
+static void on_death(lua_State *L, Map *m, int wi) {
+  Worker *w = &m->w[wi];
+  char how[160], msg[400];
+  int st = 0, r, k;
+  int64_t cur = __atomic_load_n(&m->shm[wi].cur, __ATOMIC_ACQUIRE);
+  lua_Integer bad = 0;
+  parmap_fd_close(w->fd);
+  w->fd = -1;
+  r = parmap_wait(w->pid, &st, 1000);
+  if (r == 0) { /* it closed its socket but lives on: stop it */
+    kill(w->pid, SIGKILL);
+    r = parmap_wait(w->pid, &st, -1);
+  }
+  if (r == 1)
+    parmap_status_text(st, how, sizeof how);
+  else
+    strcpy(how, "ended (its exit status was taken by another waitpid)");
+  m->nlive--;
+  for (k = 0; k < w->qn; k++) {
+    lua_Integer open = seg_first_open(m, w, k);
+    if (cur >= open && cur < w->q[k].to) bad = (lua_Integer)cur;
+  }
+  if (w->qn > 0 && bad == 0) bad = seg_first_open(m, w, 0);
+  for (k = 0; k < w->qn; k++) {
+    Slot *s = &m->slots[w->q[k].slot];
+    lua_Integer open = seg_first_open(m, w, k);
+    s->next = open;
+    s->busy = 0;
+    if (bad >= open && bad < w->q[k].to) {
+      if (w->timed_out)
+        snprintf(msg, sizeof msg,
+                 "item %lld timed out after %g s (worker %d was killed)",
+                 (long long)bad, m->cfg.timeout, (int)w->pid);
+      else
+        snprintf(msg, sizeof msg, "worker %d %s while running item %lld",
+                 (int)w->pid, how, (long long)bad);
+      lua_pushstring(L, msg);
+      add_failure(L, m, s, bad, w->timed_out ? "timeout" : "died", msg,
+                  w->pid);
+    }
+  }
+  memset(w, 0, sizeof *w);
+  w->fd = -1;
+}
+
+/* ---------------------------------------------------------------- i/o */
+
+/* Send what can be sent. Returns -1 if the worker is gone. */
+static int send_more(Map *m, Worker *w) {
+  while (w->nsent < w->qn) {
+    Seg *g = &w->q[w->nsent];
+    Slot *s = &m->slots[g->slot];
+    const char *body = NULL;
+    size_t blen = 0, total;
+    ssize_t r;
+    if (!m->cfg.from_table) {
+      body = s->in.p + s->offs[g->from - s->start];
+      blen = s->offs[g->to - s->start] - s->offs[g->from - s->start];
+    }
+    if (w->sent == 0) {
+      w->shdr.magic = MAGIC_TASK;
+      w->shdr.count = (uint32_t)seg_len(g);
+      w->shdr.from = (int64_t)g->from;
+      w->shdr.bodylen = blen;
+      w->shdr.reserved = 0;
+    }
+    total = FRAME_HDR + blen;
+    if (w->sent < FRAME_HDR)
+      r = parmap_send_some(w->fd, (char *)&w->shdr + w->sent,
+                           FRAME_HDR - w->sent, body, blen);
+    else
+      r = parmap_send_some(w->fd, NULL, 0, body + (w->sent - FRAME_HDR),
+                           total - w->sent);
+    if (r < 0) return -1;
+    if (r == 0) return 0;
+    w->sent += (size_t)r;
+    if (w->sent == total) {
+      w->nsent++;
+      w->sent = 0;
+    }
+  }
+  return 0;
+}
+
+static void protocol_error(lua_State *L, Worker *w, const char *what) {
+  luaL_error(L, "parmap: protocol error from worker %d: %s", (int)w->pid,
+             what);
+}
+
+static void segment_done(Map *m, Worker *w, uint64_t elapsed) {
+  Seg *g = &w->q[0];
+  double per = (double)elapsed / (double)(seg_len(g) > 0 ? seg_len(g) : 1);
+  m->slots[g->slot].busy = 0;
+  if (seg_len(g) > 0) m->item_ns = m->item_ns > 0 ? (m->item_ns + per) / 2 : per;
+  memmove(&w->q[0], &w->q[1], sizeof(Seg) * (size_t)(w->qn - 1));
+  w->qn--;
+  w->nsent--;
+}
+
+/* Read what has arrived. Returns 1 at end of file (the worker is gone). */
+static int recv_more(lua_State *L, Map *m, Worker *w) {
+  for (;;) {
+    Slot *s;
+    ssize_t r;
+    if (w->rhave < FRAME_HDR) {
+      r = parmap_recv_some(w->fd, (char *)&w->rhdr + w->rhave,
+                           FRAME_HDR - w->rhave);
+      if (r == -2) return 0;
+      if (r <= 0) return 1;
+      w->rhave += (size_t)r;
+      if (w->rhave < FRAME_HDR) continue;
+      if (w->rhdr.magic != MAGIC_RESULT) protocol_error(L, w, "bad magic");
+      if (w->qn == 0 || w->nsent == 0) protocol_error(L, w, "unasked result");
+      s = &m->slots[w->q[0].slot];
+      if ((lua_Integer)w->rhdr.nitems > w->q[0].to - (s->start + s->recv))
+        protocol_error(L, w, "too many results");
+      reserve(L, &s->out, (size_t)w->rhdr.bodylen);
+      w->rleft = w->rhdr.bodylen;
+    }
+    s = &m->slots[w->q[0].slot];
+    if (w->rleft > 0) {
+      size_t have = (size_t)(w->rhdr.bodylen - w->rleft);
+      r = parmap_recv_some(w->fd, s->out.p + s->out.len + have,
+                           (size_t)w->rleft);
+      if (r == -2) return 0;
+      if (r <= 0) return 1;
+      w->rleft -= (uint64_t)r;
+      if (w->rleft > 0) continue;
+    }
+    s->out.len += (size_t)w->rhdr.bodylen;
+    s->recv += w->rhdr.nitems;
+    m->done += w->rhdr.nitems;
+    w->rhave = 0;
+    if (w->rhdr.flags & FLAG_END) {
+      if (s->start + s->recv != w->q[0].to)
+        protocol_error(L, w, "segment ended early");
+      segment_done(m, w, w->rhdr.elapsed_ns);
+    }
+  }
+}
+
+/* Kill workers whose item ran past the timeout; return ms to the next
+   deadline (-1: none). */
+static int check_timeouts(Map *m) {
+  uint64_t now = parmap_now_ns(), lim, next = 0;
+  int i;
+  if (m->cfg.timeout <= 0) return -1;
+  lim = (uint64_t)(m->cfg.timeout * 1e9);
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    int64_t c1, c2;
+    uint64_t start, left;
+    if (!w->pid || w->qn == 0 || w->timed_out) continue;
+    c1 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
+    start = __atomic_load_n(&m->shm[i].start, __ATOMIC_ACQUIRE);
+    c2 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
+    if (c1 == 0 || c1 != c2 || start == 0) {
+      left = lim;
+    } else if (now - start >= lim) {
+      kill(w->pid, SIGKILL); /* still our unreaped child: safe */
+      w->timed_out = 1;
+      continue;
+    } else {
+      left = lim - (now - start);
+    }
+    if (next == 0 || left < next) next = left;
+  }
+  return next ? (int)(next / 1000000u) + 1 : -1;
+}
+
+static int noop(lua_State *L) {
+  (void)L;
+  return 0;
+}
+
+/* One round: hand out work, wait for sockets (or not), move bytes. */
+static void pump(lua_State *L, Map *m, int block) {
+  int i, n = 0, r, timeout;
+  dispatch(L, m);
+  timeout = block ? check_timeouts(m) : 0;
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    if (!w->pid) continue;
+    m->pfd[n].fd = w->fd;
+    m->pfd[n].events = POLLIN | (w->nsent < w->qn ? POLLOUT : 0);
+    m->pfd[n].revents = 0;
+    m->pfd_w[n++] = i;
+  }
+  if (n == 0) {
+    if (m->slots_used > 0 || !m->exhausted)
+      luaL_error(L, "parmap: no worker left and none can be started");
+    return;
+  }
+  r = poll(m->pfd, (nfds_t)n, timeout);
+  if (r < 0) {
+    if (errno != EINTR) luaL_error(L, "parmap: poll: %s", strerror(errno));
+    /* a signal: let a Lua hook (lua.c's Ctrl-C) run now */
+    lua_pushcfunction(L, noop);
+    lua_call(L, 0, 0);
+    return;
+  }
+  for (i = 0; i < n; i++) {
+    Worker *w = &m->w[m->pfd_w[i]];
+    int dead = 0;
+    if (m->pfd[i].revents & POLLOUT) dead = send_more(m, w) < 0;
+    if (m->pfd[i].revents & (POLLIN | POLLHUP | POLLERR))
+      dead = recv_more(L, m, w) || dead;
+    if (dead) on_death(L, m, m->pfd_w[i]);
+  }
+  for (i = 0; i < m->nw; i++) /* start sending new segments at once */
+    if (m->w[i].pid && m->w[i].nsent < m->w[i].qn && m->w[i].sent == 0 &&
+        send_more(m, &m->w[i]) < 0)
+      on_death(L, m, i);
+  if (m->cfg.timeout > 0) check_timeouts(m);
+}
+
+/* ---------------------------------------------------------------- closing */
+
+static void stop(Map *m, int kill_them) {
+  int i, st;
+  if (m->state == M_CLOSED) return;
+  m->state = M_CLOSED;
+  if (m->owner != getpid()) return; /* a worker's copy: not its children */
+  if (m->w == NULL) return;
+  for (i = 0; i < m->nw; i++) {
+    parmap_fd_close(m->w[i].fd);
+    m->w[i].fd = -1;
+  }
+  for (i = 0; i < m->nw; i++) {
+    pid_t pid = m->w[i].pid;
+    if (!pid) continue;
+    if (kill_them && parmap_wait(pid, &st, 0) == 0) kill(pid, SIGKILL);
+    parmap_wait(pid, &st, -1);
+    m->w[i].pid = 0;
+  }
+  m->nlive = 0;
+}
+
+static void release(Map *m) {
+  int i;
+  if (m->slots) {
+    for (i = 0; i < m->nslots; i++) {
+      parmap_buf_free(&m->slots[i].out);
+      parmap_buf_free(&m->slots[i].in);
+      parmap_buf_free(&m->slots[i].fail);
+      free(m->slots[i].offs);
+    }
+    free(m->slots);
+    m->slots = NULL;
+  }
+  free(m->w);
+  m->w = NULL;
+  free(m->pfd);
+  m->pfd = NULL;
+  free(m->pfd_w);
+  m->pfd_w = NULL;
+  if (m->shm) munmap(m->shm, m->shm_size);
+  m->shm = NULL;
+}
+
+static int map_gc(lua_State *L) {
+  Map *m = (Map *)luaL_checkudata(L, 1, MAP_MT);
+  stop(m, 1);
+  release(m);
+  return 0;
+}
+
+static int map_close(lua_State *L) {
+  Map *m = checkmap(L, 1);
+  stop(m, 1);
+  return 0;
+}
+
+/* ---------------------------------------------------------------- results */
+
+static void progress(lua_State *L, Map *m, int finished) {
+  if (m->done == m->reported && !finished) return;
+  if (lua_getiuservalue(L, m->self, U_PROGRESS) == LUA_TNIL) {
+    lua_pop(L, 1);
+    return;
+  }
+  m->reported = m->done;
+  lua_pushinteger(L, m->done);
+  if (m->cfg.total >= 0)
+    lua_pushinteger(L, m->cfg.total);
+  else
+    lua_pushnil(L);
+  lua_pushboolean(L, finished);
+  m->in_call = 1;
+  lua_call(L, 3, 0);
+  m->in_call = 0;
+}
+
+/* The slot whose next record may be consumed now, or NULL. */
+static Slot *ready(Map *m) {
+  int i;
+  if (m->cfg.ordered) {
+    Slot *s;
+    if (m->seq_take == m->seq_new) return NULL;
+    s = &m->slots[m->seq_take % (uint64_t)m->nslots];
+    return s->consumed < s->recv ? s : NULL;
+  }
+  if (m->cur >= 0 && m->slots[m->cur].used &&
+      m->slots[m->cur].consumed < m->slots[m->cur].recv)
+    return &m->slots[m->cur];
+  for (i = 0; i < m->nslots; i++)
+    if (m->slots[i].used && m->slots[i].consumed < m->slots[i].recv) {
+      m->cur = i;
+      return &m->slots[i];
+    }
+  return NULL;
+}
+
+/* Push index and values of the next record of s; returns the count. */
+static int emit(lua_State *L, Map *m, Slot *s) {
+  lua_Integer index = s->start + s->consumed;
+  size_t pos = s->rpos + 1;
+  int status = (unsigned char)s->out.p[s->rpos], n, base;
+  const char *err = NULL;
+  lua_getiuservalue(L, m->self, U_SCRATCH);
+  base = lua_gettop(L);
+  lua_pushinteger(L, index);
+  n = parmap_decode(L, s->out.p, s->out.len, &pos, base, &err);
+  if (n < 0) {
+    stop(m, 1);
+    return luaL_error(L, "parmap: corrupt result for item %I: %s",
+                      (LUAI_UACINT)index, err);
+  }
+  s->rpos = pos;
+  if (++s->consumed == s->count) {
+    s->used = 0;
+    m->slots_used--;
+    if (m->cfg.ordered) m->seq_take++;
+    pump(L, m, 0); /* workers may be waiting for this room */
+  }
+  if (status == REC_OK) return n + 1;
+  /* an error record: kind, err, message, traceback, pid */
+  if (n != 5) {
+    stop(m, 1);
+    return luaL_error(L, "parmap: corrupt error record for item %I",
+                      (LUAI_UACINT)index);
+  }
+  if (lua_type(L, base + 2) != LUA_TSTRING || lua_type(L, base + 4) != LUA_TSTRING) {
+    stop(m, 1);
+    return luaL_error(L, "parmap: corrupt error record for item %I",
+                      (LUAI_UACINT)index);
+  }
+  if (strcmp(lua_tostring(L, base + 2), "shape") == 0) {
+    stop(m, 1);
+    lua_pushvalue(L, base + 4);
+    return lua_error(L);
+  }
+  if (m->cfg.exception == EXC_PROC) {
+    stop(m, 1);
+    lua_pushvalue(L, base + 3);
+    return lua_error(L);
+  }
+  lua_getiuservalue(L, m->self, U_MKERR);
+  for (n = 1; n <= 6; n++) lua_pushvalue(L, base + n);
+  lua_call(L, 6, 1); /* make_error(index, kind, err, message, tb, pid) */
+  if (m->cfg.exception == EXC_RAISE) {
+    stop(m, 1);
+    return lua_error(L);
+  }
+  lua_pushinteger(L, index);
+  lua_insert(L, -2);
+  return 2;
+}
+
+static int finished(Map *m) {
+  return m->exhausted && (m->cfg.ordered ? m->seq_take == m->seq_new
+                                         : m->slots_used == 0);
+}
+
+static int map_next(lua_State *L) {
+  Map *m = checkmap(L, 1);
+  if (m->in_call) {
+    stop(m, 1);
+    m->in_call = 0;
+  }
+  if (m->state != M_RUNNING) {
+    if (m->state == M_CLOSED && !finished(m))
+      return luaL_error(L, "parmap: the map was stopped");
+    return 0;
+  }
+  lua_settop(L, 1);
+  for (;;) {
+    Slot *s = ready(m);
+    if (s) return emit(L, m, s);
+    if (finished(m)) {
+      progress(L, m, 1);
+      stop(m, 0);
+      m->state = M_DONE;
+      return 0;
+    }
+    pump(L, m, 1);
+    progress(L, m, 0);
+  }
+}
+
+/* ---------------------------------------------------------------- start */
+
+static lua_Integer intfield(lua_State *L, const char *k, lua_Integer d) {
+  lua_Integer v;
+  int isnum;
+  lua_getfield(L, 1, k);
+  v = lua_tointegerx(L, -1, &isnum);
+  lua_pop(L, 1);
+  return isnum ? v : d;
+}
+
+static void uvfield(lua_State *L, int ud, const char *k, int u) {
+  lua_getfield(L, 1, k);
+  lua_setiuservalue(L, ud, u);
+}
+
+/* core.start(spec): fork and hand out the first work; returns the map. */
+static int map_start(lua_State *L) {
+  Map *m;
+  int ud, i;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  m = (Map *)lua_newuserdatauv(L, sizeof(Map), U_COUNT);
+  memset(m, 0, sizeof *m);
+  m->state = M_CLOSED; /* until it is whole: __gc is then harmless */
+  luaL_setmetatable(L, MAP_MT);
+  ud = lua_gettop(L);
+  m->self = ud;
+  m->owner = getpid();
+  m->cur = -1;
+  m->cfg.star = (int)intfield(L, "star", 0);
+  m->cfg.kwstar = (int)intfield(L, "kwstar", 0);
+  m->cfg.has_kw = (int)intfield(L, "has_kw", 0);
+  m->cfg.nargs = (int)intfield(L, "nargs", 0);
+  m->cfg.from_table = (int)intfield(L, "from_table", 0);
+  m->cfg.exception = (int)intfield(L, "exception", EXC_RAISE);
+  m->cfg.ordered = (int)intfield(L, "ordered", 1);
+  m->cfg.total = intfield(L, "total", -1);
+  m->cfg.chunksize = intfield(L, "chunksize", 0);
+  m->cfg.N = (int)intfield(L, "N", 1);
+  lua_getfield(L, 1, "timeout");
+  m->cfg.timeout = lua_isnumber(L, -1) ? (double)lua_tonumber(L, -1) : 0;
+  lua_pop(L, 1);
+  if (m->cfg.N < 1) m->cfg.N = 1;
+  if (m->cfg.from_table && m->cfg.total < 0) m->cfg.total = 0;
+  uvfield(L, ud, "fn", U_FN);
+  uvfield(L, ud, "items", U_ITEMS);
+  uvfield(L, ud, "args", U_ARGS);
+  uvfield(L, ud, "kwargs", U_KW);
+  uvfield(L, ud, "progress", U_PROGRESS);
+  uvfield(L, ud, "make_error", U_MKERR);
+  uvfield(L, ud, "describe", U_DESC);
+  lua_newtable(L);
+  lua_setiuservalue(L, ud, U_SCRATCH);
+  m->nw = m->cfg.N;
+  m->nslots = m->cfg.N * WINDOW_PER_WORKER;
+  m->w = (Worker *)calloc((size_t)m->cfg.N, sizeof *m->w);
+  m->slots = (Slot *)calloc((size_t)m->nslots, sizeof *m->slots);
+  m->pfd = (struct pollfd *)calloc((size_t)m->cfg.N, sizeof *m->pfd);
+  m->pfd_w = (int *)calloc((size_t)m->cfg.N, sizeof *m->pfd_w);
+  m->shm_size = sizeof(Shm) * (size_t)m->cfg.N;
+  m->shm = (Shm *)mmap(NULL, m->shm_size, PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (m->shm == MAP_FAILED) m->shm = NULL;
+  if (!m->w || !m->slots || !m->pfd || !m->pfd_w || !m->shm) nomem(L);
+  for (i = 0; i < m->cfg.N; i++) m->w[i].fd = -1;
+  m->next_index = 1;
+  m->state = M_RUNNING;
+  if (m->cfg.from_table && m->cfg.total == 0) m->exhausted = 1;
+  dispatch(L, m);
+  lua_settop(L, ud);
+  return 1;
+}
+
+/* ---------------------------------------------------------------- module */
+
+void parmap_map_register(lua_State *L) {
+  static const luaL_Reg meta[] = {
+      {"__gc", map_gc}, {"__close", map_close}, {NULL, NULL}};
+  static const luaL_Reg methods[] = {
+      {"close", map_close}, {NULL, NULL}};
+  if (luaL_newmetatable(L, MAP_MT)) {
+    luaL_setfuncs(L, meta, 0);
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushliteral(L, "parmap map");
+    lua_setfield(L, -2, "__name");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, map_start);
+  lua_setfield(L, -2, "start");
+  lua_pushcfunction(L, map_next);
+  lua_setfield(L, -2, "next");
+}

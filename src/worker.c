@@ -1,0 +1,424 @@
+/*
+** worker.c: the worker side of a map, and the call adapter.
+** A worker is a forked copy of the caller: it reads segments of items from
+** its socket, calls fn on each, writes result records back, and leaves with
+** _exit() at end of file. It never returns into the caller's Lua code.
+*/
+#define _GNU_SOURCE
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "codec.h"
+#include "engine.h"
+#include "proc.h"
+
+/* ---------------------------------------------------------------- calls */
+
+static int shape_error(lua_State *L, lua_Integer index, const char *what,
+                       int got) {
+  lua_pushfstring(L, "parmap: item %I: %s, got %s", (LUAI_UACINT)index, what,
+                  luaL_typename(L, got));
+  return -1;
+}
+
+/* Copy the pairs of table src into table dst (both absolute). */
+static void copy_pairs(lua_State *L, int dst, int src) {
+  lua_pushnil(L);
+  while (lua_next(L, src)) {
+    lua_pushvalue(L, -2);
+    lua_insert(L, -2);
+    lua_rawset(L, dst);
+  }
+}
+
+int parmap_push_call(lua_State *L, const CallSpec *cs, int item,
+                     lua_Integer index) {
+  int vals = item, kwvals = 0, n = 0, i;
+  if (!lua_checkstack(L, cs->nargs + 8)) {
+    lua_pushliteral(L, "parmap: too many arguments");
+    return -1;
+  }
+  if (cs->kwstar) {
+    if (cs->star == STAR_NONE) {
+      kwvals = item;
+    } else {
+      if (!lua_istable(L, item))
+        return shape_error(L, index,
+                           cs->star == STAR_TRUE
+                               ? "kwstar = true needs a table {vals, kwvals}"
+                               : "kwstar = true needs a table {val, kwvals}",
+                           item);
+      lua_geti(L, item, 1);
+      lua_geti(L, item, 2);
+      vals = lua_gettop(L) - 1;
+      kwvals = vals + 1;
+    }
+    if (!lua_istable(L, kwvals))
+      return shape_error(L, index, "kwvals must be a table", kwvals);
+  }
+  lua_pushvalue(L, cs->fn);
+  if (cs->star == STAR_FALSE) {
+    lua_pushvalue(L, vals);
+    n = 1;
+  } else if (cs->star == STAR_TRUE) {
+    lua_Integer len;
+    if (!lua_istable(L, vals))
+      return shape_error(L, index, "star = true needs a sequence table",
+                         vals);
+    if (lua_getfield(L, vals, "n") == LUA_TNUMBER && lua_isinteger(L, -1))
+      len = lua_tointeger(L, -1);
+    else
+      len = luaL_len(L, vals);
+    lua_pop(L, 1);
+    if (len < 0 || len > 1000000 ||
+        !lua_checkstack(L, (int)len + cs->nargs + 8)) {
+      lua_pushfstring(L, "parmap: item %I: too many values to unpack",
+                      (LUAI_UACINT)index);
+      return -1;
+    }
+    for (i = 1; i <= (int)len; i++) lua_geti(L, vals, i);
+    n = (int)len;
+  }
+  for (i = 1; i <= cs->nargs; i++) lua_rawgeti(L, cs->args, i);
+  n += cs->nargs;
+  if (cs->has_kw) {
+    int t;
+    lua_newtable(L);
+    t = lua_gettop(L);
+    if (lua_istable(L, cs->kw)) copy_pairs(L, t, cs->kw);
+    if (kwvals) copy_pairs(L, t, kwvals);
+    n++;
+  }
+  return n;
+}
+
+/* ---------------------------------------------------------------- errors */
+
+static const char box_key = 'b'; /* registry key of the error box metatable */
+
+/* Frames from the worker loop down belong to the caller the worker was
+   forked from: a worker's traceback stops above them. 0 in the parent. */
+static int tb_floor = 0;
+
+static int stack_depth(lua_State *L) {
+  lua_Debug ar;
+  int lo = 0, hi = 1;
+  while (lua_getstack(L, hi, &ar)) { /* find an upper bound */
+    lo = hi;
+    hi *= 2;
+  }
+  while (hi - lo > 1) { /* binary search for the last valid level */
+    int mid = (lo + hi) / 2;
+    if (lua_getstack(L, mid, &ar)) lo = mid; else hi = mid;
+  }
+  return lo + 1; /* levels 0..lo exist */
+}
+
+/* Like luaL_traceback, for levels 1..last. */
+static void traceback(lua_State *L, int last) {
+  luaL_Buffer b;
+  lua_Debug ar;
+  int level;
+  luaL_buffinit(L, &b);
+  luaL_addstring(&b, "stack traceback:");
+  for (level = 1; level <= last && lua_getstack(L, level, &ar); level++) {
+    if (last > 22 && level == 11) { /* keep the first 10 and the last 11 */
+      lua_pushfstring(L, "\n\t...\t(skipping %d levels)", last - 21);
+      luaL_addvalue(&b);
+      level = last - 11;
+      continue;
+    }
+    lua_getinfo(L, "Slnt", &ar);
+    if (ar.currentline <= 0)
+      lua_pushfstring(L, "\n\t%s: in ", ar.short_src);
+    else
+      lua_pushfstring(L, "\n\t%s:%d: in ", ar.short_src, ar.currentline);
+    luaL_addvalue(&b);
+    if (*ar.namewhat != '\0')
+      lua_pushfstring(L, "%s '%s'",
+                      strcmp(ar.namewhat, "global") == 0 ? "function"
+                                                         : ar.namewhat,
+                      ar.name);
+    else if (*ar.what == 'm')
+      lua_pushliteral(L, "main chunk");
+    else if (*ar.what != 'C')
+      lua_pushfstring(L, "function <%s:%d>", ar.short_src, ar.linedefined);
+    else
+      lua_pushliteral(L, "?");
+    luaL_addvalue(&b);
+    if (ar.istailcall) luaL_addstring(&b, "\n\t(...tail calls...)");
+  }
+  luaL_pushresult(&b);
+}
+
+int parmap_msgh(lua_State *L) {
+  const char *msg;
+  if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER ||
+      luaL_getmetafield(L, 1, "__tostring") != LUA_TNIL) {
+    lua_settop(L, 1);
+    msg = luaL_tolstring(L, 1, NULL);
+  } else {
+    msg = lua_pushfstring(L, "(error object is a %s value)",
+                          luaL_typename(L, 1));
+  }
+  (void)msg;
+  lua_createtable(L, 3, 0);
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, -2, 1);
+  lua_pushvalue(L, -2);
+  lua_rawseti(L, -2, 2);
+  traceback(L, stack_depth(L) - 1 - tb_floor);
+  lua_rawseti(L, -2, 3);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &box_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &box_key);
+  }
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+int parmap_unbox(lua_State *L, int idx) {
+  int boxed = 0;
+  lua_settop(L, idx);
+  if (lua_getmetatable(L, idx)) {
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &box_key);
+    boxed = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+  }
+  if (boxed) {
+    lua_rawgeti(L, idx, 1);
+    lua_rawgeti(L, idx, 2);
+    lua_rawgeti(L, idx, 3);
+  } else { /* a memory error, or an error in the message handler */
+    lua_pushvalue(L, idx);
+    if (lua_type(L, idx) == LUA_TSTRING)
+      lua_pushvalue(L, idx);
+    else
+      lua_pushliteral(L, "error in error handling");
+    lua_pushliteral(L, "");
+  }
+  lua_remove(L, idx);
+  return 3;
+}
+
+void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
+                      const char *kind, int err_idx, const char *message,
+                      const char *traceback, pid_t pid) {
+  int top = lua_gettop(L);
+  const char *what;
+  luaL_checkstack(L, 8, NULL);
+  if (parmap_buf_reserve(b, 1)) luaL_error(L, "parmap: not enough memory");
+  b->p[b->len++] = (char)REC_ERR;
+  lua_pushstring(L, kind);
+  lua_pushvalue(L, err_idx);
+  lua_pushstring(L, message);
+  lua_pushstring(L, traceback);
+  lua_pushinteger(L, (lua_Integer)pid);
+  if (parmap_encode(L, top + 1, 5, b, scratch, &what) != PARMAP_OK) {
+    lua_pushstring(L, message); /* err cannot travel: send its string form */
+    lua_replace(L, top + 2);
+    parmap_encode(L, top + 1, 5, b, scratch, &what);
+  }
+  lua_settop(L, top);
+}
+
+/* ---------------------------------------------------------------- worker */
+
+#define FLUSH_BYTES (256 * 1024)
+#define FLUSH_NS (20 * 1000000u)
+
+typedef struct WState {
+  lua_State *L;
+  const Config *cfg;
+  Shm *shm;
+  int fd;
+  pid_t pid;
+  int base; /* stack slot 0: user values follow at base + U_* */
+  int msgh;
+  CallSpec cs;
+  parmap_buf in, out;
+  int gc_on;
+  int gc_base_kb;
+} WState;
+
+static uint64_t coarse_ns(void) {
+  struct timespec ts;
+#ifdef CLOCK_MONOTONIC_COARSE
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+#else
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void worker_exit(int code) {
+  fflush(NULL);
+  _exit(code);
+}
+
+static void flush(WState *w, uint32_t nitems, uint64_t elapsed,
+                  uint64_t flags) {
+  ResultHdr h;
+  h.magic = MAGIC_RESULT;
+  h.nitems = nitems;
+  h.bodylen = w->out.len - FRAME_HDR;
+  h.elapsed_ns = elapsed;
+  h.flags = flags;
+  memcpy(w->out.p, &h, sizeof h);
+  if (parmap_write_all(w->fd, w->out.p, w->out.len))
+    worker_exit(0); /* the parent hung up: nobody wants the result */
+  w->out.len = FRAME_HDR;
+}
+
+/* The result of item `index`: values from `first` to the top. */
+static void put_result(WState *w, lua_Integer index, int first) {
+  lua_State *L = w->L;
+  int n = lua_gettop(L) - first + 1;
+  int scratch = w->base + U_SCRATCH;
+  const char *what;
+  size_t mark = w->out.len;
+  if (parmap_buf_reserve(&w->out, 1)) luaL_error(L, "parmap: not enough memory");
+  w->out.p[w->out.len++] = (char)REC_OK;
+  if (parmap_encode(L, first, n, &w->out, scratch, &what) == PARMAP_OK) return;
+  w->out.len = mark;
+  /* say where the value that cannot travel sits */
+  lua_pushvalue(L, w->base + U_DESC);
+  lua_pushliteral(L, "result");
+  lua_pushinteger(L, index);
+  lua_rotate(L, first, 3);
+  if (lua_pcall(L, n + 2, 1, 0) != LUA_OK || !lua_isstring(L, -1)) {
+    lua_settop(L, first - 1);
+    lua_pushfstring(L, "result of item %I: cannot send a %s",
+                    (LUAI_UACINT)index, what);
+  }
+  parmap_put_error(L, &w->out, scratch, "value", lua_gettop(L),
+                   lua_tostring(L, -1), "", w->pid);
+}
+
+static void put_failure(WState *w, int box) {
+  lua_State *L = w->L;
+  parmap_unbox(L, box);
+  parmap_put_error(L, &w->out, w->base + U_SCRATCH, "error", box,
+                   lua_tostring(L, box + 1), lua_tostring(L, box + 2),
+                   w->pid);
+}
+
+static void run_segment(WState *w, const TaskHdr *h) {
+  lua_State *L = w->L;
+  const Config *cfg = w->cfg;
+  uint64_t t0 = parmap_now_ns(), last = coarse_ns();
+  uint32_t k, pending = 0;
+  size_t pos = 0;
+  int top = lua_gettop(L);
+  for (k = 0; k < h->count; k++) {
+    lua_Integer index = (lua_Integer)h->from + (lua_Integer)k;
+    int nargs;
+    __atomic_store_n(&w->shm->cur, (int64_t)index, __ATOMIC_RELAXED);
+    if (cfg->timeout > 0)
+      __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELAXED);
+    if (cfg->from_table) {
+      lua_geti(L, w->base + U_ITEMS, index);
+    } else {
+      const char *err;
+      if (parmap_decode(L, w->in.p, w->in.len, &pos, w->base + U_SCRATCH,
+                        &err) != 1) {
+        fprintf(stderr, "parmap worker: bad item message: %s\n",
+                err ? err : "not one value");
+        worker_exit(70);
+      }
+    }
+    nargs = parmap_push_call(L, &w->cs, top + 1, index);
+    if (nargs < 0) {
+      parmap_put_error(L, &w->out, w->base + U_SCRATCH, "shape",
+                       lua_gettop(L), lua_tostring(L, -1), "", w->pid);
+    } else if (lua_pcall(L, nargs, LUA_MULTRET, w->msgh) == LUA_OK) {
+      put_result(w, index, top + 2);
+    } else {
+      put_failure(w, lua_gettop(L));
+    }
+    lua_settop(L, top);
+    pending++;
+    if (w->out.len >= FLUSH_BYTES || coarse_ns() - last >= FLUSH_NS) {
+      flush(w, pending, 0, 0);
+      pending = 0;
+      last = coarse_ns();
+    }
+  }
+  __atomic_store_n(&w->shm->cur, 0, __ATOMIC_RELAXED);
+  flush(w, pending, parmap_now_ns() - t0, FLAG_END);
+  /* Collect only once garbage outweighs the inherited heap: a collection
+     walks (and copies) every inherited page. */
+  if (!w->gc_on) {
+    int kb = lua_gc(L, LUA_GCCOUNT, 0);
+    int limit = w->gc_base_kb > 65536 ? w->gc_base_kb : 65536;
+    if (kb - w->gc_base_kb > limit) {
+      lua_gc(L, LUA_GCRESTART, 0);
+      w->gc_on = 1;
+    }
+  }
+}
+
+/* worker_loop(wstate, map): runs under lua_pcall, so every stack index
+   below is of this call's frame. */
+static int worker_loop(lua_State *L) {
+  WState *w = (WState *)lua_touserdata(L, 1);
+  int u;
+  if (!lua_checkstack(L, U_COUNT + 16)) worker_exit(70);
+  tb_floor = stack_depth(L);
+  w->base = lua_gettop(L);
+  for (u = 1; u <= U_COUNT; u++) lua_getiuservalue(L, 2, u);
+  lua_pushcfunction(L, parmap_msgh);
+  w->msgh = lua_gettop(L);
+  w->cs.star = w->cfg->star;
+  w->cs.kwstar = w->cfg->kwstar;
+  w->cs.has_kw = w->cfg->has_kw;
+  w->cs.nargs = w->cfg->nargs;
+  w->cs.fn = w->base + U_FN;
+  w->cs.args = w->base + U_ARGS;
+  w->cs.kw = w->base + U_KW;
+  for (;;) {
+    TaskHdr h;
+    int r = parmap_read_all(w->fd, &h, sizeof h);
+    if (r == 1) return 0; /* the parent closed: done */
+    if (r < 0 || h.magic != MAGIC_TASK) worker_exit(r < 0 ? 0 : 70);
+    w->in.len = 0;
+    if (h.bodylen) {
+      if (parmap_buf_reserve(&w->in, (size_t)h.bodylen))
+        luaL_error(L, "parmap: not enough memory");
+      if (parmap_read_all(w->fd, w->in.p, (size_t)h.bodylen)) worker_exit(0);
+      w->in.len = (size_t)h.bodylen;
+    }
+    run_segment(w, &h);
+  }
+}
+
+void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
+                        Shm *shm, int fd) {
+  WState w;
+  memset(&w, 0, sizeof w);
+  lua_gc(L, LUA_GCSTOP, 0);
+  w.L = L;
+  w.cfg = cfg;
+  w.shm = shm;
+  w.fd = fd;
+  w.pid = getpid();
+  w.gc_base_kb = lua_gc(L, LUA_GCCOUNT, 0);
+  if (parmap_buf_reserve(&w.out, FRAME_HDR)) worker_exit(70);
+  w.out.len = FRAME_HDR;
+  if (!lua_checkstack(L, 8)) worker_exit(70);
+  lua_pushcfunction(L, worker_loop);
+  lua_pushlightuserdata(L, &w);
+  lua_pushvalue(L, map_idx);
+  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+    fprintf(stderr, "parmap worker %d: %s\n", (int)w.pid,
+            lua_isstring(L, -1) ? lua_tostring(L, -1) : "internal error");
+    worker_exit(70);
+  }
+  worker_exit(0);
+}
