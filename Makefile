@@ -43,7 +43,10 @@ $(BUILD)/%.o: src/%.c $(HEADERS) | $(BUILD)
 $(BUILD)/parmap_lua.h: lua/parmap.lua src/bin2c.lua | $(BUILD)
 	$(LUA) src/bin2c.lua parmap_lua < lua/parmap.lua > $@.tmp && mv $@.tmp $@
 
-$(BUILD)/front.o: src/front.c $(BUILD)/parmap_lua.h $(HEADERS)
+$(BUILD)/parmap_process_lua.h: lua/parmap/process.lua src/bin2c.lua | $(BUILD)
+	$(LUA) src/bin2c.lua parmap_process_lua < lua/parmap/process.lua > $@.tmp && mv $@.tmp $@
+
+$(BUILD)/front.o: src/front.c $(BUILD)/parmap_lua.h $(BUILD)/parmap_process_lua.h $(HEADERS)
 	$(CC) $(ALLFLAGS) -c -o $@ $<
 
 $(BUILD)/parmap/core.so: $(CORE_OBJ)
@@ -57,7 +60,8 @@ $(BUILD)/libparmap.a: $(CORE_OBJ) $(BUILD)/front.o
 $(BUILD):
 	@mkdir -p $(BUILD)
 
-demo: all
+demo: deps
+	@$(MAKE) --no-print-directory all
 	LUA_PATH='lua/?.lua;;' LUA_CPATH='$(BUILD)/?.so;;' $(LUA) examples/demo.lua
 
 # Install what a fresh Debian/Ubuntu machine lacks (needs root or sudo).
@@ -101,15 +105,18 @@ check-valgrind: deps
 install: all
 	install -d $(DESTDIR)$(LUA_SHARE) $(DESTDIR)$(LUA_LIB)/parmap \
 	  $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
+	install -d $(DESTDIR)$(LUA_SHARE)/parmap
 	install -m 644 lua/parmap.lua $(DESTDIR)$(LUA_SHARE)/parmap.lua
+	install -m 644 lua/parmap/process.lua $(DESTDIR)$(LUA_SHARE)/parmap/process.lua
 	install -m 755 $(BUILD)/parmap/core.so $(DESTDIR)$(LUA_LIB)/parmap/core.so
 	install -m 644 $(BUILD)/libparmap.a $(DESTDIR)$(PREFIX)/lib/libparmap.a
 	install -m 644 src/parmap.h $(DESTDIR)$(PREFIX)/include/parmap.h
 
 uninstall:
-	rm -f $(DESTDIR)$(LUA_SHARE)/parmap.lua $(DESTDIR)$(LUA_LIB)/parmap/core.so \
+	rm -f $(DESTDIR)$(LUA_SHARE)/parmap.lua $(DESTDIR)$(LUA_SHARE)/parmap/process.lua \
+	  $(DESTDIR)$(LUA_LIB)/parmap/core.so \
 	  $(DESTDIR)$(PREFIX)/lib/libparmap.a $(DESTDIR)$(PREFIX)/include/parmap.h
-	-rmdir $(DESTDIR)$(LUA_LIB)/parmap 2>/dev/null
+	-rmdir $(DESTDIR)$(LUA_LIB)/parmap $(DESTDIR)$(LUA_SHARE)/parmap 2>/dev/null
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)

@@ -418,7 +418,16 @@ function M.map(fn, items, opts)
   return out, n
 end
 
+--- The number of CPUs this process may run on (the default N).
 M.ncpu = core.ncpu
+--- Monotonic time in seconds, for timing maps.
+M.now = core.now
+
+-- ReturnProcess, ParEval and pipelines live in their own file.
+require("parmap.process")(M, core, {
+  make_error = make_error, describe = describe, check = check,
+  callable = callable, typename = typename, Error = Error,
+})
 
 return setmetatable(M, {
   __call = function(_, fn, items, opts) return start(2, fn, items, opts) end,

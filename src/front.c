@@ -7,8 +7,23 @@
 
 #include "parmap.h"
 #include "parmap_lua.h"
+#include "parmap_process_lua.h"
+
+static int load_process(lua_State *L) {
+  if (luaL_loadbufferx(L, (const char *)parmap_process_lua,
+                       sizeof parmap_process_lua, "=parmap/process.lua",
+                       "t") != LUA_OK)
+    return lua_error(L);
+  lua_call(L, 0, 1);
+  return 1;
+}
 
 PARMAP_API int luaopen_parmap(lua_State *L) {
+  /* the front requires parmap.process: serve it from memory */
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+  lua_pushcfunction(L, load_process);
+  lua_setfield(L, -2, "parmap.process");
+  lua_pop(L, 1);
   if (luaL_loadbufferx(L, (const char *)parmap_lua, sizeof parmap_lua,
                        "=parmap.lua", "t") != LUA_OK)
     return lua_error(L);

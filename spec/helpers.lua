@@ -1,0 +1,75 @@
+-- spec/helpers.lua: shared helpers for the specs.
+local core = require "parmap.core"
+
+local H = {}
+
+-- Open fds of this process, as a set of numbers.
+function H.fds()
+  local set, n = {}, 0
+  local p = io.popen("ls /proc/" .. core.pid() .. "/fd")
+  for line in p:lines() do
+    local fd = tonumber(line)
+    if fd then set[fd] = true; n = n + 1 end
+  end
+  p:close()
+  return set, n
+end
+
+-- Child processes of this process (pids), zombies included.
+function H.children()
+  local kids = {}
+  local f = io.open("/proc/" .. core.pid() .. "/task/" .. core.pid() .. "/children")
+  if f then
+    for pid in f:read("a"):gmatch("%d+") do kids[#kids + 1] = tonumber(pid) end
+    f:close()
+  end
+  return kids
+end
+
+-- The command line that runs a Lua 5.4 script with this build's paths.
+function H.lua_cmd(script_path)
+  return string.format("LUA_PATH=%q LUA_CPATH=%q lua5.4 %q",
+    package.path, package.cpath, script_path)
+end
+
+-- Write src to a temporary file and return its path.
+function H.script(src)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  f:write(src)
+  f:close()
+  return path
+end
+
+-- Run a Lua script (source text) in a new lua5.4; returns its output
+-- (stdout and stderr together) and its exit status.
+function H.run_lua(src)
+  local path = H.script(src)
+  local p = io.popen(H.lua_cmd(path) .. " 2>&1")
+  local out = p:read("a")
+  local _, _, code = p:close()
+  os.remove(path)
+  return out, code
+end
+
+function H.range(n)
+  local t = {}
+  for i = 1, n do t[i] = i end
+  return t
+end
+
+-- Collect a parmap loop into {[i] = table.pack(results...)} and the order
+-- in which indices came.
+function H.collect(iter, s, c, closer)
+  local got, order = {}, {}
+  do
+    local _ <close> = closer
+    for i, ... in iter, s, c do
+      got[i] = table.pack(...)
+      order[#order + 1] = i
+    end
+  end
+  return got, order
+end
+
+return H
