@@ -2,7 +2,8 @@
 # spec/run.sh [busted] [busted options...]: run the specs with Lua 5.4 and
 # end with the line "N passed, N failed" counted from busted's TAP output.
 # PARMAP_BUILD picks the build directory (build-asan for the ASan build),
-# PARMAP_VALGRIND=1 runs the whole suite under valgrind.
+# PARMAP_VALGRIND=1 runs the whole suite under valgrind; PARMAP_SPECS picks
+# spec files or directories (default: spec).
 set -u
 cd "$(dirname "$0")/.."
 build=${PARMAP_BUILD:-build}
@@ -19,7 +20,7 @@ trap 'rm -f "$out"' EXIT
 export LUA_PATH="$PWD/lua/?.lua;$PWD/spec/?.lua;;"
 export LUA_CPATH="$PWD/$build/?.so;;"
 "${runner[@]}" "$busted" --lpath="lua/?.lua;spec/?.lua" --cpath="$build/?.so" \
-  -o TAP "$@" spec 2>&1 | tee "$out"
+  -o TAP "$@" ${PARMAP_SPECS:-spec} 2>&1 | tee "$out"
 status=${PIPESTATUS[0]}
 passed=$(grep -E '^ok [0-9]+' "$out" | grep -vc '# SKIP')
 skipped=$(grep -E '^ok [0-9]+' "$out" | grep -c '# SKIP')
