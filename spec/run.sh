@@ -19,7 +19,7 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 export LUA_PATH="$PWD/lua/?.lua;$PWD/spec/?.lua;;"
 export LUA_CPATH="$PWD/$build/?.so;;"
-"${runner[@]}" "$busted" --lpath="lua/?.lua;spec/?.lua" --cpath="$build/?.so" \
+"${runner[@]}" "$busted" \
   -o TAP "$@" ${PARMAP_SPECS:-spec} 2>&1 | tee "$out"
 status=${PIPESTATUS[0]}
 passed=$(grep -E '^ok [0-9]+' "$out" | grep -vc '# SKIP')

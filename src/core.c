@@ -17,7 +17,7 @@
    "ok", results... | "error", err, message, traceback | "shape", message. */
 static int core_call(lua_State *L) {
   CallSpec cs;
-  int n, base, protect = lua_toboolean(L, 10);
+  int n, base, fnpos, protect = lua_toboolean(L, 10);
   lua_Integer index = luaL_checkinteger(L, 3);
   lua_settop(L, 9);
   cs.fn = 1;
@@ -39,13 +39,15 @@ static int core_call(lua_State *L) {
     lua_insert(L, -2);
     return 2;
   }
+  fnpos = lua_gettop(L) - n; /* scratch values may sit below fn */
   if (!protect) {
     lua_call(L, n, LUA_MULTRET);
-    return lua_gettop(L) - base;
+    return lua_gettop(L) - fnpos + 1;
   }
   if (lua_pcall(L, n, LUA_MULTRET, base) == LUA_OK) {
-    lua_remove(L, base); /* the handler; "ok" stays first */
-    return lua_gettop(L) - base + 2;
+    lua_pushvalue(L, base - 1); /* "ok" just below the results */
+    lua_replace(L, fnpos - 1);   /* fnpos - 1 >= base, the handler */
+    return lua_gettop(L) - fnpos + 2;
   }
   parmap_unbox(L, lua_gettop(L)); /* err, message, traceback */
   lua_pushliteral(L, "error");

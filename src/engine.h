@@ -78,7 +78,8 @@ typedef struct CallSpec {
 
 /*
 ** Push fn and its arguments for `item` (at absolute index item) following
-** the call table. Returns the argument count, or -1 with an error message
+** the call table. Returns the argument count n: fn is at top - n, and
+** there may be scratch values below it. Returns -1 with an error message
 ** pushed when the item does not have the shape its mode needs.
 */
 int parmap_push_call(lua_State *L, const CallSpec *cs, int item,

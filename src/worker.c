@@ -318,7 +318,7 @@ static void run_segment(WState *w, const TaskHdr *h) {
   int top = lua_gettop(L);
   for (k = 0; k < h->count; k++) {
     lua_Integer index = (lua_Integer)h->from + (lua_Integer)k;
-    int nargs;
+    int nargs, fnpos;
     __atomic_store_n(&w->shm->cur, (int64_t)index, __ATOMIC_RELAXED);
     if (cfg->timeout > 0)
       __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELAXED);
@@ -337,8 +337,9 @@ static void run_segment(WState *w, const TaskHdr *h) {
     if (nargs < 0) {
       parmap_put_error(L, &w->out, w->base + U_SCRATCH, "shape",
                        lua_gettop(L), lua_tostring(L, -1), "", w->pid);
-    } else if (lua_pcall(L, nargs, LUA_MULTRET, w->msgh) == LUA_OK) {
-      put_result(w, index, top + 2);
+    } else if (fnpos = lua_gettop(L) - nargs,
+               lua_pcall(L, nargs, LUA_MULTRET, w->msgh) == LUA_OK) {
+      put_result(w, index, fnpos); /* results replace fn and its args */
     } else {
       put_failure(w, lua_gettop(L));
     }
