@@ -62,13 +62,14 @@ end
 -- in which indices came.
 function H.collect(iter, s, c, closer)
   local got, order = {}, {}
-  do
-    local _ <close> = closer
-    for i, ... in iter, s, c do
-      got[i] = table.pack(...)
-      order[#order + 1] = i
-    end
+  local _ <close> = closer
+  local function take(i, ...)
+    if i == nil then return nil end
+    got[i] = table.pack(...)
+    order[#order + 1] = i
+    return i
   end
+  while take(iter(s, c)) do end
   return got, order
 end
 

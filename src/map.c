@@ -283,16 +283,18 @@ static Slot *new_chunk(lua_State *L, Map *m) {
 
 /* A slot with items to hand out, after moving due failures into place. */
 static Slot *work_slot(lua_State *L, Map *m) {
-  int i;
-  for (i = 0; i < m->nslots; i++) {
-    Slot *s = &m->slots[i];
-    while (s->used && !s->busy && s->next < s->start + s->count) {
-      size_t at = 0;
-      if (next_failure(s, s->next, &at) != s->next) return s;
-      take_failure(L, m, s, at);
+  for (;;) {
+    int i;
+    for (i = 0; i < m->nslots; i++) {
+      Slot *s = &m->slots[i];
+      while (s->used && !s->busy && s->next < s->start + s->count) {
+        size_t at = 0;
+        if (next_failure(s, s->next, &at) != s->next) return s;
+        take_failure(L, m, s, at);
+      }
     }
+    if (new_chunk(L, m) == NULL) return NULL; /* a new one may start failed */
   }
-  return new_chunk(L, m);
 }
 
 /* ---------------------------------------------------------------- workers */
@@ -561,10 +563,14 @@ static int noop(lua_State *L) {
   return 0;
 }
 
+static Slot *ready(Map *m);
+static int finished(Map *m);
+
 /* One round: hand out work, wait for sockets (or not), move bytes. */
 static void pump(lua_State *L, Map *m, int block) {
   int i, n = 0, r, timeout;
   dispatch(L, m);
+  if (block && (ready(m) || finished(m))) block = 0; /* dispatch made some */
   timeout = block ? check_timeouts(m) : 0;
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
@@ -578,6 +584,11 @@ static void pump(lua_State *L, Map *m, int block) {
     if (m->slots_used > 0 || !m->exhausted)
       luaL_error(L, "parmap: no worker left and none can be started");
     return;
+  }
+  if (block) { /* waiting with nothing out would hang: say so instead */
+    int out = 0;
+    for (i = 0; i < m->nw; i++) out += m->w[i].qn;
+    if (out == 0) luaL_error(L, "parmap: internal error: the map stalled");
   }
   r = poll(m->pfd, (nfds_t)n, timeout);
   if (r < 0) {
