@@ -353,11 +353,12 @@ static void run_segment(WState *w, const TaskHdr *h) {
   }
   __atomic_store_n(&w->shm->cur, 0, __ATOMIC_RELAXED);
   flush(w, pending, parmap_now_ns() - t0, FLAG_END);
-  /* Collect only once garbage outweighs the inherited heap: a collection
-     walks (and copies) every inherited page. */
+  /* Collect only once the worker's own garbage outweighs the inherited
+     heap: a collection walks (and so copies) every inherited page, while
+     garbage left alone costs a fresh page for every 4 KiB allocated. */
   if (!w->gc_on) {
     int kb = lua_gc(L, LUA_GCCOUNT, 0);
-    int limit = w->gc_base_kb > 65536 ? w->gc_base_kb : 65536;
+    int limit = w->gc_base_kb > 1024 ? w->gc_base_kb : 1024;
     if (kb - w->gc_base_kb > limit) {
       lua_gc(L, LUA_GCRESTART, 0);
       w->gc_on = 1;
