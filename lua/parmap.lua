@@ -323,11 +323,7 @@ local function check(level, fn, items, opts)
     if type(timeout) ~= "number" or not (timeout > 0) then
       bad(level, "timeout", "positive number of seconds", tostring(timeout))
     end
-    if spec.N == 1 then
-      error("parmap: option 'timeout' needs N > 1 (a serial map cannot stop its own item)",
-        level)
-    end
-    spec.timeout = timeout
+    spec.timeout = timeout -- with N = 1 too: then one worker process runs
   end
   return spec
 end
@@ -395,7 +391,7 @@ end
 
 local function start(level, fn, items, opts)
   local spec = check(level + 1, fn, items, opts)
-  if spec.N == 1 then return serial(spec) end
+  if spec.N == 1 and not spec.timeout then return serial(spec) end
   local m = core.start(spec)
   return core.next, m, nil, m
 end

@@ -417,3 +417,32 @@ describe("bad arguments", function()
     assert.matches("parmap_spec.lua:%d+: parmap: bad argument #2", err)
   end)
 end)
+
+describe("timeout", function()
+  local function nap(x)
+    if x == 2 then
+      local t0 = parmap.now()
+      while parmap.now() - t0 < 30 do end
+    end
+    return x
+  end
+  it("kills a worker whose item runs too long and names the item", function()
+    for _, N in ipairs({ 1, 2 }) do
+      local t0 = parmap.now()
+      local got = H.collect(parmap.parmap(nap, { 1, 2, 3 },
+        { N = N, timeout = 0.3, exception = "return" }))
+      assert.is_true(parmap.now() - t0 < 10)
+      assert.same({ n = 1, 1 }, got[1])
+      assert.equal("timeout", got[2][1].kind)
+      assert.matches("item 2 timed out after 0.3 s", got[2][1].message)
+      assert.same({ n = 1, 3 }, got[3])
+      assert.same({}, H.children())
+    end
+  end)
+  it("raises with exception = 'raise'", function()
+    local ok, e = pcall(parmap.map, nap, { 1, 2, 3 }, { N = 2, timeout = 0.2 })
+    assert.is_false(ok)
+    assert.equal(2, e.index)
+    assert.equal("timeout", e.kind)
+  end)
+end)

@@ -365,6 +365,9 @@ static void assign(Map *m, int wi, Slot *s) {
   s->busy = 1;
 }
 
+static int send_more(Map *m, Worker *w);
+static void on_death(lua_State *L, Map *m, int wi);
+
 static void dispatch(lua_State *L, Map *m) {
   for (;;) {
     Slot *s;
@@ -383,6 +386,9 @@ static void dispatch(lua_State *L, Map *m) {
       }
     }
     assign(m, wi, s);
+    /* send now: a socket with room needs no poll first */
+    if (m->w[wi].nsent == m->w[wi].qn - 1 && send_more(m, &m->w[wi]) < 0)
+      on_death(L, m, wi);
   }
 }
 
@@ -606,34 +612,10 @@ static void pump(lua_State *L, Map *m, int block) {
       dead = recv_more(L, m, w) || dead;
     if (dead) on_death(L, m, m->pfd_w[i]);
   }
-  for (i = 0; i < m->nw; i++) /* start sending new segments at once */
-    if (m->w[i].pid && m->w[i].nsent < m->w[i].qn && m->w[i].sent == 0 &&
-        send_more(m, &m->w[i]) < 0)
-      on_death(L, m, i);
   if (m->cfg.timeout > 0) check_timeouts(m);
 }
 
 /* ---------------------------------------------------------------- closing */
-
-static void stop(Map *m, int kill_them) {
-  int i, st;
-  if (m->state == M_CLOSED) return;
-  m->state = M_CLOSED;
-  if (m->owner != getpid()) return; /* a worker's copy: not its children */
-  if (m->w == NULL) return;
-  for (i = 0; i < m->nw; i++) {
-    parmap_fd_close(m->w[i].fd);
-    m->w[i].fd = -1;
-  }
-  for (i = 0; i < m->nw; i++) {
-    pid_t pid = m->w[i].pid;
-    if (!pid) continue;
-    if (kill_them && parmap_wait(pid, &st, 0) == 0) kill(pid, SIGKILL);
-    parmap_wait(pid, &st, -1);
-    m->w[i].pid = 0;
-  }
-  m->nlive = 0;
-}
 
 static void release(Map *m) {
   int i;
@@ -655,6 +637,27 @@ static void release(Map *m) {
   m->pfd_w = NULL;
   if (m->shm) munmap(m->shm, m->shm_size);
   m->shm = NULL;
+}
+
+static void stop(Map *m, int kill_them) {
+  int i, st;
+  if (m->state == M_CLOSED) return;
+  m->state = M_CLOSED;
+  if (m->owner != getpid()) return; /* a worker's copy: not its children */
+  if (m->w == NULL) return;
+  for (i = 0; i < m->nw; i++) {
+    parmap_fd_close(m->w[i].fd);
+    m->w[i].fd = -1;
+  }
+  for (i = 0; i < m->nw; i++) {
+    pid_t pid = m->w[i].pid;
+    if (!pid) continue;
+    if (kill_them && parmap_wait(pid, &st, 0) == 0) kill(pid, SIGKILL);
+    parmap_wait(pid, &st, -1);
+    m->w[i].pid = 0;
+  }
+  m->nlive = 0;
+  release(m); /* nothing reads the slots once stopped */
 }
 
 static int map_gc(lua_State *L) {
