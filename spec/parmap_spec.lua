@@ -439,6 +439,12 @@ describe("timeout", function()
       assert.same({}, H.children())
     end
   end)
+  it("never fails a fast item (many short items, a long timeout)", function()
+    local out, n = parmap.map(function(x) return x + 1 end, H.range(300000),
+      { N = 2, timeout = 100 })
+    assert.equal(300000, n)
+    assert.equal(300001, out[300000])
+  end)
   it("raises with exception = 'raise'", function()
     local ok, e = pcall(parmap.map, nap, { 1, 2, 3 }, { N = 2, timeout = 0.2 })
     assert.is_false(ok)

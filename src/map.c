@@ -550,8 +550,8 @@ static int check_timeouts(Map *m) {
     c1 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
     start = __atomic_load_n(&m->shm[i].start, __ATOMIC_ACQUIRE);
     c2 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
-    if (c1 == 0 || c1 != c2 || start == 0) {
-      left = lim;
+    if (c1 == 0 || c1 != c2 || start == 0 || start > now) {
+      left = lim; /* between items, or it just started one */
     } else if (now - start >= lim) {
       kill(w->pid, SIGKILL); /* still our unreaped child: safe */
       w->timed_out = 1;

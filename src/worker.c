@@ -319,9 +319,11 @@ static void run_segment(WState *w, const TaskHdr *h) {
   for (k = 0; k < h->count; k++) {
     lua_Integer index = (lua_Integer)h->from + (lua_Integer)k;
     int nargs, fnpos;
-    __atomic_store_n(&w->shm->cur, (int64_t)index, __ATOMIC_RELAXED);
+    /* start before cur: the parent never pairs an old start with a new
+       item (it reads cur, start, cur) */
     if (cfg->timeout > 0)
-      __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELAXED);
+      __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELEASE);
+    __atomic_store_n(&w->shm->cur, (int64_t)index, __ATOMIC_RELEASE);
     if (cfg->from_table) {
       lua_geti(L, w->base + U_ITEMS, index);
     } else {
