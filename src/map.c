@@ -586,9 +586,8 @@ static void pump(lua_State *L, Map *m, int block) {
     m->pfd[n].revents = 0;
     m->pfd_w[n++] = i;
   }
-  if (n == 0) {
-    if (m->slots_used > 0 || !m->exhausted)
-      luaL_error(L, "parmap: no worker left and none can be started");
+  if (n == 0) { /* fine while records wait to be consumed */
+    if (block) luaL_error(L, "parmap: no worker left and none can be started");
     return;
   }
   if (block) { /* waiting with nothing out would hang: say so instead */
