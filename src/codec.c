@@ -68,13 +68,17 @@ typedef struct Enc {
 
 static void enc_nomem(Enc *e) { luaL_error(e->L, "parmap: not enough memory"); }
 
-static void put_byte(Enc *e, int c) {
-  if (parmap_buf_reserve(e->b, 1)) enc_nomem(e);
+static inline void put_byte(Enc *e, int c) {
+  if (e->b->len == e->b->cap && parmap_buf_grow(e->b, 1)) enc_nomem(e);
   e->b->p[e->b->len++] = (char)c;
 }
 
-static void put_uv(Enc *e, unsigned long long v) {
-  if (parmap_put_varint(e->b, v)) enc_nomem(e);
+static inline void put_uv(Enc *e, unsigned long long v) {
+  if (v < 0x80 && e->b->len < e->b->cap) {
+    e->b->p[e->b->len++] = (char)v;
+  } else if (parmap_put_varint(e->b, v)) {
+    enc_nomem(e);
+  }
 }
 
 static void put_bytes(Enc *e, const void *s, size_t n) {
@@ -118,6 +122,7 @@ static int put_value(Enc *e, int idx) {
       return 0;
     }
     case LUA_TTABLE: {
+      if (e->ntab == 0) luaL_checkstack(L, 8, "parmap encoder");
       lua_pushvalue(L, idx);
       if (lua_rawget(L, e->scratch) == LUA_TNUMBER) {
         lua_Integer id = lua_tointeger(L, -1);
@@ -196,7 +201,6 @@ int parmap_encode(lua_State *L, int first, int n, parmap_buf *b, int scratch,
   e.scratch = scratch;
   e.ntab = 0;
   e.what = NULL;
-  luaL_checkstack(L, 8, "parmap encoder");
   put_uv(&e, (unsigned long long)n);
   for (i = 0; i < n && rc == PARMAP_OK; i++)
     if (put_value(&e, first + i)) rc = PARMAP_EVALUE;
@@ -205,8 +209,10 @@ int parmap_encode(lua_State *L, int first, int n, parmap_buf *b, int scratch,
     if (put_body(&e)) rc = PARMAP_EVALUE;
     lua_settop(L, top);
   }
-  lua_settop(L, top);
-  clear_scratch(L, scratch, e.ntab, 1);
+  if (e.ntab > 0) {
+    lua_settop(L, top);
+    clear_scratch(L, scratch, e.ntab, 1);
+  }
   if (rc != PARMAP_OK) {
     b->len = oldlen;
     *what = e.what;
@@ -230,7 +236,11 @@ static int bad(Dec *d, const char *why) {
   return -1;
 }
 
-static int get_uv(Dec *d, unsigned long long *v) {
+static inline int get_uv(Dec *d, unsigned long long *v) {
+  if (d->pos < d->len && !(d->p[d->pos] & 0x80)) {
+    *v = (unsigned char)d->p[d->pos++];
+    return 0;
+  }
   return parmap_get_varint(d->p, d->len, &d->pos, v) ? bad(d, "bad varint")
                                                       : 0;
 }
@@ -273,6 +283,8 @@ static int get_value(Dec *d) {
       d->pos += (size_t)v;
       return 0;
     case T_TNEW:
+      if (d->ntab == 0 && !lua_checkstack(L, 8))
+        return bad(d, "no room on the Lua stack");
       if (get_uv(d, &v)) return -1;
       /* every element takes a byte: a larger hint is a lie */
       if (v > d->len - d->pos) v = d->len - d->pos;
@@ -318,6 +330,26 @@ static int get_body(Dec *d) {
   }
 }
 
+int parmap_decode_scalar(lua_State *L, const char *p, size_t len,
+                         size_t *pos) {
+  Dec d;
+  int tag;
+  size_t i = *pos;
+  if (len - i < 2 || p[i] != 1) return 0; /* count 1, then a tag */
+  tag = (unsigned char)p[i + 1];
+  if (tag == T_TNEW || tag == T_TREF || tag == T_END) return 0;
+  d.L = L;
+  d.p = p;
+  d.len = len;
+  d.pos = i + 1;
+  d.scratch = 0;
+  d.ntab = 0;
+  d.err = NULL;
+  if (get_value(&d)) return 0; /* malformed: let parmap_decode say why */
+  *pos = d.pos;
+  return 1;
+}
+
 int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
                   int scratch, const char **err) {
   Dec d;
@@ -335,7 +367,7 @@ int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
     *err = d.err ? d.err : "value count longer than the message";
     return PARMAP_ECORRUPT;
   }
-  if (n > 1000000 || !lua_checkstack(L, (int)n + 8)) {
+  if (n > 1000000 || (n > 8 && !lua_checkstack(L, (int)n + 8))) {
     *err = "too many values for the Lua stack";
     return PARMAP_ECORRUPT;
   }
@@ -345,7 +377,7 @@ int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
     rc = get_body(&d);
     lua_settop(L, top + (int)n);
   }
-  clear_scratch(L, scratch, d.ntab, 0);
+  if (d.ntab > 0) clear_scratch(L, scratch, d.ntab, 0);
   if (rc) {
     lua_settop(L, top);
     *err = d.err;

@@ -35,6 +35,13 @@ int parmap_encode(lua_State *L, int first, int n, parmap_buf *b, int scratch,
 int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
                   int scratch, const char **err);
 
+/*
+** The fast path of parmap_decode for the most common record, one scalar:
+** pushes it, moves *pos and returns 1. Returns 0 (nothing pushed, *pos
+** unchanged) for any other record, which parmap_decode then reads.
+*/
+int parmap_decode_scalar(lua_State *L, const char *p, size_t len, size_t *pos);
+
 /* Varints shared with the engine's own framing. */
 int parmap_put_varint(parmap_buf *b, unsigned long long v);
 int parmap_get_varint(const char *p, size_t len, size_t *pos,

@@ -68,7 +68,10 @@ typedef struct Slot {
   parmap_buf fail; /* error records for items not to run: index, len, bytes */
 } Slot;
 
+#define MAP_MAGIC 0x70617261706d6170ull /* "parapmap" */
+
 typedef struct Map {
+  uint64_t magic;
   pid_t owner; /* the process that may stop the workers */
   int state;
   int in_call;  /* a user callback is running (an error leaves it set) */
@@ -94,9 +97,14 @@ typedef struct Map {
 
 /* ---------------------------------------------------------------- helpers */
 
+/* The map at idx. Called once per item: a size-and-magic test instead of
+   luaL_checkudata's registry lookup by name. */
 static Map *checkmap(lua_State *L, int idx) {
-  Map *m = (Map *)luaL_checkudata(L, idx, MAP_MT);
-  m->self = lua_absindex(L, idx);
+  Map *m = (Map *)lua_touserdata(L, idx);
+  /* a light userdata has no length, so it fails the size test */
+  if (m == NULL || lua_rawlen(L, idx) != sizeof(Map) || m->magic != MAP_MAGIC)
+    luaL_typeerror(L, idx, MAP_MT);
+  m->self = idx > 0 ? idx : lua_absindex(L, idx);
   return m;
 }
 
@@ -712,16 +720,53 @@ static Slot *ready(Map *m) {
   return NULL;
 }
 
+/* An error record (kind, err, message, traceback, pid) at base + 1..5 for
+   item `index`: raise it, or return index and the error object. */
+static int failed(lua_State *L, Map *m, lua_Integer index, int base, int n) {
+  int k;
+  if (n != 5 || lua_type(L, base + 1) != LUA_TSTRING ||
+      lua_type(L, base + 3) != LUA_TSTRING) {
+    stop(m, 1);
+    return luaL_error(L, "parmap: corrupt error record for item %I",
+                      (LUAI_UACINT)index);
+  }
+  if (strcmp(lua_tostring(L, base + 1), "shape") == 0) {
+    stop(m, 1); /* a bad item: raised whatever exception says */
+    lua_pushvalue(L, base + 3);
+    return lua_error(L);
+  }
+  if (m->cfg.exception == EXC_PROC) {
+    stop(m, 1);
+    lua_pushvalue(L, base + 2);
+    return lua_error(L);
+  }
+  lua_getiuservalue(L, m->self, U_MKERR);
+  lua_pushinteger(L, index);
+  for (k = 1; k <= 5; k++) lua_pushvalue(L, base + k);
+  lua_call(L, 6, 1); /* make_error(index, kind, err, message, tb, pid) */
+  if (m->cfg.exception == EXC_RAISE) {
+    stop(m, 1);
+    return lua_error(L);
+  }
+  lua_pushinteger(L, index);
+  lua_insert(L, -2);
+  return 2;
+}
+
 /* Push index and values of the next record of s; returns the count. */
 static int emit(lua_State *L, Map *m, Slot *s) {
   lua_Integer index = s->start + s->consumed;
   size_t pos = s->rpos + 1;
   int status = (unsigned char)s->out.p[s->rpos], n, base;
   const char *err = NULL;
-  lua_getiuservalue(L, m->self, U_SCRATCH);
-  base = lua_gettop(L);
   lua_pushinteger(L, index);
-  n = parmap_decode(L, s->out.p, s->out.len, &pos, base, &err);
+  base = lua_gettop(L);
+  n = parmap_decode_scalar(L, s->out.p, s->out.len, &pos);
+  if (n == 0) { /* not one scalar: the general decoder, with its scratch */
+    lua_getiuservalue(L, m->self, U_SCRATCH);
+    n = parmap_decode(L, s->out.p, s->out.len, &pos, base + 1, &err);
+    lua_remove(L, base + 1);
+  }
   if (n < 0) {
     stop(m, 1);
     return luaL_error(L, "parmap: corrupt result for item %I: %s",
@@ -734,38 +779,7 @@ static int emit(lua_State *L, Map *m, Slot *s) {
     if (m->cfg.ordered) m->seq_take++;
     pump(L, m, 0); /* workers may be waiting for this room */
   }
-  if (status == REC_OK) return n + 1;
-  /* an error record: kind, err, message, traceback, pid */
-  if (n != 5) {
-    stop(m, 1);
-    return luaL_error(L, "parmap: corrupt error record for item %I",
-                      (LUAI_UACINT)index);
-  }
-  if (lua_type(L, base + 2) != LUA_TSTRING || lua_type(L, base + 4) != LUA_TSTRING) {
-    stop(m, 1);
-    return luaL_error(L, "parmap: corrupt error record for item %I",
-                      (LUAI_UACINT)index);
-  }
-  if (strcmp(lua_tostring(L, base + 2), "shape") == 0) {
-    stop(m, 1);
-    lua_pushvalue(L, base + 4);
-    return lua_error(L);
-  }
-  if (m->cfg.exception == EXC_PROC) {
-    stop(m, 1);
-    lua_pushvalue(L, base + 3);
-    return lua_error(L);
-  }
-  lua_getiuservalue(L, m->self, U_MKERR);
-  for (n = 1; n <= 6; n++) lua_pushvalue(L, base + n);
-  lua_call(L, 6, 1); /* make_error(index, kind, err, message, tb, pid) */
-  if (m->cfg.exception == EXC_RAISE) {
-    stop(m, 1);
-    return lua_error(L);
-  }
-  lua_pushinteger(L, index);
-  lua_insert(L, -2);
-  return 2;
+  return status == REC_OK ? n + 1 : failed(L, m, index, base, n);
 }
 
 static int finished(Map *m) {
@@ -822,6 +836,7 @@ static int map_start(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   m = (Map *)lua_newuserdatauv(L, sizeof(Map), U_COUNT);
   memset(m, 0, sizeof *m);
+  m->magic = MAP_MAGIC;
   m->state = M_CLOSED; /* until it is whole: __gc is then harmless */
   luaL_setmetatable(L, MAP_MT);
   ud = lua_gettop(L);

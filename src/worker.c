@@ -239,10 +239,17 @@ typedef struct WState {
   Shm *shm;
   int fd;
   pid_t pid;
-  int base; /* stack slot 0: user values follow at base + U_* */
-  int msgh;
+  int map;  /* worker_loop's frame: the map userdata */
+  int msgh; /* worker_loop's frame: the message handler */
+  int oscratch; /* worker_loop's frame: the codec's scratch table */
+  int base; /* run_items's frame: user values at base + U_* */
   CallSpec cs;
   parmap_buf in, out;
+  const TaskHdr *h; /* the segment being run */
+  uint32_t k;       /* its item being run */
+  uint32_t pending; /* results not yet flushed */
+  size_t pos;       /* next item in `in` (iterator input) */
+  uint64_t last;    /* last flush (coarse clock) */
   int gc_on;
   int gc_base_kb;
 } WState;
@@ -304,20 +311,37 @@ static void put_result(WState *w, lua_Integer index, int first) {
 static void put_failure(WState *w, int box) {
   lua_State *L = w->L;
   parmap_unbox(L, box);
-  parmap_put_error(L, &w->out, w->base + U_SCRATCH, "error", box,
+  parmap_put_error(L, &w->out, w->oscratch, "error", box,
                    lua_tostring(L, box + 1), lua_tostring(L, box + 2),
                    w->pid);
 }
 
-static void run_segment(WState *w, const TaskHdr *h) {
-  lua_State *L = w->L;
+/* After each item: count it, and flush when enough has piled up. */
+static void item_done(WState *w) {
+  w->pending++;
+  if (w->out.len >= FLUSH_BYTES || coarse_ns() - w->last >= FLUSH_NS) {
+    flush(w, w->pending, 0, 0);
+    w->pending = 0;
+    w->last = coarse_ns();
+  }
+}
+
+/* run_items(w): run the segment's items from w->k on. Runs under one
+   lua_pcall, so an item costs no setjmp; when fn raises, run_segment
+   records the error for item w->k and calls this again for the rest. */
+static int run_items(lua_State *L) {
+  WState *w = (WState *)lua_touserdata(L, 1);
   const Config *cfg = w->cfg;
-  uint64_t t0 = parmap_now_ns(), last = coarse_ns();
-  uint32_t k, pending = 0;
-  size_t pos = 0;
-  int top = lua_gettop(L);
-  for (k = 0; k < h->count; k++) {
-    lua_Integer index = (lua_Integer)h->from + (lua_Integer)k;
+  int top, u;
+  /* this call's own frame: the map (argument 2)'s values at base + U_* */
+  w->base = 2;
+  for (u = 1; u <= U_COUNT; u++) lua_getiuservalue(L, 2, u);
+  w->cs.fn = w->base + U_FN;
+  w->cs.args = w->base + U_ARGS;
+  w->cs.kw = w->base + U_KW;
+  top = lua_gettop(L);
+  for (; w->k < w->h->count; w->k++) {
+    lua_Integer index = (lua_Integer)w->h->from + (lua_Integer)w->k;
     int nargs, fnpos;
     /* start before cur: the parent never pairs an old start with a new
        item (it reads cur, start, cur) */
@@ -328,7 +352,7 @@ static void run_segment(WState *w, const TaskHdr *h) {
       lua_geti(L, w->base + U_ITEMS, index);
     } else {
       const char *err;
-      if (parmap_decode(L, w->in.p, w->in.len, &pos, w->base + U_SCRATCH,
+      if (parmap_decode(L, w->in.p, w->in.len, &w->pos, w->base + U_SCRATCH,
                         &err) != 1) {
         fprintf(stderr, "parmap worker: bad item message: %s\n",
                 err ? err : "not one value");
@@ -339,22 +363,39 @@ static void run_segment(WState *w, const TaskHdr *h) {
     if (nargs < 0) {
       parmap_put_error(L, &w->out, w->base + U_SCRATCH, "shape",
                        lua_gettop(L), lua_tostring(L, -1), "", w->pid);
-    } else if (fnpos = lua_gettop(L) - nargs,
-               lua_pcall(L, nargs, LUA_MULTRET, w->msgh) == LUA_OK) {
-      put_result(w, index, fnpos); /* results replace fn and its args */
     } else {
-      put_failure(w, lua_gettop(L));
+      fnpos = lua_gettop(L) - nargs;
+      lua_call(L, nargs, LUA_MULTRET);
+      put_result(w, index, fnpos); /* results replace fn and its args */
     }
     lua_settop(L, top);
-    pending++;
-    if (w->out.len >= FLUSH_BYTES || coarse_ns() - last >= FLUSH_NS) {
-      flush(w, pending, 0, 0);
-      pending = 0;
-      last = coarse_ns();
+    item_done(w);
+  }
+  return 0;
+}
+
+static void run_segment(WState *w, const TaskHdr *h) {
+  lua_State *L = w->L;
+  uint64_t t0 = parmap_now_ns();
+  int top = lua_gettop(L);
+  w->h = h;
+  w->k = 0;
+  w->pos = 0;
+  w->pending = 0;
+  w->last = coarse_ns();
+  while (w->k < h->count) {
+    lua_pushcfunction(L, run_items);
+    lua_pushlightuserdata(L, w);
+    lua_pushvalue(L, w->map);
+    if (lua_pcall(L, 2, 0, w->msgh) != LUA_OK) {
+      put_failure(w, lua_gettop(L)); /* item w->k raised */
+      lua_settop(L, top);
+      w->k++;
+      item_done(w);
     }
   }
   __atomic_store_n(&w->shm->cur, 0, __ATOMIC_RELAXED);
-  flush(w, pending, parmap_now_ns() - t0, FLAG_END);
+  flush(w, w->pending, parmap_now_ns() - t0, FLAG_END);
   /* Collect only once the worker's own garbage outweighs the inherited
      heap: a collection walks (and so copies) every inherited page, while
      garbage left alone costs a fresh page for every 4 KiB allocated. */
@@ -372,20 +413,17 @@ static void run_segment(WState *w, const TaskHdr *h) {
    below is of this call's frame. */
 static int worker_loop(lua_State *L) {
   WState *w = (WState *)lua_touserdata(L, 1);
-  int u;
   if (!lua_checkstack(L, U_COUNT + 16)) worker_exit(70);
-  tb_floor = stack_depth(L);
-  w->base = lua_gettop(L);
-  for (u = 1; u <= U_COUNT; u++) lua_getiuservalue(L, 2, u);
+  tb_floor = stack_depth(L) + 1; /* + run_items, under which fn runs */
+  w->map = 2;
   lua_pushcfunction(L, parmap_msgh);
   w->msgh = lua_gettop(L);
+  lua_getiuservalue(L, w->map, U_SCRATCH);
+  w->oscratch = lua_gettop(L);
   w->cs.star = w->cfg->star;
   w->cs.kwstar = w->cfg->kwstar;
   w->cs.has_kw = w->cfg->has_kw;
   w->cs.nargs = w->cfg->nargs;
-  w->cs.fn = w->base + U_FN;
-  w->cs.args = w->base + U_ARGS;
-  w->cs.kw = w->base + U_KW;
   for (;;) {
     TaskHdr h;
     int r = parmap_read_all(w->fd, &h, sizeof h);
