@@ -353,10 +353,10 @@ static int depth(Map *m) {
 static int pick_worker(Map *m) {
   int i, best = -1, d = depth(m);
   for (i = 0; i < m->nw; i++)
-    if (m->w[i].pid && m->w[i].qn == 0) return i;
+    if (m->w[i].fd >= 0 && m->w[i].qn == 0) return i;
   if (m->nlive < m->cfg.N) return -2;
   for (i = 0; i < m->nw; i++)
-    if (m->w[i].pid && m->w[i].qn < d &&
+    if (m->w[i].fd >= 0 && m->w[i].qn < d &&
         (best < 0 || m->w[i].qn < m->w[best].qn))
       best = i;
   return best;
@@ -376,6 +376,39 @@ static void assign(Map *m, int wi, Slot *s) {
 static int send_more(Map *m, Worker *w);
 static void on_death(lua_State *L, Map *m, int wi);
 
+/* An entry for a new worker (nlive < N <= nw, so one exists): a free one,
+   else one whose retired worker is reaped now (it is exiting anyway). */
+static int free_entry(Map *m) {
+  int i, st;
+  for (i = 0; i < m->nw; i++)
+    if (!m->w[i].pid) return i;
+  for (i = 0; m->w[i].fd >= 0; i++) {
+  }
+  parmap_wait(m->w[i].pid, &st, -1);
+  m->w[i].pid = 0;
+  return i;
+}
+
+/* With nothing left to hand out, let idle workers go: they exit while the
+   loop still consumes results, instead of in its last call. A worker is
+   live while its fd is open; retired ones keep their pid until reaped. */
+static void retire_idle(Map *m) {
+  int i;
+  if (!m->exhausted) return;
+  for (i = 0; i < m->nslots; i++) {
+    const Slot *s = &m->slots[i];
+    if (s->used && s->next < s->start + s->count) return;
+  }
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    if (w->fd >= 0 && w->qn == 0) {
+      parmap_fd_close(w->fd);
+      w->fd = -1;
+      m->nlive--;
+    }
+  }
+}
+
 static void dispatch(lua_State *L, Map *m) {
   for (;;) {
     Slot *s;
@@ -384,8 +417,7 @@ static void dispatch(lua_State *L, Map *m) {
     if ((s = work_slot(L, m)) == NULL) return;
     if (wi == -2) {
       int i;
-      for (i = 0; m->w[i].pid; i++) { /* a free entry: nlive < N <= nw */
-      }
+      i = free_entry(m);
       if (spawn(L, m, i)) {
         spawn_failed(L, m, errno);
         if ((wi = pick_worker(m)) < 0) return; /* s waits, unassigned */
@@ -554,7 +586,7 @@ static int check_timeouts(Map *m) {
     Worker *w = &m->w[i];
     int64_t c1, c2;
     uint64_t start, left;
-    if (!w->pid || w->qn == 0 || w->timed_out) continue;
+    if (w->fd < 0 || w->qn == 0 || w->timed_out) continue;
     c1 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
     start = __atomic_load_n(&m->shm[i].start, __ATOMIC_ACQUIRE);
     c2 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
@@ -588,7 +620,7 @@ static void pump(lua_State *L, Map *m, int block) {
   timeout = block ? check_timeouts(m) : 0;
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
-    if (!w->pid) continue;
+    if (w->fd < 0) continue;
     m->pfd[n].fd = w->fd;
     m->pfd[n].events = POLLIN | (w->nsent < w->qn ? POLLOUT : 0);
     m->pfd[n].revents = 0;
@@ -620,6 +652,7 @@ static void pump(lua_State *L, Map *m, int block) {
     if (dead) on_death(L, m, m->pfd_w[i]);
   }
   if (m->cfg.timeout > 0) check_timeouts(m);
+  retire_idle(m);
 }
 
 /* ---------------------------------------------------------------- closing */
