@@ -452,3 +452,24 @@ describe("timeout", function()
     assert.equal("timeout", e.kind)
   end)
 end)
+
+describe("a worker's exit", function()
+  it("never runs the caller's atexit work, even through os.exit", function()
+    local out = H.run_lua([[
+      local parmap = require "parmap"
+      -- a to-be-closed main-chunk value and a __gc object: run once, by the parent
+      local gc = setmetatable({}, { __gc = function() io.write("gc ran\n") end })
+      io.write("buffered before the map ")
+      local got = {}
+      for i, r in parmap.parmap(function(x)
+        if x == 2 then os.exit(0, true) end
+        return x
+      end, { 1, 2, 3 }, { N = 2, exception = "return" }) do
+        got[i] = parmap.iserror(r) and r.kind or r
+      end
+      io.write(got[1], " ", got[2], " ", got[3], "\n")
+      os.exit(0, true)
+    ]])
+    assert.equal("buffered before the map 1 died 3\ngc ran\n", out)
+  end)
+end)

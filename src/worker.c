@@ -409,6 +409,27 @@ static void run_segment(WState *w, const TaskHdr *h) {
   }
 }
 
+/* os.exit in a worker: leave like a worker does, with _exit() after
+   flushing stdio, so the caller's atexit handlers and finalizers never run
+   here (C exit() would run them). Same arguments as os.exit. */
+static int worker_os_exit(lua_State *L) {
+  int code;
+  if (lua_isboolean(L, 1))
+    code = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
+  else
+    code = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
+  worker_exit(code);
+  return 0;
+}
+
+static void replace_os_exit(lua_State *L) {
+  if (lua_getglobal(L, "os") == LUA_TTABLE) {
+    lua_pushcfunction(L, worker_os_exit);
+    lua_setfield(L, -2, "exit");
+  }
+  lua_pop(L, 1);
+}
+
 /* worker_loop(wstate, map): runs under lua_pcall, so every stack index
    below is of this call's frame. */
 static int worker_loop(lua_State *L) {
@@ -416,6 +437,7 @@ static int worker_loop(lua_State *L) {
   if (!lua_checkstack(L, U_COUNT + 16)) worker_exit(70);
   tb_floor = stack_depth(L) + 1; /* + run_items, under which fn runs */
   w->map = 2;
+  replace_os_exit(L);
   lua_pushcfunction(L, parmap_msgh);
   w->msgh = lua_gettop(L);
   lua_getiuservalue(L, w->map, U_SCRATCH);
