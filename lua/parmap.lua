@@ -405,8 +405,11 @@ M.imap = M.parmap
 
 --- results, n = parmap.map(fn, items, opts): the first value of each item.
 function M.map(fn, items, opts)
-  local out, n = {}, 0
   local f, s, c, closer <close> = start(2, fn, items, opts)
+  if f == core.next then -- parallel: collected in C, no Lua loop per item
+    return core.collect(s)
+  end
+  local out, n = {}, 0
   for i, r in f, s, c do
     out[i] = r
     if i > n then n = i end

@@ -820,9 +820,10 @@ static int finished(Map *m) {
                                          : m->slots_used == 0);
 }
 
-static int map_next(lua_State *L) {
-  Map *m = checkmap(L, 1);
-  if (m->in_call) {
+/* Push the next item's index and values and return their count, or 0
+   when the map is over. */
+static int step(lua_State *L, Map *m) {
+  if (m->in_call) { /* a callback of ours raised: the map cannot go on */
     stop(m, 1);
     m->in_call = 0;
   }
@@ -831,7 +832,6 @@ static int map_next(lua_State *L) {
       return luaL_error(L, "parmap: the map was stopped");
     return 0;
   }
-  lua_settop(L, 1);
   for (;;) {
     Slot *s = ready(m);
     if (s) return emit(L, m, s);
@@ -844,6 +844,37 @@ static int map_next(lua_State *L) {
     pump(L, m, 1);
     progress(L, m, 0);
   }
+}
+
+/* next(map): the iterator of a generic for. */
+static int map_next(lua_State *L) {
+  Map *m = checkmap(L, 1);
+  lua_settop(L, 1);
+  return step(L, m);
+}
+
+/* collect(map): a table t with t[i] = the first value of item i, and the
+   highest index. parmap.map without a Lua loop per item. */
+static int map_collect(lua_State *L) {
+  Map *m = checkmap(L, 1);
+  lua_Integer last = 0, total = m->cfg.total;
+  lua_settop(L, 1);
+  lua_createtable(L, total > 0 && total < (1 << 26) ? (int)total : 0, 0);
+  for (;;) {
+    lua_Integer i;
+    int n;
+    lua_settop(L, 2);
+    if ((n = step(L, m)) == 0) break;
+    i = lua_tointeger(L, 3);
+    if (n > 1) {
+      lua_settop(L, 4);
+      lua_rawseti(L, 2, i);
+    }
+    if (i > last) last = i;
+  }
+  lua_settop(L, 2);
+  lua_pushinteger(L, last);
+  return 2;
 }
 
 /* ---------------------------------------------------------------- start */
@@ -939,4 +970,6 @@ void parmap_map_register(lua_State *L) {
   lua_setfield(L, -2, "start");
   lua_pushcfunction(L, map_next);
   lua_setfield(L, -2, "next");
+  lua_pushcfunction(L, map_collect);
+  lua_setfield(L, -2, "collect");
 }
