@@ -222,6 +222,19 @@ describe("options", function()
     end, H.range(60), { N = 3, chunksize = 2 }))
     assert.same(H.range(60), order)
   end)
+  it("keeps a chunk's slot until its worker's last frame, even after slow items", function()
+    -- items slow enough that a worker flushes each result on its own timer
+    local function slow(x)
+      local t0 = parmap.now()
+      while parmap.now() - t0 < 0.025 do end
+      return x
+    end
+    for _, ordered in ipairs({ true, false }) do -- more chunks than slots
+      local out, n = parmap.map(slow, H.range(36), { N = 2, chunksize = 2, ordered = ordered })
+      assert.equal(36, n)
+      assert.same(H.range(36), out)
+    end
+  end)
   it("progress = function is called with done and total", function()
     for _, N in ipairs({ 1, 2 }) do
       local calls, last = 0, nil

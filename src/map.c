@@ -124,6 +124,18 @@ static lua_Integer seg_first_open(Map *m, const Worker *w, int k) {
   return (k == 0) ? s->start + s->recv : g->from;
 }
 
+/* A slot is free once the loop consumed all its items and no worker owes
+   it anything (a segment's end frame may trail its last result). */
+static void release_slot(Map *m, Slot *s) {
+  s->used = 0;
+  m->slots_used--;
+}
+
+static void unbusy(Map *m, Slot *s) {
+  s->busy = 0;
+  if (s->used && s->consumed == s->count) release_slot(m, s);
+}
+
 /* ---------------------------------------------------------------- failures */
 
 /* Record an error for item `index` of slot s instead of running it. The
@@ -461,7 +473,7 @@ static void on_death(lua_State *L, Map *m, int wi) {
     Slot *s = &m->slots[w->q[k].slot];
     lua_Integer open = seg_first_open(m, w, k);
     s->next = open;
-    s->busy = 0;
+    unbusy(m, s);
     if (bad >= open && bad < w->q[k].to) {
       if (w->timed_out)
         snprintf(msg, sizeof msg,
@@ -526,7 +538,7 @@ static void protocol_error(lua_State *L, Worker *w, const char *what) {
 static void segment_done(Map *m, Worker *w, uint64_t elapsed) {
   Seg *g = &w->q[0];
   double per = (double)elapsed / (double)(seg_len(g) > 0 ? seg_len(g) : 1);
-  m->slots[g->slot].busy = 0;
+  unbusy(m, &m->slots[g->slot]);
   if (seg_len(g) > 0) m->item_ns = m->item_ns > 0 ? (m->item_ns + per) / 2 : per;
   memmove(&w->q[0], &w->q[1], sizeof(Seg) * (size_t)(w->qn - 1));
   w->qn--;
@@ -807,9 +819,8 @@ static int emit(lua_State *L, Map *m, Slot *s) {
   }
   s->rpos = pos;
   if (++s->consumed == s->count) {
-    s->used = 0;
-    m->slots_used--;
     if (m->cfg.ordered) m->seq_take++;
+    if (!s->busy) release_slot(m, s); /* else when its segment ends */
     pump(L, m, 0); /* workers may be waiting for this room */
   }
   return status == REC_OK ? n + 1 : failed(L, m, index, base, n);

@@ -319,6 +319,7 @@ static void put_failure(WState *w, int box) {
 /* After each item: count it, and flush when enough has piled up. */
 static void item_done(WState *w) {
   w->pending++;
+  if (w->k + 1 >= w->h->count) return; /* the end frame follows at once */
   if (w->out.len >= FLUSH_BYTES || coarse_ns() - w->last >= FLUSH_NS) {
     flush(w, w->pending, 0, 0);
     w->pending = 0;
