@@ -904,6 +904,13 @@ static void uvfield(lua_State *L, int ud, const char *k, int u) {
   lua_setiuservalue(L, ud, u);
 }
 
+/* The first dispatch of start, run protected: nothing holds the map yet,
+   so workers forked before the iterator raised must be stopped here. */
+static int first_dispatch(lua_State *L) {
+  dispatch(L, checkmap(L, 1));
+  return 0;
+}
+
 /* core.start(spec): fork and hand out the first work; returns the map. */
 static int map_start(lua_State *L) {
   Map *m;
@@ -957,7 +964,13 @@ static int map_start(lua_State *L) {
   m->next_index = 1;
   m->state = M_RUNNING;
   if (m->cfg.from_table && m->cfg.total == 0) m->exhausted = 1;
-  dispatch(L, m);
+  lua_pushcfunction(L, first_dispatch);
+  lua_pushvalue(L, ud);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) { /* the error value, unchanged */
+    stop(m, 1);
+    return lua_error(L);
+  }
+  m->self = ud;
   lua_settop(L, ud);
   return 1;
 }
