@@ -102,6 +102,33 @@ check-valgrind: deps
 	@$(MAKE) --no-print-directory all
 	@PARMAP_VALGRIND=1 bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 
+# --- faults (issue 5) ---
+# The fault specs' test-only C module (spec/testhelper.c), found through
+# LUA_CPATH=$(BUILD)/?.so; never installed. `make fuzz` runs the codec's
+# libFuzzer target for FUZZ_TIME seconds on spec/corpus (new inputs go to
+# $(BUILD)/fuzz-corpus, crashes to $(BUILD)/fuzz-crash-*).
+TESTHELPER := $(BUILD)/parmap_testhelper.so
+all: $(TESTHELPER)
+$(TESTHELPER): spec/testhelper.c | $(BUILD)
+	$(CC) $(ALLFLAGS) -shared $(LDFLAGS) -o $@ spec/testhelper.c
+
+FUZZ_CC   ?= clang
+FUZZ_TIME ?= 60
+FUZZ_BIN  := $(BUILD)/fuzz_codec
+.PHONY: fuzz
+$(FUZZ_BIN): spec/fuzz_codec.c src/codec.c src/buf.c src/codec.h src/buf.h | $(BUILD)
+	@command -v $(FUZZ_CC) >/dev/null 2>&1 || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq clang >/dev/null; }
+	$(FUZZ_CC) -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined \
+	  -fno-sanitize-recover=all $(LUA_CFLAGS) -Isrc -o $@ \
+	  spec/fuzz_codec.c src/codec.c src/buf.c $(LUA_LIBS) -lm
+fuzz: deps $(FUZZ_BIN)
+	@mkdir -p $(BUILD)/fuzz-corpus
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 $(FUZZ_BIN) \
+	  -max_total_time=$(FUZZ_TIME) -timeout=10 -rss_limit_mb=4096 \
+	  -artifact_prefix=$(BUILD)/fuzz-crash- $(BUILD)/fuzz-corpus spec/corpus
+# --- end faults (issue 5) ---
+
 install: all
 	install -d $(DESTDIR)$(LUA_SHARE) $(DESTDIR)$(LUA_LIB)/parmap \
 	  $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
