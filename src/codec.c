@@ -335,7 +335,7 @@ int parmap_decode_scalar(lua_State *L, const char *p, size_t len,
   Dec d;
   int tag;
   size_t i = *pos;
-  if (len - i < 2 || p[i] != 1) return 0; /* count 1, then a tag */
+  if (i >= len || len - i < 2 || p[i] != 1) return 0; /* count 1, a tag */
   tag = (unsigned char)p[i + 1];
   if (tag == T_TNEW || tag == T_TREF || tag == T_END) return 0;
   d.L = L;

@@ -802,8 +802,14 @@ static int failed(lua_State *L, Map *m, lua_Integer index, int base, int n) {
 static int emit(lua_State *L, Map *m, Slot *s) {
   lua_Integer index = s->start + s->consumed;
   size_t pos = s->rpos + 1;
-  int status = (unsigned char)s->out.p[s->rpos], n, base;
+  int status, n, base;
   const char *err = NULL;
+  if (s->rpos >= s->out.len) { /* a frame announced more than it carried */
+    stop(m, 1);
+    return luaL_error(L, "parmap: corrupt result for item %I: no record",
+                      (LUAI_UACINT)index);
+  }
+  status = (unsigned char)s->out.p[s->rpos];
   lua_pushinteger(L, index);
   base = lua_gettop(L);
   n = parmap_decode_scalar(L, s->out.p, s->out.len, &pos);
