@@ -65,31 +65,46 @@ local function keypath(k)
 end
 
 -- Where, breadth first, the first value that cannot travel sits in v.
+-- A table's path is kept as (parent, step) and spelt out only once found:
+-- building every path string would cost O(depth^2) on deep nesting.
 local function find_unsendable(v)
   local t = type(v)
   if SCALAR[t] then return nil end
   if t ~= "table" then return "", t end
-  local seen, queue, paths, head = { [v] = true }, { v }, { "" }, 1
+  local seen, queue, parent, step, head = { [v] = true }, { v }, { 0 }, { "" }, 1
+  local function path(i, last)
+    local parts = { last }
+    while i > 1 do parts[#parts + 1] = step[i]; i = parent[i] end
+    local n = #parts
+    for j = 1, n // 2 do parts[j], parts[n + 1 - j] = parts[n + 1 - j], parts[j] end
+    if n > 24 then -- the first and last steps of a deep path
+      return table.concat(parts, "", 1, 12) .. format("...(%d levels)...", n - 24)
+        .. table.concat(parts, "", n - 11, n)
+    end
+    return table.concat(parts)
+  end
   while queue[head] do
-    local tbl, path = queue[head], paths[head]
+    local tbl, me = queue[head], head
     head = head + 1
     for k, x in next, tbl do
       local kt, xt = type(k), type(x)
       if kt == "table" then
         if not seen[k] then
           seen[k] = true
-          queue[#queue + 1], paths[#paths + 1] = k, path .. "[<table>]"
+          local q = #queue + 1
+          queue[q], parent[q], step[q] = k, me, "[<table>]"
         end
       elseif not SCALAR[kt] then
-        return path, kt .. " (as a key)"
+        return path(me, ""), kt .. " (as a key)"
       end
       if xt == "table" then
         if not seen[x] then
           seen[x] = true
-          queue[#queue + 1], paths[#paths + 1] = x, path .. keypath(k)
+          local q = #queue + 1
+          queue[q], parent[q], step[q] = x, me, keypath(k)
         end
       elseif not SCALAR[xt] then
-        return path .. keypath(k), xt
+        return path(me, keypath(k)), xt
       end
     end
   end
