@@ -882,9 +882,9 @@ static int map_collect(lua_State *L) {
     int n;
     lua_settop(L, 2);
     if ((n = step(L, m)) == 0) break;
-    i = lua_tointeger(L, 3);
+    i = lua_tointeger(L, -n); /* the top n values: index, results... */
     if (n > 1) {
-      lua_settop(L, 4);
+      lua_settop(L, lua_gettop(L) - n + 2);
       lua_rawseti(L, 2, i);
     }
     if (i > last) last = i;
