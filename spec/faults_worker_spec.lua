@@ -80,6 +80,18 @@ describe("faults: fn raises (case 1)", function()
     end)
   end
 
+  it("parmap.map with exception = 'return' keeps the error objects", function()
+    for _, kind in ipairs({ "string", "table", "tostring" }) do
+      local out, n = parmap.map(raisers[kind], H.range(5), { N = 2, exception = "return" })
+      assert.equal(5, n)
+      check_err(kind, out[3])
+      assert.same({ 1, 2, nil, 4, 5 }, { out[1], out[2], nil, out[4], out[5] })
+    end
+    local out = parmap.map(function(x) if x == 2 then os.exit(1) end return x end, H.range(3),
+      { N = 2, exception = "return" })
+    assert.is_true(parmap.iserror(out[2]))
+    assert.equal("died", out[2].kind)
+  end)
   it("a table error that cannot travel arrives as its string form", function()
     local got = H.collect(parmap.parmap(function() error({ f = print }) end, { 1 },
       { N = 2, exception = "return" }))
