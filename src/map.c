@@ -32,6 +32,8 @@
 #define WINDOW_PER_WORKER 4 /* chunks in the window per worker */
 #define TARGET_NS 2000000.0 /* aim for chunks of about 2 ms of work */
 #define MAX_CHUNK 1000000
+#define BIG_BUF (4u << 20) /* result buffers past this go to the pool */
+#define POOL 2             /* big buffers a map keeps for reuse */
 
 enum { M_RUNNING = 0, M_DONE, M_CLOSED };
 
@@ -93,6 +95,7 @@ typedef struct Map {
   lua_Integer last_size;
   struct pollfd *pfd;
   int *pfd_w;
+  parmap_buf pool[POOL]; /* big result buffers of released slots */
 } Map;
 
 /* ---------------------------------------------------------------- helpers */
@@ -129,6 +132,17 @@ static lua_Integer seg_first_open(Map *m, const Worker *w, int k) {
 static void release_slot(Map *m, Slot *s) {
   s->used = 0;
   m->slots_used--;
+  if (s->out.cap >= BIG_BUF) { /* recycle hot memory, not every slot's */
+    int i;
+    for (i = 0; i < POOL && m->pool[i].p; i++) {
+    }
+    if (i < POOL) {
+      m->pool[i] = s->out;
+    } else {
+      parmap_buf_free(&s->out);
+    }
+    memset(&s->out, 0, sizeof s->out);
+  }
 }
 
 static void unbusy(Map *m, Slot *s) {
@@ -279,6 +293,15 @@ static Slot *new_chunk(lua_State *L, Map *m) {
   lua_Integer size;
   if (m->exhausted || (s = free_slot(m)) == NULL) return NULL;
   size = chunk_size(m);
+  if (s->out.p == NULL) { /* take a big buffer from the pool if any */
+    int i;
+    for (i = 0; i < POOL; i++)
+      if (m->pool[i].p) {
+        s->out = m->pool[i];
+        memset(&m->pool[i], 0, sizeof m->pool[i]);
+        break;
+      }
+  }
   s->start = m->next_index;
   s->count = 0;
   s->in.len = s->out.len = s->fail.len = 0;
@@ -681,6 +704,7 @@ static void release(Map *m) {
     free(m->slots);
     m->slots = NULL;
   }
+  for (i = 0; i < POOL; i++) parmap_buf_free(&m->pool[i]);
   free(m->w);
   m->w = NULL;
   free(m->pfd);
