@@ -92,15 +92,18 @@ check-asan: deps
 	@$(MAKE) --no-print-directory BUILD=$(ASAN_BUILD) \
 	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
 	  LDFLAGS="-fsanitize=address,undefined" all
-	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	  PARMAP_BUILD=$(ASAN_BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 
 check-valgrind: deps
-	@command -v valgrind >/dev/null 2>&1 || $(MAKE) --no-print-directory deps-valgrind
+	@command -v valgrind >/dev/null 2>&1 || { echo "installing: valgrind"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq valgrind >/dev/null; }
 	@$(MAKE) --no-print-directory all
-	@PARMAP_VALGRIND=1 bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
+	@PARMAP_VALGRIND=1 PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 
 # --- faults (issue 5) ---
 # The fault specs' test-only C module (spec/testhelper.c), found through

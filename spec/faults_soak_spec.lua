@@ -68,7 +68,10 @@ describe("faults: soak (case 14)", function()
     local same_fds, same_kids, growth = out:match("RESULT\t(%a+)\t(%a+)\t(%-?%d+)")
     assert.equal("true", same_fds, out)
     assert.equal("true", same_kids, out)
-    assert.is_true(tonumber(growth) < 2048, "RSS grew by " .. growth .. " KiB: " .. out)
+    -- (the sanitizers' allocators hold freed memory back: RSS says nothing there)
+    if not (F.asan or F.valgrind) then
+      assert.is_true(tonumber(growth) < 2048, "RSS grew by " .. growth .. " KiB: " .. out)
+    end
   end)
 end)
 
