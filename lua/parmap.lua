@@ -30,14 +30,20 @@ Error.__index = Error
 Error.__name = "parmap.Error"
 
 function Error.__tostring(e)
-  local s = format("parmap: item %d failed in %s %d: %s", e.index,
-    e.pid == core.pid() and "process" or "worker", e.pid, e.message)
+  local s
+  if e.index == nil then -- a ReturnProcess
+    s = format("parmap: process %d failed: %s", e.pid, e.message)
+  else
+    s = format("parmap: item %d failed in %s %d: %s", e.index,
+      e.pid == core.pid() and "process" or "worker", e.pid, e.message)
+  end
   if e.traceback ~= "" then s = s .. "\n" .. e.traceback end
   return s
 end
 
 -- kind: "error" (fn raised), "value" (a result cannot travel), "died" (the
--- worker ended), "timeout" (the item ran past opts.timeout).
+-- worker ended), "timeout" (the item ran past opts.timeout). index is nil
+-- for a ReturnProcess.
 local function make_error(index, kind, err, message, traceback, pid)
   return setmetatable({ index = index, kind = kind, err = err,
     message = message, traceback = traceback or "", pid = pid }, Error)
@@ -117,7 +123,9 @@ local function describe(what, index, ...)
     local path, t = find_unsendable((select(j, ...)))
     if path then
       local head
-      if what == "item" then
+      if index == nil then -- a ReturnProcess
+        head = n > 1 and format("result %d", j) or "result"
+      elseif what == "item" then
         head = format("parmap: item %d", index)
       elseif n > 1 then
         head = format("result %d of item %d", j, index)
@@ -128,6 +136,7 @@ local function describe(what, index, ...)
         path ~= "" and (" at " .. path) or "")
     end
   end
+  if index == nil then return what .. ": cannot send this value" end
   return format("%s of item %d: cannot send this value", what, index)
 end
 M._describe = describe -- for tests
@@ -404,11 +413,37 @@ end
 
 ---------------------------------------------------------------- the API
 
+-- Upstream stages: parmap.values(...) registers the iterator it returns
+-- with the to-be-closed value of the stage it reads, so that closing a map
+-- that reads it closes that stage too (see lua/parmap/process.lua).
+local upstream = setmetatable({}, { __mode = "k" })
+
+local function close_value(v)
+  local mt = getmetatable(v)
+  if mt and mt.__close then mt.__close(v) end
+end
+
+-- The to-be-closed value of a map that reads another stage: closes both.
+local Chain = { __name = "parmap.Pipeline" }
+Chain.__index = Chain
+function Chain.__close(c)
+  close_value(c[1])
+  close_value(c[2])
+end
+Chain.close = Chain.__close
+
 local function start(level, fn, items, opts)
   local spec = check(level + 1, fn, items, opts)
-  if spec.N == 1 and not spec.timeout then return serial(spec) end
-  local m = core.start(spec)
-  return core.next, m, nil, m
+  local f, s, c, closer
+  if spec.N == 1 and not spec.timeout then
+    f, s, c, closer = serial(spec)
+  else
+    local m = core.start(spec)
+    f, s, c, closer = core.next, m, nil, m
+  end
+  local up = upstream[items]
+  if up ~= nil then closer = setmetatable({ closer, up }, Chain) end
+  return f, s, c, closer
 end
 
 --- for i, r1, r2, ... in parmap.parmap(fn, items, opts) do ... end
@@ -441,6 +476,7 @@ M.now = core.now
 require("parmap.process")(M, core, {
   make_error = make_error, describe = describe, check = check,
   callable = callable, typename = typename, Error = Error,
+  upstream = upstream, close_value = close_value,
 })
 
 return setmetatable(M, {

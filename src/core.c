@@ -10,6 +10,7 @@
 #include "map.h"
 #include "parmap.h"
 #include "proc.h"
+#include "process.h"
 
 /* call(fn, item, index, star, kwstar, args, nargs, has_kw, kwargs, protect):
    fn's results for one item, following the call table (N = 1).
@@ -85,5 +86,6 @@ PARMAP_API int luaopen_parmap_core(lua_State *L) {
                                    {NULL, NULL}};
   luaL_newlib(L, funcs);
   parmap_map_register(L);
+  parmap_process_register(L);
   return 1;
 }

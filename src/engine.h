@@ -95,6 +95,10 @@ int parmap_unbox(lua_State *L, int idx);
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
                         Shm *shm, int fd);
 
+/* In a forked child about to run the caller's Lua code from a C function:
+   tracebacks stop above that function, and os.exit leaves with _exit(). */
+void parmap_child_prepare(lua_State *L);
+
 /* Append an REC_ERR record; raises only when out of memory. */
 void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
                       const char *kind, int err_idx, const char *message,

@@ -463,6 +463,11 @@ static int worker_loop(lua_State *L) {
   }
 }
 
+void parmap_child_prepare(lua_State *L) {
+  tb_floor = stack_depth(L); /* the calling C function and all below it */
+  replace_os_exit(L);
+}
+
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
                         Shm *shm, int fd) {
   WState w;
