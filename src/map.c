@@ -77,6 +77,7 @@ typedef struct Map {
   pid_t owner; /* the process that may stop the workers */
   int state;
   int in_call;  /* a user callback is running (an error leaves it set) */
+  int stepping; /* step is running (an error leaves it set) */
   int self;     /* stack index of this userdata in the current call */
   Config cfg;
   Worker *w;
@@ -485,7 +486,8 @@ static void on_death(lua_State *L, Map *m, int wi) {
   if (r == 1)
     parmap_status_text(st, how, sizeof how);
   else
-    strcpy(how, "ended (its exit status was taken by another waitpid)");
+    strcpy(how, "was reaped by someone else (a waitpid not parmap's took its "
+                "exit status)");
   m->nlive--;
   for (k = 0; k < w->qn; k++) {
     lua_Integer open = seg_first_open(m, w, k);
@@ -861,18 +863,31 @@ static int finished(Map *m) {
                                          : m->slots_used == 0);
 }
 
+static int advance(lua_State *L, Map *m);
+
 /* Push the next item's index and values and return their count, or 0
    when the map is over. */
 static int step(lua_State *L, Map *m) {
-  if (m->in_call) { /* a callback of ours raised: the map cannot go on */
+  int n;
+  if (m->in_call || m->stepping) {
+    /* a callback of ours raised, or the engine did half-way through an
+       update (out of memory, a protocol error, an interrupt): the map
+       cannot go on, it would lose or garble items */
     stop(m, 1);
-    m->in_call = 0;
+    m->in_call = m->stepping = 0;
   }
   if (m->state != M_RUNNING) {
     if (m->state == M_CLOSED && !finished(m))
       return luaL_error(L, "parmap: the map was stopped");
     return 0;
   }
+  m->stepping = 1;
+  n = advance(L, m);
+  m->stepping = 0;
+  return n;
+}
+
+static int advance(lua_State *L, Map *m) {
   for (;;) {
     Slot *s = ready(m);
     if (s) return emit(L, m, s);
