@@ -9,10 +9,19 @@ LUA_VERSION ?= 5.4
 LUA         ?= lua$(LUA_VERSION)
 PKG_CONFIG  ?= pkg-config
 LUA_PC      ?= lua$(LUA_VERSION)
-LUA_INCDIR  ?= $(shell $(PKG_CONFIG) --variable=includedir $(LUA_PC) 2>/dev/null)/lua$(LUA_VERSION)
-LUA_CFLAGS  ?= $(shell $(PKG_CONFIG) --cflags $(LUA_PC) 2>/dev/null || echo -I$(LUA_INCDIR))
-LUA_LIBDIR  ?= $(shell $(PKG_CONFIG) --variable=libdir $(LUA_PC) 2>/dev/null)
+# Lua's headers and library come from `pkg-config $(LUA_PC)`; an explicit
+# LUA_INCDIR / LUA_LIBDIR (command line or environment) wins over it, and
+# LUA_CFLAGS / LUA_LIBS over both. Without pkg-config: /usr/include/luaX.Y.
+ifeq ($(origin LUA_INCDIR),undefined)
+LUA_CFLAGS  ?= $(shell $(PKG_CONFIG) --cflags $(LUA_PC) 2>/dev/null || echo -I/usr/include/lua$(LUA_VERSION))
+else
+LUA_CFLAGS  ?= -I$(LUA_INCDIR)
+endif
+ifeq ($(origin LUA_LIBDIR),undefined)
 LUA_LIBS    ?= $(shell $(PKG_CONFIG) --libs $(LUA_PC) 2>/dev/null || echo -llua$(LUA_VERSION))
+else
+LUA_LIBS    ?= -L$(LUA_LIBDIR) -llua$(LUA_VERSION)
+endif
 
 CC       ?= cc
 CFLAGS   ?= -O2 -g
@@ -82,7 +91,7 @@ deps:
 # Runs every spec; ends with the line "N passed, N failed" counted from
 # busted's TAP output, and fails when a spec fails.
 test: deps
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory all hosts
 	@bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 
 check: test
@@ -91,7 +100,7 @@ ASAN_BUILD := build-asan
 check-asan: deps
 	@$(MAKE) --no-print-directory BUILD=$(ASAN_BUILD) \
 	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
-	  LDFLAGS="-fsanitize=address,undefined" all
+	  LDFLAGS="-fsanitize=address,undefined" all hosts
 	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
@@ -102,7 +111,7 @@ check-valgrind: deps
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq valgrind >/dev/null; }
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory all hosts
 	@PARMAP_VALGRIND=1 PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 
 # --- faults (issue 5) ---
@@ -131,6 +140,24 @@ fuzz: deps $(FUZZ_BIN)
 	  -max_total_time=$(FUZZ_TIME) -timeout=10 -rss_limit_mb=4096 \
 	  -artifact_prefix=$(BUILD)/fuzz-crash- $(BUILD)/fuzz-corpus spec/corpus
 # --- end faults (issue 5) ---
+
+# --- packaging and C hosts (issue 4) ---
+# examples/host.c, a C program that embeds Lua, linked against
+# $(BUILD)/libparmap.a as any host would; spec/host_spec.lua runs it, and
+# `make test` builds it. `make print-core-src` lists the C module's sources
+# (the rockspecs must list the same; spec/packaging_spec.lua checks it).
+# .ci/packaging.sh checks make install, luarocks and an installed host.
+HOST_BIN  := $(BUILD)/examples/host
+HOST_LIBS  = $(LUA_LIBS) -lm -ldl -pthread
+.PHONY: hosts print-core-src
+hosts: $(HOST_BIN)
+$(HOST_BIN): examples/host.c src/parmap.h $(BUILD)/libparmap.a
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(CFLAGS) $(LUA_CFLAGS) -Isrc $(LDFLAGS) -o $@ \
+	  examples/host.c $(BUILD)/libparmap.a $(HOST_LIBS)
+print-core-src:
+	@echo $(CORE_SRC)
+# --- end packaging and C hosts (issue 4) ---
 
 install: all
 	install -d $(DESTDIR)$(LUA_SHARE) $(DESTDIR)$(LUA_LIB)/parmap \
