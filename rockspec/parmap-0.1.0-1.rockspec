@@ -1,0 +1,45 @@
+-- parmap 0.1.0, the first release: the sources of the git tag v0.1.0.
+-- build.modules["parmap.core"].sources must list the Makefile's CORE_SRC
+-- (spec/packaging_spec.lua checks it).
+rockspec_format = "3.0"
+package = "parmap"
+version = "0.1.0-1"
+source = {
+   url = "git+https://github.com/parmap-lua/parmap.git",
+   tag = "v0.1.0",
+}
+description = {
+   summary = "A parallel map for Lua 5.4 on forked worker processes",
+   detailed = [[
+parmap maps a Lua function over a sequence or an iterator on N forked
+worker processes: the function's upvalues, loaded modules and open C
+userdata are simply there in each worker, and only items and results
+travel (integers, bit-exact floats, binary strings, tables with cycles).
+Ordered or unordered results, Python parmapper's star/kwstar/args/kwargs,
+progress, per-item timeouts, and workers that die are reported with the
+item they held. Linux (POSIX with Linux extras).
+]],
+   homepage = "https://github.com/parmap-lua/parmap",
+   -- the repository has no LICENSE file yet: MIT, as Lua itself, until
+   -- the project decides otherwise
+   license = "MIT",
+   labels = { "parallel", "multiprocessing", "fork", "map" },
+}
+supported_platforms = { "linux" }
+dependencies = {
+   "lua >= 5.4",
+}
+build = {
+   type = "builtin",
+   modules = {
+      parmap = "lua/parmap.lua",
+      ["parmap.process"] = "lua/parmap/process.lua",
+      ["parmap.core"] = {
+         sources = {
+            "src/buf.c", "src/codec.c", "src/proc.c", "src/worker.c",
+            "src/map.c", "src/process.c", "src/core.c",
+         },
+      },
+   },
+   copy_directories = { "doc", "examples" },
+}
