@@ -14,6 +14,10 @@
 
 #include <lua.h>
 
+#if LUA_VERSION_NUM < 504
+#error "parmap needs Lua 5.4: it uses to-be-closed values and user values"
+#endif
+
 #if defined(__GNUC__)
 #define PARMAP_API __attribute__((visibility("default")))
 #else
