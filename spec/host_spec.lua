@@ -8,7 +8,12 @@ local function exists(path)
   return f ~= nil
 end
 
-local root = assert(io.popen("pwd")):read("l")
+local root
+do -- closed at once: an unclosed popen leaves a child the other specs would see
+  local p = assert(io.popen("pwd"))
+  root = p:read("l")
+  p:close()
+end
 local host = root .. "/" .. build .. "/examples/host"
 
 -- Run the host in an empty directory; returns stdout, stderr, exit code.
