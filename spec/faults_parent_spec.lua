@@ -49,6 +49,42 @@ describe("faults: the input iterator raises (case 6)", function()
     assert.is_true(rawequal(E, e))
     F.assert_stopped(before)
   end)
+  it("an item too big for the parent's memory: an error, then the map stays stopped (no item skipped)", function()
+    local out, code = F.run([[
+      local parmap = require "parmap"
+      local H = require "helpers"
+      local T = require "parmap_testhelper"
+      local big = string.rep("b", 64 * 1024 * 1024)
+      local k = 0
+      local f, s, _, closer = parmap.parmap(function(x) return type(x) == "string" and #x or x end,
+        function()
+          k = k + 1
+          if k == 50 then
+            -- encoding item 50 for its worker needs a 64 MB buffer
+            assert(T.limit_memory(16 * 1024 * 1024))
+            return big
+          end
+          if k <= 100 then return k end
+        end, { N = 2, chunksize = 1 })
+      local last, ok, e = 0, nil, nil
+      while true do
+        ok, e = pcall(f, s)
+        if not ok or e == nil then break end
+        assert(e == last + 1, "item " .. (last + 1) .. " skipped")
+        last = e
+      end
+      print("ERROR", last, e)
+      -- the caller goes on: the map must not run on without item 50
+      local ok2, e2 = pcall(f, s)
+      print("AGAIN", ok2, e2)
+      closer:close()
+      print("end", #H.children())
+    ]], 60)
+    assert.equal(0, code, out)
+    assert.matches("ERROR\t%d+\t[^\n]*not enough memory", out)
+    assert.matches("AGAIN\tfalse\t[^\n]*the map was stopped", out)
+    assert.matches("end\t0\n$", out)
+  end)
 end)
 
 ---------------------------------------------------------------- case 7

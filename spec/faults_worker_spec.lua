@@ -164,32 +164,92 @@ describe("faults: the worker exits, is killed or crashes (case 2)", function()
     end)
   end
 
-  it("out of memory (ulimit -v): an error naming the item, no hang", function()
-    local before = F.snapshot()
-    local got, took
-    local t0 = core.now()
-    got = H.collect(parmap.parmap(function(x)
-      if x == 2 then
-        assert(T.limit_memory(64 * 1024 * 1024))
-        local big = string.rep("x", 512 * 1024 * 1024)
-        return #big
-      end
-      return x
-    end, { 1, 2, 3 }, { N = 2, exception = "return" }))
-    took = core.now() - t0
-    local e = got[2][1]
-    assert.is_true(parmap.iserror(e))
+  -- Item 2 runs its worker out of memory: Lua raises "not enough memory",
+  -- or a worker whose allocator aborts dies; either way item 2 fails.
+  local function oom(x)
+    if x == 2 then
+      assert(T.limit_memory(64 * 1024 * 1024))
+      local big = string.rep("x", 512 * 1024 * 1024)
+      return #big
+    end
+    return x
+  end
+  local function check_oom(e)
+    assert.is_true(parmap.iserror(e), tostring(e))
     assert.equal(2, e.index)
-    -- Lua raises "not enough memory"; a worker whose allocator aborts dies
     if e.kind == "error" then
       assert.matches("not enough memory", e.message)
     else
       assert.equal("died", e.kind)
       assert.matches("while running item 2", e.message)
     end
+  end
+  it("out of memory (ulimit -v): raises naming the item, within a second, after the results before it", function()
+    local before = F.snapshot()
+    local seen, e, took = drive(oom, { 1, 2, 3, 4 }, { N = 2, chunksize = 1 })
+    assert.same({ { 1, 1 } }, seen)
+    check_oom(e)
+    assert.is_true(took < F.bound(1), "took " .. took .. " s")
+    F.assert_stopped(before)
+  end)
+  it("out of memory (ulimit -v), exception = 'return': yields the error and the other results", function()
+    local before = F.snapshot()
+    local got = H.collect(parmap.parmap(oom, { 1, 2, 3 }, { N = 2, exception = "return" }))
+    check_oom(got[2][1])
     assert.same({ n = 1, 1 }, got[1])
     assert.same({ n = 1, 3 }, got[3])
-    assert.is_true(took < F.bound(5))
+    F.assert_stopped(before)
+  end)
+  it("out of memory while encoding a result: that item fails, the worker's later results are intact", function()
+    -- the result fits in the worker's Lua heap but not in its send buffer:
+    -- the encoder runs out of memory half-way through the record, after it
+    -- met `shared`, which every later result holds too
+    local before = F.snapshot()
+    local shared = { "shared" }
+    local got = H.collect(parmap.parmap(function(x)
+      if x == 2 then
+        local s = string.rep("y", 64 * 1024 * 1024)
+        assert(T.limit_memory(8 * 1024 * 1024))
+        return { shared, s }
+      end
+      return { shared, x }
+    end, H.range(20), { N = 2, chunksize = 1, exception = "return" }))
+    local e = got[2][1]
+    assert.is_true(parmap.iserror(e), tostring(e))
+    assert.equal(2, e.index)
+    assert.equal("error", e.kind)
+    assert.matches("not enough memory", e.message)
+    for i = 1, 20 do
+      if i ~= 2 then assert.same({ n = 1, { { "shared" }, i } }, got[i]) end
+    end
+    F.assert_stopped(before)
+  end)
+  it("out of memory while reading an item: that item fails, the next ones in its segment are not garbled", function()
+    -- items 1-4 go to one worker as one segment: item 1 limits its memory,
+    -- item 2 (64 MB) cannot be decoded there; 3 and 4 must still be 3 and 4
+    local before = F.snapshot()
+    local big = string.rep("z", 64 * 1024 * 1024)
+    local k = 0
+    local got = H.collect(parmap.parmap(function(x)
+      if x == 1 then assert(T.limit_memory(16 * 1024 * 1024)) end
+      return type(x) == "string" and #x or x
+    end, function()
+      k = k + 1
+      if k == 2 then return big end
+      if k <= 8 then return k end
+    end, { N = 1, timeout = 1000, chunksize = 4, exception = "return" }))
+    local e = got[2][1]
+    assert.is_true(parmap.iserror(e), tostring(e))
+    assert.equal(2, e.index)
+    if e.kind == "error" then
+      assert.matches("not enough memory", e.message)
+    else
+      assert.equal("died", e.kind)
+      assert.matches("while running item 2$", e.message)
+    end
+    for i = 1, 8 do
+      if i ~= 2 then assert.same({ n = 1, i }, got[i]) end
+    end
     F.assert_stopped(before)
   end)
   it("a death with queued segments costs only the running item: the rest run again", function()

@@ -22,7 +22,9 @@ enum { PARMAP_OK = 0, PARMAP_EVALUE = -1, PARMAP_ECORRUPT = -2 };
 ** record appended to b. `scratch` is the absolute index of an empty table the
 ** codec may use and leaves empty again. Returns PARMAP_OK, or PARMAP_EVALUE
 ** with *what set to the type name of a value that cannot be sent (b is then
-** truncated back to its old length). Raises a Lua error when out of memory.
+** truncated back to its old length). Raises a Lua error when out of memory;
+** b may then end in part of a record and scratch hold entries, which the
+** caller must drop before it encodes again.
 */
 int parmap_encode(lua_State *L, int first, int n, parmap_buf *b, int scratch,
                   const char **what);

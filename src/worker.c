@@ -248,6 +248,8 @@ typedef struct WState {
   const TaskHdr *h; /* the segment being run */
   uint32_t k;       /* its item being run */
   uint32_t pending; /* results not yet flushed */
+  size_t mark;      /* where item k's result record starts in out */
+  size_t mark_pos;  /* where item k's own record starts in in */
   size_t pos;       /* next item in `in` (iterator input) */
   uint64_t last;    /* last flush (coarse clock) */
   int gc_on;
@@ -344,6 +346,8 @@ static int run_items(lua_State *L) {
   for (; w->k < w->h->count; w->k++) {
     lua_Integer index = (lua_Integer)w->h->from + (lua_Integer)w->k;
     int nargs, fnpos;
+    w->mark = w->out.len;
+    w->mark_pos = w->pos;
     /* start before cur: the parent never pairs an old start with a new
        item (it reads cur, start, cur) */
     if (cfg->timeout > 0)
@@ -375,6 +379,17 @@ static int run_items(lua_State *L) {
   return 0;
 }
 
+/* Empty the table at absolute index t. */
+static void clear_table(lua_State *L, int t) {
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    lua_pushnil(L);
+    lua_rawset(L, t); /* clearing a field during the traversal is allowed */
+  }
+}
+
 static void run_segment(WState *w, const TaskHdr *h) {
   lua_State *L = w->L;
   uint64_t t0 = parmap_now_ns();
@@ -388,8 +403,18 @@ static void run_segment(WState *w, const TaskHdr *h) {
     lua_pushcfunction(L, run_items);
     lua_pushlightuserdata(L, w);
     lua_pushvalue(L, w->map);
+    w->mark = w->out.len;
+    w->mark_pos = w->pos;
     if (lua_pcall(L, 2, 0, w->msgh) != LUA_OK) {
-      put_failure(w, lua_gettop(L)); /* item w->k raised */
+      /* item w->k raised. When that was the codec running out of memory,
+         out may end in part of its result record and the scratch table
+         hold entries: drop both, or the next records come out garbled. An
+         item whose own record was not read cannot be skipped: leave, and
+         the parent reports the item (the rest of the segment runs again). */
+      if (!w->cfg->from_table && w->pos == w->mark_pos) worker_exit(70);
+      w->out.len = w->mark;
+      clear_table(L, w->oscratch);
+      put_failure(w, lua_gettop(L));
       lua_settop(L, top);
       w->k++;
       item_done(w);
