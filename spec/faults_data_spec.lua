@@ -96,6 +96,7 @@ end)
 
 describe("faults: big and deep values (case 12)", function()
   it("tables nested 100,000 deep travel both ways, no C stack overflow", function()
+    local before = F.snapshot()
     local depth = 100000
     local sent = false
     local got = H.collect(parmap.parmap(function(t)
@@ -109,6 +110,7 @@ describe("faults: big and deep values (case 12)", function()
     local n, leaf = chain_depth(got[1][1])
     assert.equal(depth + 1, n)
     assert.equal("bottom!", leaf)
+    F.assert_stopped(before)
   end)
   it("a value that cannot travel 100,000 deep: a clear error, soon", function()
     local before = F.snapshot()
@@ -130,11 +132,14 @@ describe("faults: big and deep values (case 12)", function()
     F.assert_stopped(before)
   end)
   it("an error value nested 100,000 deep travels back", function()
+    local before = F.snapshot()
     local got = H.collect(parmap.parmap(function() error(chain(100000, "x")) end, { 1 },
       { N = 2, exception = "return" }))
     assert.equal(100000, (chain_depth(got[1][1].err)))
+    F.assert_stopped(before)
   end)
   it("keys of every type travel both ways", function()
+    local before = F.snapshot()
     local shared = { "shared" }
     local function sample()
       return {
@@ -168,8 +173,10 @@ describe("faults: big and deep values (case 12)", function()
     assert.equal(m, n)
     assert.equal("integer", math.type(next({ [2^53] = 1 })))
     assert.is_true(r[2^53] ~= nil)
+    F.assert_stopped(before)
   end)
   it("a 100 MB string each way", function()
+    local before = F.snapshot()
     local size = 100 * 1024 * 1024
     local sent = false
     local got = H.collect(parmap.parmap(function(s)
@@ -185,8 +192,10 @@ describe("faults: big and deep values (case 12)", function()
     assert.equal(size + 1, #got[1][4])
     assert.equal("789!", got[1][4]:sub(-4))
     collectgarbage()
+    F.assert_stopped(before)
   end)
   it("1,000,000 items from a table and from an iterator", function()
+    local before = F.snapshot()
     local n = 1000000
     local out, count = parmap.map(function(x) return x + 1 end, H.range(n), { N = 2 })
     assert.equal(n, count)
@@ -201,23 +210,14 @@ describe("faults: big and deep values (case 12)", function()
     end
     assert.equal(n, last)
     assert.equal(n * (n + 1), sum)
+    F.assert_stopped(before)
   end)
 end)
 
 ---------------------------------------------------------------- case 13
 
 describe("faults: a worker writes garbage on its socket (case 13)", function()
-  -- From inside fn: the worker's own socket (its only one).
-  local function my_socket()
-    local found
-    for fd, target in pairs(T.fds()) do
-      if target:match("^socket:") then
-        assert(not found, "a worker holds more than one socket")
-        found = fd
-      end
-    end
-    return assert(found, "no socket")
-  end
+  local my_socket = F.my_socket
   local function frame(nitems, bodylen, flags, body)
     return string.pack("=I4I4I8I8I8", 0x504d5231, nitems, bodylen, 0, flags) .. (body or "")
   end

@@ -124,6 +124,18 @@ function F.rss()
   return tonumber(s:match("VmRSS:%s*(%d+)")), tonumber(s:match("VmHWM:%s*(%d+)"))
 end
 
+-- From inside fn: the worker's own socket (its only one).
+function F.my_socket()
+  local found
+  for fd, target in pairs(T.fds()) do
+    if target:match("^socket:") then
+      assert(not found, "a worker holds more than one socket")
+      found = fd
+    end
+  end
+  return assert(found, "no socket")
+end
+
 -- Busy-wait, so that the item really runs in a worker for that long.
 function F.spin(seconds)
   local t0 = core.now()

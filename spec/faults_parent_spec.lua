@@ -214,6 +214,11 @@ describe("faults: Ctrl-C (case 8)", function()
   it("stops a script whose workers ignore SIGINT", function()
     ctrl_c("function(x) T.ignore(T.SIGINT) if x > 2 then T.sleep(0.2) end return x end")
   end)
+  it("stops a script whose workers ignore SIGINT and never answer: poll() gives up the interrupt", function()
+    -- no result, no death, no timeout will ever wake the parent: only the
+    -- interrupted poll() can, so a core that retried poll() on EINTR hangs
+    ctrl_c("function(x) T.ignore(T.SIGINT) if x > 3 then T.sleep(3600) end return x end")
+  end)
 end)
 
 ---------------------------------------------------------------- case 9

@@ -117,6 +117,23 @@ end)
 ---------------------------------------------------------------- case 2
 
 describe("faults: the worker exits, is killed or crashes (case 2)", function()
+  -- The dying worker writes the time of its death here (core.now() is
+  -- CLOCK_MONOTONIC, the same clock in every process): "within a second"
+  -- is measured from the death, not from the start of the map.
+  local death_file = "/tmp/parmap-faults-death-" .. core.pid()
+  local function mark_death()
+    local f = assert(io.open(death_file, "w"))
+    f:write(string.format("%.6f", core.now()))
+    f:close()
+  end
+  local function death_time()
+    local f = io.open(death_file)
+    if not f then return nil end
+    local t = tonumber(f:read("a"))
+    f:close()
+    os.remove(death_file)
+    return t
+  end
   -- How item 4 ends its worker, and what the message must say.
   local sig = function(n) return "killed by signal " .. n end
   local ways = {
@@ -130,19 +147,23 @@ describe("faults: the worker exits, is killed or crashes (case 2)", function()
   }
   for _, w in ipairs(ways) do
     local name, die, status = w[1], w[2], w[3]
-    it(name .. ": raises naming the item and how, after the results before it", function()
+    it(name .. ": raises naming the item and how, within a second, after the results before it", function()
       local before = F.snapshot()
-      local seen, e, took = drive(function(x)
-        if x == 4 then die() end
+      os.remove(death_file)
+      local seen, e = drive(function(x)
+        if x == 4 then mark_death() die() end
         return x
       end, H.range(8), { N = 2, chunksize = 1 })
+      local raised = core.now()
+      local died = death_time()
       assert.same({ { 1, 1 }, { 2, 2 }, { 3, 3 } }, seen)
       assert.is_true(parmap.iserror(e), tostring(e))
       assert.equal(4, e.index)
       assert.equal("died", e.kind)
       assert.matches("^worker " .. e.pid .. " " .. status .. ".* while running item 4$", e.message)
       assert.matches("item 4 failed in worker %d+: worker %d+ " .. status, tostring(e))
-      assert.is_true(took < F.bound(1), "took " .. took .. " s")
+      assert.is_not_nil(died, "the worker did not record its death")
+      assert.is_true(raised - died < F.bound(1), "raised " .. (raised - died) .. " s after the death")
       F.assert_stopped(before)
     end)
     it(name .. ": with exception = 'return' yields the error and every other result", function()
@@ -163,6 +184,20 @@ describe("faults: the worker exits, is killed or crashes (case 2)", function()
       F.assert_stopped(before)
     end)
   end
+  it("with exception = 'proc' each death raises its message, after the results before it", function()
+    for _, w in ipairs(ways) do
+      local name, die, status = w[1], w[2], w[3]
+      local before = F.snapshot()
+      local seen, e = drive(function(x)
+        if x == 4 then die() end
+        return x
+      end, H.range(8), { N = 2, chunksize = 1, exception = "proc" })
+      assert.same({ { 1, 1 }, { 2, 2 }, { 3, 3 } }, seen, name)
+      assert.is_string(e, name)
+      assert.matches("^worker %d+ " .. status .. ".* while running item 4$", e, name)
+      F.assert_stopped(before)
+    end
+  end)
 
   -- Item 2 runs its worker out of memory: Lua raises "not enough memory",
   -- or a worker whose allocator aborts dies; either way item 2 fails.
@@ -319,56 +354,51 @@ end)
 ---------------------------------------------------------------- case 3
 
 describe("faults: a worker dies while the parent writes a large item (case 3)", function()
-  it("the parent gets an error record, not SIGPIPE", function()
-    local out, code = F.run([[
+  -- N = 1 with a timeout runs one worker: item 2 (100 MB) is queued to it
+  -- while it runs item 1, which waits until item 2's first bytes sit in its
+  -- socket (the parent is then part-way through writing it), and dies.
+  local function script(die)
+    return [[
       local parmap = require "parmap"
-      local T = require "parmap_testhelper"
+      local core = require "parmap.core"
+      local H = require "helpers"
+      local F = require "faults_helpers"
+      local T = F.T
       assert(T.disposition(T.SIGPIPE) == "default", "SIGPIPE must be at its default")
       local big = string.rep("z", 100 * 1024 * 1024)
       local items = { "small", big }
       local k = 0
-      -- N = 1 with a timeout runs one worker: item 2 is queued to it, and
-      -- the parent is still writing it when item 1 ends the worker
       for i, r in parmap.parmap(function(x)
-        if x == "small" then T.sleep(0.3); os.exit(3) end
+        if x == "small" then
+          local sock, t0 = F.my_socket(), core.now()
+          repeat T.sleep(0.002) until T.inq(sock) > 0 or core.now() - t0 > 60
+          io.stderr:write("WRITING ", T.inq(sock), "\n")
+          ]] .. die .. [[
+
+        end
         return #x
       end, function() k = k + 1; return items[k] end,
         { N = 1, timeout = 1000, exception = "return" }) do
         print(i, parmap.iserror(r) and r.message or r)
       end
-      print("end", #require("helpers").children())
-    ]], 120)
+      print("end", #H.children())
+    ]]
+  end
+  local function check(out, code, status)
     assert.equal(0, code, out)
-    assert.matches("1\tworker %d+ exited with status 3 while running item 1\n", out)
+    local queued = tonumber(out:match("WRITING (%d+)\n"))
+    assert.is_true(queued ~= nil and queued > 0 and queued < 100 * 1024 * 1024, out)
+    assert.matches("1\tworker %d+ " .. status .. " while running item 1\n", out)
     assert.matches("\n2\t104857600\n", out)
     assert.matches("end\t0\n$", out)
+  end
+  it("the worker exits: the parent gets an error record, not SIGPIPE", function()
+    local out, code = F.run(script("os.exit(3)"), 120)
+    check(out, code, "exited with status 3")
   end)
-  it("a worker killed while it reads a large item: the item runs again elsewhere", function()
-    local out, code = F.run([[
-      local parmap = require "parmap"
-      local H = require "helpers"
-      local T = require "parmap_testhelper"
-      local big = string.rep("z", 64 * 1024 * 1024)
-      local k = 0
-      for i, r in parmap.parmap(function(x) if x == "slow" then T.sleep(0.5) end return #x end,
-        function()
-          k = k + 1
-          if k == 1 then return "slow" end
-          if k == 2 then
-            -- the worker has item 1; kill it while item 2 is on its way
-            local kids = H.children()
-            os.execute("(sleep 0.1; kill -KILL " .. kids[1] .. ") &")
-            return big
-          end
-        end, { N = 1, timeout = 1000, exception = "return" }) do
-        print(i, parmap.iserror(r) and r.message or r)
-      end
-      print("end", #H.children())
-    ]], 120)
-    assert.equal(0, code, out)
-    assert.matches("1\tworker %d+ killed by signal 9 %(Killed%) while running item 1\n", out)
-    assert.matches("\n2\t67108864\n", out)
-    assert.matches("end\t0\n$", out)
+  it("the worker is killed: the same, and the large item runs again elsewhere", function()
+    local out, code = F.run(script("T.kill(core.pid(), T.SIGKILL) T.sleep(3600)"), 120)
+    check(out, code, "killed by signal 9 %(Killed%)")
   end)
 end)
 
@@ -465,6 +495,45 @@ describe("faults: output, finalizers and <close> (case 5)", function()
       assert.equal(1, c, "call " .. i .. " in:\n" .. out)
     end
     assert.matches("end\n$", out)
+  end)
+  it("print in workers that are then killed: every call whose result was yielded printed once", function()
+    -- raise, break and a timeout SIGKILL workers: what they printed for the
+    -- results the loop already had must be out by then
+    local out, code = F.run([[
+      local parmap = require "parmap"
+      local H = require "helpers"
+      local T = require "parmap_testhelper"
+      local ok = pcall(function()
+        for _ in parmap.parmap(function(x)
+          print("raise " .. x)
+          if x == 9 then error("boom") end
+          if x > 9 then T.sleep(3600) end
+          return x
+        end, H.range(30), { N = 3, chunksize = 1 }) do end
+      end)
+      assert(not ok)
+      for i in parmap.parmap(function(x) print("break " .. x) return x end, H.range(1000),
+        { N = 2, chunksize = 1 }) do
+        if i == 5 then break end
+      end
+      for _ in parmap.parmap(function(x)
+        print("timeout " .. x)
+        if x == 3 then T.sleep(3600) end
+        return x
+      end, H.range(6), { N = 2, chunksize = 1, timeout = 0.5, exception = "return" }) do end
+      io.write("end\n")
+    ]], 60)
+    assert.equal(0, code, out)
+    assert.matches("end\n$", out)
+    local function count(line)
+      local _, c = ("\n" .. out):gsub("\n" .. line .. "\n", "\n")
+      return c
+    end
+    for i = 1, 30 do assert.is_true(count("raise " .. i) <= 1, "raise " .. i .. " in:\n" .. out) end
+    for i = 1, 9 do assert.equal(1, count("raise " .. i), "raise " .. i .. " in:\n" .. out) end
+    for i = 1, 1000 do assert.is_true(count("break " .. i) <= 1, out) end
+    for i = 1, 5 do assert.equal(1, count("break " .. i), "break " .. i .. " in:\n" .. out) end
+    for i = 1, 6 do assert.equal(1, count("timeout " .. i), "timeout " .. i .. " in:\n" .. out) end
   end)
   it("the parent's __gc finalizers and <close> variables never run in a worker", function()
     local out, code = F.run([[

@@ -163,6 +163,15 @@ static int th_read(lua_State *L) {
   return 1;
 }
 
+/* inq(fd): bytes waiting to be read on a socket (FIONREAD). */
+static int th_inq(lua_State *L) {
+  int n = 0;
+  if (ioctl((int)luaL_checkinteger(L, 1), FIONREAD, &n))
+    return fileresult(L, "ioctl");
+  lua_pushinteger(L, n);
+  return 1;
+}
+
 static int th_close(lua_State *L) {
   close((int)luaL_checkinteger(L, 1));
   return 0;
@@ -326,6 +335,7 @@ TH_API int luaopen_parmap_testhelper(lua_State *L) {
                                    {"fds", th_fds},
                                    {"write", th_write},
                                    {"read", th_read},
+                                   {"inq", th_inq},
                                    {"close", th_close},
                                    {"pty_spawn", th_pty_spawn},
                                    {"wait", th_wait},
