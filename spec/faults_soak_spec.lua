@@ -90,11 +90,22 @@ describe("faults: soak (case 15)", function()
         return tonumber(s:match("VmRSS:%s*(%d+)")), tonumber(s:match("VmHWM:%s*(%d+)"))
       end
       local n = ]] .. n .. [[
-      local function work(x)
-        local reps = x % 1000 == 0 and 2000 or 20 -- 100x slower
+      local function spin(reps)
         local a = 0
         for j = 1, reps do a = a + j end
-        return x, a
+        return a
+      end
+      -- calibrate: a slow item's fn takes at least 100x a plain one's
+      local function cost(reps, times)
+        local t = os.clock()
+        for _ = 1, times do spin(reps) end
+        return (os.clock() - t) / times
+      end
+      local fast, slow_reps = cost(20, 200000), 2000
+      while cost(slow_reps, 2000) < 100 * fast do slow_reps = slow_reps * 5 // 4 end
+      local ratio = cost(slow_reps, 2000) / fast
+      local function work(x)
+        return x, spin(x % 1000 == 0 and slow_reps or 20)
       end
       local i = 0
       local t0 = core.now()
@@ -107,8 +118,8 @@ describe("faults: soak (case 15)", function()
       end
       assert(last == n and sum == n * (n + 1) // 2)
       local rss, hwm = status()
-      print(string.format("SOAK case 15: %d items in %.1f s, parent RSS %d KiB at 10%%, %d KiB at the end, peak %d KiB",
-        n, core.now() - t0, early, rss, hwm))
+      print(string.format("SOAK case 15: %d items (1 in 1000 %.0fx slower) in %.1f s, parent RSS %d KiB at 10%%, %d KiB at the end, peak %d KiB",
+        n, ratio, core.now() - t0, early, rss, hwm))
       print("RESULT", early, hwm)
     ]], 3000)
     report(out)
