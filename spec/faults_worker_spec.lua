@@ -368,6 +368,8 @@ describe("faults: a worker dies while the parent writes a large item (case 3)", 
       local big = string.rep("z", 100 * 1024 * 1024)
       local items = { "small", big }
       local k = 0
+      local function nfds() local n = 0 for _ in pairs(T.fds()) do n = n + 1 end return n end
+      local fds0 = nfds()
       for i, r in parmap.parmap(function(x)
         if x == "small" then
           local sock, t0 = F.my_socket(), core.now()
@@ -381,7 +383,7 @@ describe("faults: a worker dies while the parent writes a large item (case 3)", 
         { N = 1, timeout = 1000, exception = "return" }) do
         print(i, parmap.iserror(r) and r.message or r)
       end
-      print("end", #H.children())
+      print("end", #H.children(), nfds() - fds0)
     ]]
   end
   local function check(out, code, status)
@@ -390,7 +392,7 @@ describe("faults: a worker dies while the parent writes a large item (case 3)", 
     assert.is_true(queued ~= nil and queued > 0 and queued < 100 * 1024 * 1024, out)
     assert.matches("1\tworker %d+ " .. status .. " while running item 1\n", out)
     assert.matches("\n2\t104857600\n", out)
-    assert.matches("end\t0\n$", out)
+    assert.matches("end\t0\t0\n$", out) -- no child, no fd left
   end
   it("the worker exits: the parent gets an error record, not SIGPIPE", function()
     local out, code = F.run(script("os.exit(3)"), 120)
