@@ -159,6 +159,18 @@ print-core-src:
 	@echo $(CORE_SRC)
 # --- end packaging and C hosts (issue 4) ---
 
+# --- bench (issue 6) ---
+# `make bench` runs bench/run.lua: each case in a fresh lua5.4 process,
+# medians of several runs, one table and one BENCH line per case (plus
+# Python's multiprocessing.Pool.imap as a peer when python3 is present).
+# Timings are printed, never asserted; not part of `make test`.
+# BENCH_QUICK=1: one short run per case. BENCH_MD=1: also a markdown table
+# (for bench/RESULTS.md). BENCH_CASES=1,5: only those cases.
+.PHONY: bench
+bench: all
+	LUA_PATH='lua/?.lua;;' LUA_CPATH='$(BUILD)/?.so;;' $(LUA) bench/run.lua
+# --- end bench (issue 6) ---
+
 install: all
 	install -d $(DESTDIR)$(LUA_SHARE) $(DESTDIR)$(LUA_LIB)/parmap \
 	  $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
