@@ -64,6 +64,7 @@ local function report(t)
     parts[#parts + 1] = k .. "=" .. tostring(v)
   end
   print(table.concat(parts, " "))
+  io.stdout:flush() -- the driver's window closes when this line arrives
 end
 
 local function inc(x) return x + 1 end
