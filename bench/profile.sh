@@ -50,9 +50,12 @@ for mode in "${modes[@]}"; do
       done | awk -v role="$role" -v mode="$mode" '
         { c[$3] += ($1 == 300000 ? $2 : -$2) }
         END {
-          for (k in c) { v = c[k] / 200000; tot += v; if (v >= 3) printf "%7.0f  %s\n", v, k | "sort -rn" }
+          for (k in c) tot += c[k] / 200000
+          printf "%s %s: %.0f instructions per item\n", mode, role, tot
+          fflush()
+          for (k in c) { v = c[k] / 200000; if (v >= 3) printf "%7.0f  %s\n", v, k | "sort -rn" }
           close("sort -rn")
-          printf "%s %s: %.0f instructions per item\n\n", mode, role, tot
+          print ""
         }'
     done
   } | tee "$out/profile-$mode.txt"
