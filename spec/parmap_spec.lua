@@ -202,7 +202,7 @@ describe("options", function()
     local got, order = H.collect(parmap.parmap(function(x)
       if x == 1 then
         local t0 = parmap.now()
-        while parmap.now() - t0 < 0.05 do end
+        while parmap.now() - t0 < 0.5 do end
       end
       return x * 10
     end, H.range(40), { N = 2, ordered = false, chunksize = 1 }))

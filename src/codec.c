@@ -220,6 +220,54 @@ int parmap_encode(lua_State *L, int first, int n, parmap_buf *b, int scratch,
   return rc;
 }
 
+int parmap_encode_scalar(lua_State *L, int idx, parmap_buf *b) {
+  char *q;
+  size_t n = 0;
+  const char *str = NULL;
+  int t = lua_type(L, idx);
+  if (t == LUA_TSTRING) str = lua_tolstring(L, idx, &n);
+  else if (t != LUA_TNUMBER && t != LUA_TBOOLEAN && t != LUA_TNIL) return 0;
+  if (parmap_buf_reserve(b, n + 16)) return 0; /* let parmap_encode raise */
+  q = b->p + b->len;
+  *q++ = 1; /* one value */
+  if (t == LUA_TNUMBER && lua_isinteger(L, idx)) {
+    lua_Integer i = lua_tointeger(L, idx);
+    unsigned long long u = (unsigned long long)i;
+    if (i >= 0 && i < 0x80) {
+      *q++ = (char)(T_SMALL | (int)i);
+    } else {
+      u = (u << 1) ^ (i < 0 ? ~0ULL : 0ULL);
+      *q++ = (char)T_INT;
+      while (u >= 0x80) {
+        *q++ = (char)(u | 0x80);
+        u >>= 7;
+      }
+      *q++ = (char)u;
+    }
+  } else if (t == LUA_TNUMBER) {
+    double d = (double)lua_tonumber(L, idx);
+    *q++ = (char)T_FLOAT;
+    memcpy(q, &d, sizeof d);
+    q += sizeof d;
+  } else if (t == LUA_TSTRING) {
+    size_t u = n;
+    *q++ = (char)T_STR;
+    while (u >= 0x80) {
+      *q++ = (char)(u | 0x80);
+      u >>= 7;
+    }
+    *q++ = (char)u;
+    memcpy(q, str, n);
+    q += n;
+  } else if (t == LUA_TBOOLEAN) {
+    *q++ = (char)(lua_toboolean(L, idx) ? T_TRUE : T_FALSE);
+  } else {
+    *q++ = (char)T_NIL;
+  }
+  b->len = (size_t)(q - b->p);
+  return 1;
+}
+
 /* ---------------------------------------------------------------- decoder */
 
 typedef struct Dec {
@@ -337,6 +385,19 @@ int parmap_decode_scalar(lua_State *L, const char *p, size_t len,
   size_t i = *pos;
   if (i >= len || len - i < 2 || p[i] != 1) return 0; /* count 1, a tag */
   tag = (unsigned char)p[i + 1];
+  if (tag & T_SMALL) { /* the most common result: a small integer */
+    lua_pushinteger(L, tag & 0x7f);
+    *pos = i + 2;
+    return 1;
+  }
+  if (tag == T_INT) {
+    unsigned long long v;
+    size_t j = i + 2;
+    if (parmap_get_varint(p, len, &j, &v)) return 0;
+    lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (0ULL - (v & 1))));
+    *pos = j;
+    return 1;
+  }
   if (tag == T_TNEW || tag == T_TREF || tag == T_END) return 0;
   d.L = L;
   d.p = p;

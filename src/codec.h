@@ -30,6 +30,14 @@ int parmap_encode(lua_State *L, int first, int n, parmap_buf *b, int scratch,
                   const char **what);
 
 /*
+** The fast path of parmap_encode for one scalar (nil, boolean, number,
+** string) at idx: appends the same record and returns 1. Returns 0, with b
+** unchanged, for any other value (or when out of memory), which
+** parmap_encode then handles.
+*/
+int parmap_encode_scalar(lua_State *L, int idx, parmap_buf *b);
+
+/*
 ** Decode the record that starts at p[*pos] (the input ends at p[len]):
 ** pushes its values and returns their count, with *pos moved past it.
 ** On malformed input pushes nothing, sets *err and returns PARMAP_ECORRUPT.

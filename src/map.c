@@ -29,7 +29,8 @@
 
 #define MAP_MT "parmap.Map"
 #define DEPTH 2            /* segments a worker may hold */
-#define WINDOW_PER_WORKER 4 /* chunks in the window per worker */
+#define WINDOW_PER_WORKER 16 /* at most, chunks in the window per worker */
+#define WINDOW_BASE 4 /* ... while the chunk the loop waits for is done */
 #define TARGET_NS 2000000.0 /* aim for chunks of about 2 ms of work */
 #define MAX_CHUNK 1000000
 #define BIG_BUF (4u << 20) /* result buffers past this go to the pool */
@@ -58,6 +59,7 @@ typedef struct Worker {
 typedef struct Slot {
   int used, busy; /* busy: a segment is out with a worker */
   uint64_t seq;
+  uint64_t freed; /* when it was last released: the newest is reused first */
   lua_Integer start, count;
   lua_Integer next;     /* first index not handed out */
   lua_Integer recv;     /* items with a record in out */
@@ -88,6 +90,8 @@ typedef struct Map {
   Slot *slots;
   int nslots, slots_used;
   uint64_t seq_new, seq_take; /* next chunk to make; to consume (ordered) */
+  uint64_t nfreed;            /* releases so far */
+  int *ring;                  /* ordered: ring[seq % nslots] = its slot */
   int cur;                    /* unordered: slot being drained */
   lua_Integer next_index;     /* first item not in a chunk */
   int exhausted;
@@ -132,6 +136,7 @@ static lua_Integer seg_first_open(Map *m, const Worker *w, int k) {
    it anything (a segment's end frame may trail its last result). */
 static void release_slot(Map *m, Slot *s) {
   s->used = 0;
+  s->freed = ++m->nfreed;
   m->slots_used--;
   if (s->out.cap >= BIG_BUF) { /* recycle hot memory, not every slot's */
     int i;
@@ -231,15 +236,26 @@ static lua_Integer chunk_size(Map *m) {
   return size;
 }
 
+/* The free slot released last: its buffers are the likeliest to be in
+   memory already (a slot never used costs fresh pages). Ordered mode holds
+   at most nslots chunks from the one the loop waits for. */
 static Slot *free_slot(Map *m) {
   int i;
+  Slot *best = NULL;
   if (m->cfg.ordered) {
-    Slot *s = &m->slots[m->seq_new % (uint64_t)m->nslots];
-    return s->used ? NULL : s;
+    uint64_t ahead = m->seq_new - m->seq_take;
+    if (ahead >= (uint64_t)m->nslots) return NULL;
+    if (ahead >= (uint64_t)(m->cfg.N * WINDOW_BASE)) {
+      /* past the usual window only while the chunk the loop waits for
+         still runs: a slow item must not idle the other workers */
+      const Slot *h = &m->slots[m->ring[m->seq_take % (uint64_t)m->nslots]];
+      if (h->recv >= h->count) return NULL;
+    }
   }
   for (i = 0; i < m->nslots; i++)
-    if (!m->slots[i].used) return &m->slots[i];
-  return NULL;
+    if (!m->slots[i].used && (!best || m->slots[i].freed > best->freed))
+      best = &m->slots[i];
+  return best;
 }
 
 static void offs_reserve(lua_State *L, Slot *s, size_t n) {
@@ -269,7 +285,8 @@ static void pull_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
       m->exhausted = 1;
       break;
     }
-    if (parmap_encode(L, base + 3, 1, &s->in, base + 2, &what) != PARMAP_OK) {
+    if (!parmap_encode_scalar(L, base + 3, &s->in) &&
+        parmap_encode(L, base + 3, 1, &s->in, base + 2, &what) != PARMAP_OK) {
       /* it cannot travel: it fails at its turn, like a bad shape */
       lua_getiuservalue(L, m->self, U_DESC);
       lua_pushliteral(L, "item");
@@ -320,6 +337,7 @@ static Slot *new_chunk(lua_State *L, Map *m) {
   if (s->count == 0) return NULL;
   s->used = 1;
   s->seq = m->seq_new++;
+  m->ring[s->seq % (uint64_t)m->nslots] = (int)(s - m->slots);
   m->slots_used++;
   m->next_index += s->count;
   return s;
@@ -704,6 +722,8 @@ static void release(Map *m) {
       free(m->slots[i].offs);
     }
     free(m->slots);
+    free(m->ring);
+    m->ring = NULL;
     m->slots = NULL;
   }
   for (i = 0; i < POOL; i++) parmap_buf_free(&m->pool[i]);
@@ -777,7 +797,7 @@ static Slot *ready(Map *m) {
   if (m->cfg.ordered) {
     Slot *s;
     if (m->seq_take == m->seq_new) return NULL;
-    s = &m->slots[m->seq_take % (uint64_t)m->nslots];
+    s = &m->slots[m->ring[m->seq_take % (uint64_t)m->nslots]];
     return s->consumed < s->recv ? s : NULL;
   }
   if (m->cur >= 0 && m->slots[m->cur].used &&
@@ -905,8 +925,7 @@ static int advance(lua_State *L, Map *m) {
 /* next(map): the iterator of a generic for. */
 static int map_next(lua_State *L) {
   Map *m = checkmap(L, 1);
-  lua_settop(L, 1);
-  return step(L, m);
+  return step(L, m); /* the control value below does no harm */
 }
 
 /* collect(map): a table t with t[i] = the first value of item i, and the
@@ -998,13 +1017,14 @@ static int map_start(lua_State *L) {
   m->nslots = m->cfg.N * WINDOW_PER_WORKER;
   m->w = (Worker *)calloc((size_t)m->cfg.N, sizeof *m->w);
   m->slots = (Slot *)calloc((size_t)m->nslots, sizeof *m->slots);
+  m->ring = (int *)calloc((size_t)m->nslots, sizeof *m->ring);
   m->pfd = (struct pollfd *)calloc((size_t)m->cfg.N, sizeof *m->pfd);
   m->pfd_w = (int *)calloc((size_t)m->cfg.N, sizeof *m->pfd_w);
   m->shm_size = sizeof(Shm) * (size_t)m->cfg.N;
   m->shm = (Shm *)mmap(NULL, m->shm_size, PROT_READ | PROT_WRITE,
                        MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (m->shm == MAP_FAILED) m->shm = NULL;
-  if (!m->w || !m->slots || !m->pfd || !m->pfd_w || !m->shm) nomem(L);
+  if (!m->w || !m->slots || !m->ring || !m->pfd || !m->pfd_w || !m->shm) nomem(L);
   for (i = 0; i < m->cfg.N; i++) m->w[i].fd = -1;
   m->next_index = 1;
   m->state = M_RUNNING;

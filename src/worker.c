@@ -294,6 +294,7 @@ static void put_result(WState *w, lua_Integer index, int first) {
   size_t mark = w->out.len;
   if (parmap_buf_reserve(&w->out, 1)) luaL_error(L, "parmap: not enough memory");
   w->out.p[w->out.len++] = (char)REC_OK;
+  if (n == 1 && parmap_encode_scalar(L, first, &w->out)) return;
   if (parmap_encode(L, first, n, &w->out, scratch, &what) == PARMAP_OK) return;
   w->out.len = mark;
   /* say where the value that cannot travel sits */
@@ -336,6 +337,8 @@ static int run_items(lua_State *L) {
   WState *w = (WState *)lua_touserdata(L, 1);
   const Config *cfg = w->cfg;
   int top, u;
+  int simple = w->cs.star == STAR_FALSE && !w->cs.kwstar && !w->cs.has_kw &&
+               w->cs.nargs == 0;
   /* this call's own frame: the map (argument 2)'s values at base + U_* */
   w->base = 2;
   for (u = 1; u <= U_COUNT; u++) lua_getiuservalue(L, 2, u);
@@ -343,6 +346,7 @@ static int run_items(lua_State *L) {
   w->cs.args = w->base + U_ARGS;
   w->cs.kw = w->base + U_KW;
   top = lua_gettop(L);
+  if (!lua_checkstack(L, 8)) luaL_error(L, "parmap: stack overflow");
   for (; w->k < w->h->count; w->k++) {
     lua_Integer index = (lua_Integer)w->h->from + (lua_Integer)w->k;
     int nargs, fnpos;
@@ -353,9 +357,10 @@ static int run_items(lua_State *L) {
     if (cfg->timeout > 0)
       __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELEASE);
     __atomic_store_n(&w->shm->cur, (int64_t)index, __ATOMIC_RELEASE);
+    if (simple) lua_pushvalue(L, w->cs.fn); /* fn(item): no adapter */
     if (cfg->from_table) {
       lua_geti(L, w->base + U_ITEMS, index);
-    } else {
+    } else if (!parmap_decode_scalar(L, w->in.p, w->in.len, &w->pos)) {
       const char *err;
       if (parmap_decode(L, w->in.p, w->in.len, &w->pos, w->base + U_SCRATCH,
                         &err) != 1) {
@@ -363,6 +368,13 @@ static int run_items(lua_State *L) {
                 err ? err : "not one value");
         worker_exit(70);
       }
+    }
+    if (simple) {
+      lua_call(L, 1, LUA_MULTRET);
+      put_result(w, index, top + 1);
+      lua_settop(L, top);
+      item_done(w);
+      continue;
     }
     nargs = parmap_push_call(L, &w->cs, top + 1, index);
     if (nargs < 0) {
