@@ -486,3 +486,31 @@ describe("a worker's exit", function()
     assert.equal("buffered before the map 1 died 3\ngc ran\n", out)
   end)
 end)
+
+describe("the state's allocator", function()
+  -- parmap wraps the allocator to advise huge pages for large blocks; the
+  -- wrapper must outlive lua_close, which unloads C modules before it frees
+  -- the last blocks
+  local src = [[
+    local parmap = require "parmap"
+    local s = string.rep("x", 20e6)
+    local t = {}
+    for i = 1, 1e6 do t[i] = i end
+    local r = parmap.map(function(x) return x .. "" end, { s, s }, { N = 2 })
+    io.write(#r[1] + #r[2] + #t, "\n")
+  ]]
+  it("lua_close frees large blocks after the module is unloaded", function()
+    local out, code = H.run_lua(src)
+    assert.equal(0, code, out)
+    assert.equal("41000000\n", out)
+  end)
+  it("PARMAP_HUGEPAGES=0 leaves the allocator alone", function()
+    local path = H.script(src)
+    local p = io.popen("PARMAP_HUGEPAGES=0 " .. H.lua_cmd(path) .. " 2>&1")
+    local out = p:read("a")
+    local ok = p:close()
+    os.remove(path)
+    assert.is_true(ok, out)
+    assert.equal("41000000\n", out)
+  end)
+end)
