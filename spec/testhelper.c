@@ -324,6 +324,24 @@ static int th_sleep(lua_State *L) {
   return 0;
 }
 
+/* fork_sleep(seconds): fork a child that keeps every fd this process has
+   (no exec), sleeps, and leaves with _exit; returns its pid. */
+static int th_fork_sleep(lua_State *L) {
+  double s = luaL_checknumber(L, 1);
+  pid_t pid = fork();
+  if (pid < 0) return fileresult(L, "fork");
+  if (pid == 0) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)s;
+    ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &ts) && errno == EINTR) {
+    }
+    _exit(0);
+  }
+  lua_pushinteger(L, (lua_Integer)pid);
+  return 1;
+}
+
 TH_API int luaopen_parmap_testhelper(lua_State *L);
 
 TH_API int luaopen_parmap_testhelper(lua_State *L) {
@@ -345,6 +363,7 @@ TH_API int luaopen_parmap_testhelper(lua_State *L) {
                                    {"ignore", th_ignore},
                                    {"no_pdeathsig", th_no_pdeathsig},
                                    {"sleep", th_sleep},
+                                   {"fork_sleep", th_fork_sleep},
                                    {NULL, NULL}};
   luaL_newlib(L, funcs);
   lua_pushinteger(L, SIGINT);

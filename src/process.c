@@ -300,10 +300,11 @@ static int finish(lua_State *L, Proc *p, int ud, int64_t deadline) {
   if (p->state == P_SETTLED) return 1;
   while (p->fd >= 0) {
     struct pollfd pfd;
-    int ms = -1, r;
+    int ms = 100, r;
     if (deadline >= 0) {
       int64_t left = deadline - (int64_t)parmap_now_ns();
-      ms = left <= 0 ? 0 : (int)((left + 999999) / 1000000);
+      if (left <= 0) ms = 0;
+      else if (left < 100 * 1000000LL) ms = (int)((left + 999999) / 1000000);
     }
     pfd.fd = p->fd;
     pfd.events = POLLIN;
@@ -315,8 +316,27 @@ static int finish(lua_State *L, Proc *p, int ud, int64_t deadline) {
       let_hooks_run(L);
       continue;
     }
-    if (r == 0) return 0;
-    drain(p);
+    if (r > 0) drain(p);
+    if (p->fd >= 0) { /* no end of file yet: is the child gone anyway? */
+      if (!p->reaped) {
+        int st = 0, w = parmap_wait(p->pid, &st, 0);
+        if (w != 0) {
+          p->reaped = 1;
+          p->status = st;
+          p->lost = w < 0;
+        }
+      }
+      if (p->reaped) { /* a process it forked may hold the socket open:
+                          what the child sent is all there by now */
+        drain(p);
+        if (p->fd >= 0) {
+          parmap_fd_close(p->fd);
+          p->fd = -1;
+        }
+      } else if (deadline >= 0 && (int64_t)parmap_now_ns() >= deadline) {
+        return 0;
+      }
+    }
   }
   if (!reap(L, p, deadline)) return 0;
   settle(L, p, ud);
@@ -427,7 +447,13 @@ static int p_is_alive(lua_State *L) {
     p->status = st;
     p->lost = r < 0;
   }
-  /* it is gone: what it sent is all in the socket by now */
+  /* it is gone: what it sent is all in the socket by now (a process it
+     forked may still hold the socket open: do not wait for end of file) */
+  drain(p);
+  if (p->fd >= 0) {
+    parmap_fd_close(p->fd);
+    p->fd = -1;
+  }
   lua_pushboolean(L, !finish(L, p, 1, -1));
   return 1;
 }
