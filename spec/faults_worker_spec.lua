@@ -349,6 +349,25 @@ describe("faults: the worker exits, is killed or crashes (case 2)", function()
     assert.is_true(died <= #pids)
     F.assert_stopped(before)
   end)
+  it("a worker whose fn forked a process that keeps its socket open: its death is seen within a second", function()
+    -- no end of file will come while the grandchild lives: waitpid finds it
+    local before = F.snapshot()
+    local got, t0 = {}, core.now()
+    local ok, e = pcall(function()
+      for i, r in parmap.parmap(function(x)
+        if x == 5 then T.fork_sleep(5) os.exit(3) end
+        return x
+      end, H.range(8), { N = 2, chunksize = 1 }) do got[i] = r end
+    end)
+    local took = core.now() - t0
+    assert.is_false(ok)
+    assert.equal(5, e.index)
+    assert.equal("died", e.kind)
+    assert.matches("exited with status 3", e.message)
+    for i = 1, 4 do assert.equal(i, got[i]) end
+    assert.is_true(took < F.bound(1), "took " .. took)
+    F.assert_stopped(before)
+  end)
 end)
 
 ---------------------------------------------------------------- case 3

@@ -53,6 +53,8 @@ typedef struct Worker {
   size_t rhave;   /* header bytes read */
   uint64_t rleft; /* body bytes still to come */
   int timed_out;
+  int exited, status; /* reaped while its socket was still open */
+  int lost;           /* ... by someone else's waitpid */
   Seg q[DEPTH];
 } Worker;
 
@@ -80,6 +82,7 @@ typedef struct Map {
   int state;
   int in_call;  /* a user callback is running (an error leaves it set) */
   int stepping; /* step is running (an error leaves it set) */
+  uint64_t exit_check; /* when check_exits last ran */
   int self;     /* stack index of this userdata in the current call */
   Config cfg;
   Worker *w;
@@ -496,7 +499,12 @@ static void on_death(lua_State *L, Map *m, int wi) {
   lua_Integer bad = 0;
   parmap_fd_close(w->fd);
   w->fd = -1;
-  r = parmap_wait(w->pid, &st, 1000);
+  if (w->exited) {
+    r = w->lost ? -1 : 1;
+    st = w->status;
+  } else {
+    r = parmap_wait(w->pid, &st, 1000);
+  }
   if (r == 0) { /* it closed its socket but lives on: stop it */
     kill(w->pid, SIGKILL);
     r = parmap_wait(w->pid, &st, -1);
@@ -659,6 +667,30 @@ static int check_timeouts(Map *m) {
   return next ? (int)(next / 1000000u) + 1 : -1;
 }
 
+/* A worker's death shows as end of file on its socket, unless a process
+   that fn forked (without exec) holds the socket open: then the worker is
+   found by waitpid, every so often while the parent waits. All it sent is
+   in the socket by then: read it, then report the death. */
+#define EXIT_CHECK_MS 200
+
+static void on_death(lua_State *L, Map *m, int wi);
+
+static void check_exits(lua_State *L, Map *m) {
+  int i;
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    int st = 0, r;
+    if (w->fd < 0 || w->pid <= 0) continue;
+    r = parmap_wait(w->pid, &st, 0);
+    if (r == 0) continue;
+    w->exited = 1;
+    w->status = st;
+    w->lost = r < 0;
+    recv_more(L, m, w);
+    on_death(L, m, i);
+  }
+}
+
 static int noop(lua_State *L) {
   (void)L;
   return 0;
@@ -673,6 +705,7 @@ static void pump(lua_State *L, Map *m, int block) {
   dispatch(L, m);
   if (block && (ready(m) || finished(m))) block = 0; /* dispatch made some */
   timeout = block ? check_timeouts(m) : 0;
+  if (block && (timeout < 0 || timeout > EXIT_CHECK_MS)) timeout = EXIT_CHECK_MS;
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
     if (w->fd < 0) continue;
@@ -707,6 +740,13 @@ static void pump(lua_State *L, Map *m, int block) {
     if (dead) on_death(L, m, m->pfd_w[i]);
   }
   if (m->cfg.timeout > 0) check_timeouts(m);
+  if (block) {
+    uint64_t now = parmap_now_ns();
+    if (now - m->exit_check >= (uint64_t)EXIT_CHECK_MS * 1000000u) {
+      m->exit_check = now;
+      check_exits(L, m);
+    }
+  }
   retire_idle(m);
 }
 
