@@ -510,7 +510,7 @@ static void stop(Proc *p) {
 static int p_close(lua_State *L) {
   Proc *p = checkproc(L, 1);
   lua_settop(L, 1);
-  if (p->state != P_RUNNING) return 0;
+  if (p->state != P_RUNNING || p->owner != getpid()) return 0;
   drain(p);
   stop(p);
   settle(L, p, 1);
