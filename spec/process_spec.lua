@@ -221,6 +221,8 @@ describe("ReturnProcess", function()
     assert.matches("bad option 'kwargs'", err(function() RP(print, { kwargs = "x" }) end))
     assert.matches("bad option 'exception'", err(function() RP(print, { exception = "x" }) end))
     assert.matches("process_spec.lua", err(function() RP(nil) end))
+    assert.matches("^spec/process_spec.lua:%d+: parmap.ReturnProcess: unknown option",
+      err(function() RP(print, { N = 2 }) end))
     local p = RP(print):start()
     assert.matches("bad argument #1 to 'join' %(timeout must be a non%-negative number%)",
       err(function() p:join(-1) end))
@@ -529,6 +531,8 @@ describe("ParEval", function()
     assert.matches("bad argument #1 'X' %(table expected, got string%)",
       err(function() parmap.ParEval(print)("x") end))
     assert.matches("process_spec.lua", err(function() parmap.ParEval(3) end))
+    assert.matches("^spec/process_spec.lua:%d+: parmap.ParEval: bad option 'n_min'",
+      err(function() parmap.ParEval(print, { n_min = -1 }) end))
   end)
 end)
 

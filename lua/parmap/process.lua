@@ -15,6 +15,24 @@ return function(M, core, private)
 
   local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
 
+  -- Check a constructor's two arguments (errors point at its caller);
+  -- returns its error function, for the caller's own checks, and opts ({}
+  -- for nil).
+  local function checker(who, fname, f, opts)
+    local function fail(level, msg, ...)
+      error(who .. ": " .. format(msg, ...), level + 1)
+    end
+    if not callable(f) then
+      fail(3, "bad argument #1 '%s' (function expected, got %s)", fname, typename(f))
+    end
+    if opts == nil then
+      opts = {}
+    elseif type(opts) ~= "table" then
+      fail(3, "bad argument #2 'opts' (table expected, got %s)", typename(opts))
+    end
+    return function(msg, ...) fail(3, msg, ...) end, opts
+  end
+
   -------------------------------------------------------------- ReturnProcess
 
   local RP_OPTIONS = { args = true, kwargs = true, exception = true }
@@ -22,18 +40,8 @@ return function(M, core, private)
   --- p = parmap.ReturnProcess(target, {args = {...}, kwargs = {...},
   ---   exception = "raise" | "return" | "proc"}); p:start(); p:join()
   function M.ReturnProcess(target, opts)
-    local function bad(msg, ...)
-      error("parmap.ReturnProcess: " .. format(msg, ...), 3)
-    end
-    if not callable(target) then
-      bad("bad argument #1 'target' (function expected, got %s)",
-        typename(target))
-    end
-    if opts == nil then
-      opts = {}
-    elseif type(opts) ~= "table" then
-      bad("bad argument #2 'opts' (table expected, got %s)", typename(opts))
-    end
+    local bad
+    bad, opts = checker("parmap.ReturnProcess", "target", target, opts)
     for k in next, opts do
       if not RP_OPTIONS[k] then bad("unknown option '%s'", tostring(k)) end
     end
@@ -98,17 +106,8 @@ return function(M, core, private)
   --- parfun = parmap.ParEval(fun, {n_chunks = k | n_eval = m, n_min = j,
   ---   ...parmap options}); y = parfun(X)
   function M.ParEval(fun, opts)
-    local function bad(msg, ...)
-      error("parmap.ParEval: " .. format(msg, ...), 3)
-    end
-    if not callable(fun) then
-      bad("bad argument #1 'fun' (function expected, got %s)", typename(fun))
-    end
-    if opts == nil then
-      opts = {}
-    elseif type(opts) ~= "table" then
-      bad("bad argument #2 'opts' (table expected, got %s)", typename(opts))
-    end
+    local bad
+    bad, opts = checker("parmap.ParEval", "fun", fun, opts)
     local self, popts = setmetatable({ fun = fun }, ParEval), {}
     for k, v in next, opts do
       if OWN[k] then
