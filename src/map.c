@@ -740,6 +740,11 @@ static void pump(lua_State *L, Map *m, int block) {
     if (dead) on_death(L, m, m->pfd_w[i]);
   }
   if (m->cfg.timeout > 0) check_timeouts(m);
+  if (block && r == 0) { /* a signal that came between two polls: let its
+                            hook run (poll saw no EINTR) */
+    lua_pushcfunction(L, noop);
+    lua_call(L, 0, 0);
+  }
   if (block) {
     uint64_t now = parmap_now_ns();
     if (now - m->exit_check >= (uint64_t)EXIT_CHECK_MS * 1000000u) {

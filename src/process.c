@@ -317,6 +317,7 @@ static int finish(lua_State *L, Proc *p, int ud, int64_t deadline) {
       continue;
     }
     if (r > 0) drain(p);
+    else let_hooks_run(L); /* a signal that came between two polls */
     if (p->fd >= 0) { /* no end of file yet: is the child gone anyway? */
       if (!p->reaped) {
         int st = 0, w = parmap_wait(p->pid, &st, 0);
