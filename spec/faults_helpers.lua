@@ -116,6 +116,34 @@ function F.pids(s, tag)
   return t
 end
 
+-- Run `src` on a pseudo-terminal; once it prints a line "<tag> pid...",
+-- type Ctrl-C: it must exit with status 1 within F.bound(1), with Lua's
+-- "interrupted!", and every pid it named must be gone within F.bound(1).
+function F.ctrl_c(src, tag)
+  local h = F.pty(src)
+  local ok, why = pcall(function()
+    assert.is_true(h.read_until(tag .. "[%d ]+\r?\n", F.bound(10)), h.out)
+    local pids = F.pids(h.out, tag)
+    assert.is_true(#pids >= 1)
+    T.sleep(0.2)
+    local t0 = core.now()
+    assert(T.write(h.fd, "\3"))
+    local how, code = h.wait(F.bound(1))
+    local took = core.now() - t0
+    h.drain()
+    assert.equal("exit", how, h.out)
+    assert.equal(1, code)
+    assert.is_true(took < F.bound(1), "took " .. took)
+    assert.matches("interrupted!", h.out)
+    for _, pid in ipairs(pids) do
+      assert.is_true(F.within(F.bound(1), function() return not T.alive(pid) end),
+        "pid " .. pid .. " still alive")
+    end
+  end)
+  h.close()
+  if not ok then error(why, 0) end
+end
+
 -- Resident set size and its peak (VmHWM), in KiB, of this process.
 function F.rss()
   local f = assert(io.open("/proc/self/status"))

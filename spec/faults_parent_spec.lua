@@ -171,7 +171,7 @@ end)
 
 describe("faults: Ctrl-C (case 8)", function()
   local function ctrl_c(fn_src, extra)
-    local h = F.pty([[
+    F.ctrl_c([[
       local parmap = require "parmap"
       local H = require "helpers"
       local T = require "parmap_testhelper"
@@ -183,27 +183,7 @@ describe("faults: Ctrl-C (case 8)", function()
           io.flush()
         end
       end
-    ]])
-    local ok, why = pcall(function()
-      assert.is_true(h.read_until("WORKERS[%d ]+\r?\n", F.bound(10)), h.out)
-      local workers = F.pids(h.out, "WORKERS")
-      assert.is_true(#workers >= 1)
-      T.sleep(0.2)
-      local t0 = core.now()
-      assert(T.write(h.fd, "\3"))
-      local how, code = h.wait(F.bound(1))
-      local took = core.now() - t0
-      h.drain()
-      assert.equal("exit", how, h.out)
-      assert.equal(1, code)
-      assert.is_true(took < F.bound(1), "took " .. took)
-      assert.matches("interrupted!", h.out)
-      for _, pid in ipairs(workers) do
-        assert.is_false(F.within(F.bound(1), function() return not T.alive(pid) end) == false)
-      end
-    end)
-    h.close()
-    if not ok then error(why, 0) end
+    ]], "WORKERS")
   end
   it("stops a script waiting on busy workers within a second, workers gone", function()
     ctrl_c("function(x) if x > 2 then local t = os.clock() while os.clock() - t < 0.2 do end end return x end")

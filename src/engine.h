@@ -95,6 +95,11 @@ int parmap_unbox(lua_State *L, int idx);
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
                         Shm *shm, int fd);
 
+/* Call an empty Lua function: a hook that a signal handler set (lua.c's
+   Ctrl-C) runs at a call, so C code that waits calls this after EINTR, or
+   after a timed wait, lest the interrupt be lost. */
+void parmap_run_hooks(lua_State *L);
+
 /* In a forked child about to run the caller's Lua code from a C function:
    tracebacks stop above that function, and os.exit leaves with _exit(). */
 void parmap_child_prepare(lua_State *L);

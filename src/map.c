@@ -691,11 +691,6 @@ static void check_exits(lua_State *L, Map *m) {
   }
 }
 
-static int noop(lua_State *L) {
-  (void)L;
-  return 0;
-}
-
 static Slot *ready(Map *m);
 static int finished(Map *m);
 
@@ -726,9 +721,7 @@ static void pump(lua_State *L, Map *m, int block) {
   r = poll(m->pfd, (nfds_t)n, timeout);
   if (r < 0) {
     if (errno != EINTR) luaL_error(L, "parmap: poll: %s", strerror(errno));
-    /* a signal: let a Lua hook (lua.c's Ctrl-C) run now */
-    lua_pushcfunction(L, noop);
-    lua_call(L, 0, 0);
+    parmap_run_hooks(L); /* a signal: lua.c's Ctrl-C hook runs now */
     return;
   }
   for (i = 0; i < n; i++) {
@@ -740,11 +733,8 @@ static void pump(lua_State *L, Map *m, int block) {
     if (dead) on_death(L, m, m->pfd_w[i]);
   }
   if (m->cfg.timeout > 0) check_timeouts(m);
-  if (block && r == 0) { /* a signal that came between two polls: let its
-                            hook run (poll saw no EINTR) */
-    lua_pushcfunction(L, noop);
-    lua_call(L, 0, 0);
-  }
+  if (block && r == 0) parmap_run_hooks(L); /* a signal that came between
+                                                two polls (no EINTR) */
   if (block) {
     uint64_t now = parmap_now_ns();
     if (now - m->exit_check >= (uint64_t)EXIT_CHECK_MS * 1000000u) {

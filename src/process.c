@@ -56,18 +56,6 @@ static Proc *checkproc(lua_State *L, int idx) {
   return (Proc *)luaL_checkudata(L, idx, PROC_MT);
 }
 
-static int noop(lua_State *L) {
-  (void)L;
-  return 0;
-}
-
-/* After an EINTR: a Lua hook set by a signal handler (lua.c's Ctrl-C)
-   runs at the next call, so the interrupt is not swallowed. */
-static void let_hooks_run(lua_State *L) {
-  lua_pushcfunction(L, noop);
-  lua_call(L, 0, 0);
-}
-
 /* ---------------------------------------------------------------- child */
 
 /* The child stops its collector, so that a short call never walks (and so
@@ -199,31 +187,45 @@ static void drain(Proc *p) {
   }
 }
 
-/* Try to reap the child, waiting at most timeout_ms (negative: forever,
-   in slices, so that Ctrl-C is seen). 1 when it is reaped, 0 if not yet. */
+/* Reap the child if it has ended, waiting at most ms (negative: until it
+   does). 1 once it is reaped (lost: by someone else, such as a host's
+   SIGCHLD handler), 0 while it runs. */
+static int try_reap(Proc *p, int ms) {
+  int st = 0, r;
+  if (p->reaped) return 1;
+  r = parmap_wait(p->pid, &st, ms);
+  if (r == 0) return 0;
+  p->reaped = 1;
+  p->status = st;
+  p->lost = r < 0;
+  return 1;
+}
+
+/* The child is gone: what it sent is all in the socket by now. Read it and
+   close, without waiting for end of file (a process it forked may hold the
+   socket open). */
+static void drain_rest(Proc *p) {
+  drain(p);
+  if (p->fd >= 0) {
+    parmap_fd_close(p->fd);
+    p->fd = -1;
+  }
+}
+
+/* Reap the child by the deadline (ns, negative: none), in slices so that
+   Ctrl-C is seen. 1 when it is reaped, 0 if not yet. */
 static int reap(lua_State *L, Proc *p, int64_t deadline_ns) {
   for (;;) {
-    int st = 0, r, ms = 50;
-    if (p->reaped) return 1;
+    int ms = 50;
     if (deadline_ns >= 0) {
       int64_t left = deadline_ns - (int64_t)parmap_now_ns();
       if (left <= 0) ms = 0;
       else if (left < 50 * 1000000LL) ms = (int)(left / 1000000) + 1;
     }
-    r = parmap_wait(p->pid, &st, ms);
-    if (r == 1) {
-      p->reaped = 1;
-      p->status = st;
-      return 1;
-    }
-    if (r < 0) { /* reaped behind our back (a host's SIGCHLD handler) */
-      p->reaped = 1;
-      p->lost = 1;
-      return 1;
-    }
+    if (try_reap(p, ms)) return 1;
     if (deadline_ns >= 0 && (int64_t)parmap_now_ns() >= deadline_ns)
       return 0;
-    let_hooks_run(L);
+    parmap_run_hooks(L);
   }
 }
 
@@ -313,30 +315,16 @@ static int finish(lua_State *L, Proc *p, int ud, int64_t deadline) {
     if (r < 0) {
       if (errno != EINTR)
         luaL_error(L, "parmap: ReturnProcess: poll: %s", strerror(errno));
-      let_hooks_run(L);
+      parmap_run_hooks(L);
       continue;
     }
     if (r > 0) drain(p);
-    else let_hooks_run(L); /* a signal that came between two polls */
+    else parmap_run_hooks(L); /* a signal that came between two polls */
     if (p->fd >= 0) { /* no end of file yet: is the child gone anyway? */
-      if (!p->reaped) {
-        int st = 0, w = parmap_wait(p->pid, &st, 0);
-        if (w != 0) {
-          p->reaped = 1;
-          p->status = st;
-          p->lost = w < 0;
-        }
-      }
-      if (p->reaped) { /* a process it forked may hold the socket open:
-                          what the child sent is all there by now */
-        drain(p);
-        if (p->fd >= 0) {
-          parmap_fd_close(p->fd);
-          p->fd = -1;
-        }
-      } else if (deadline >= 0 && (int64_t)parmap_now_ns() >= deadline) {
+      if (try_reap(p, 0))
+        drain_rest(p);
+      else if (deadline >= 0 && (int64_t)parmap_now_ns() >= deadline)
         return 0;
-      }
     }
   }
   if (!reap(L, p, deadline)) return 0;
@@ -438,23 +426,11 @@ static int p_is_alive(lua_State *L) {
     return 1;
   }
   drain(p); /* lets a child with a large result finish */
-  if (!p->reaped) {
-    int st = 0, r = parmap_wait(p->pid, &st, 0);
-    if (r == 0) {
-      lua_pushboolean(L, 1);
-      return 1;
-    }
-    p->reaped = 1;
-    p->status = st;
-    p->lost = r < 0;
+  if (!try_reap(p, 0)) {
+    lua_pushboolean(L, 1);
+    return 1;
   }
-  /* it is gone: what it sent is all in the socket by now (a process it
-     forked may still hold the socket open: do not wait for end of file) */
-  drain(p);
-  if (p->fd >= 0) {
-    parmap_fd_close(p->fd);
-    p->fd = -1;
-  }
+  drain_rest(p);
   lua_pushboolean(L, !finish(L, p, 1, -1));
   return 1;
 }
@@ -493,12 +469,8 @@ static int p_kill(lua_State *L) { return p_signal(L, SIGKILL); }
 static void stop(Proc *p) {
   if (p->state != P_RUNNING || p->owner != getpid()) return;
   if (!p->reaped) {
-    int st = 0, r;
     kill(p->pid, SIGKILL);
-    r = parmap_wait(p->pid, &st, -1);
-    p->reaped = 1;
-    p->status = st;
-    p->lost = r < 0;
+    try_reap(p, -1);
   }
   if (p->fd >= 0) {
     parmap_fd_close(p->fd);

@@ -500,6 +500,16 @@ static int worker_loop(lua_State *L) {
   }
 }
 
+static int noop(lua_State *L) {
+  (void)L;
+  return 0;
+}
+
+void parmap_run_hooks(lua_State *L) {
+  lua_pushcfunction(L, noop);
+  lua_call(L, 0, 0);
+}
+
 void parmap_child_prepare(lua_State *L) {
   tb_floor = stack_depth(L); /* the calling C function and all below it */
   replace_os_exit(L);
