@@ -3,8 +3,12 @@ local core = require "parmap.core"
 
 local H = {}
 
--- Open fds of this process, as a set of numbers.
+-- Open fds of this process, as a set of numbers. Garbage is collected first:
+-- a file handle another spec dropped would otherwise close (or not) at the
+-- whim of the collector, between two counts.
 function H.fds()
+  collectgarbage()
+  collectgarbage()
   local set, n = {}, 0
   local p = io.popen("ls /proc/" .. core.pid() .. "/fd")
   for line in p:lines() do
