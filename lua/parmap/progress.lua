@@ -176,11 +176,12 @@ function Bar:update(done, total, finished)
   local known = total ~= nil and total > 0 and done <= total
   if not finished then
     if known then
-      local step = floor(done * 10 / total) -- 100% waits for the final line
-      if step <= self.step or done >= total or now - self.last < P.log_step then
-        return
-      end
+      -- a line when a step is crossed, unless the last one was too recent;
+      -- 100% waits for the final line
+      local step = floor(done * 10 / total)
+      if step <= self.step or done >= total then return end
       self.step = step
+      if now - self.last < P.log_step then return end
     elseif now - self.last < P.log_unknown then
       return
     end
