@@ -276,17 +276,17 @@ end
 local SCRIPT = [[
 local parmap = require "parmap"
 local T = require "parmap_testhelper"
-local n, label = %d, %s
+local n, label, N = %d, %s, %d
 for i in parmap(function(x) T.sleep(0.05) return x end,
     (function() local t = {} for k = 1, n do t[k] = k end return t end)(),
-    { N = 2, progress = label }) do
+    { N = N, progress = label }) do
   %s
 end
 print("done")
 ]]
 
-local function script(n, label, body)
-  return string.format(SCRIPT, n, label and string.format("%q", label) or "true", body)
+local function script(n, label, body, N)
+  return string.format(SCRIPT, n, label and string.format("%q", label) or "true", N or 2, body)
 end
 
 describe("the progress bar on a terminal (tmux)", function()
@@ -322,9 +322,11 @@ describe("the progress bar on a terminal (tmux)", function()
     assert.matches("^lua5%.4: [^ ]+:8: boom from the loop$", lines[3], s.text())
   end)
 
+  -- N = 1: no worker to be killed by the terminal's SIGINT and replaced
+  -- (the engine's business, see faults_*_spec.lua); the bar is the same
   it("lets Ctrl-C's 'interrupted!' start on a line of its own", function()
     local s = tmux_screen(script(400, "squares",
-      'if i == 5 then parmap.print("READY") end'), 40)
+      'if i == 5 then parmap.print("READY") end', 1), 40)
     finally(s.close)
     assert.is_true(s.wait(function() return s.text():find("READY", 1, true) ~= nil end), s.text())
     s.keys("C-c")
@@ -333,6 +335,6 @@ describe("the progress bar on a terminal (tmux)", function()
     assert.equal("READY", lines[1], s.text())
     assert.matches("^%[[#.]+%] %d+/400 +%d+%% ", lines[2], s.text())
     assert.is_true(#lines[2] <= 39, lines[2])
-    assert.equal("lua5.4: interrupted!", lines[3], s.text())
+    assert.matches("^lua5%.4: [^\n]*interrupted!$", lines[3], s.text())
   end)
 end)
