@@ -210,6 +210,13 @@ local t = parmap.map(f, { 1, 2, 3 }, { N = 2 })
 ]], 7)
   end)
 
+  it("names the user's loop for an item of an upstream stage of a pipeline", function()
+    check([[
+local stage1 = parmap.values(parmap(f, { 1, 2, 3, 4 }, { N = 2 }))
+for _ in parmap(function(x) return x end, stage1, { N = 2 }) do end
+]], 7)
+  end)
+
   it("is in the error object's field where", function()
     local ok, e = pcall(function()
       for _ in parmap(function(x) if x == 2 then error("x") end end, { 1, 2 }, { N = 2 }) do end
