@@ -248,8 +248,10 @@ local function tmux_screen(src, width)
     return out
   end
   local s = {}
-  tmux(string.format("-f /dev/null new-session -d -x %d -y 20 \\; set -g remain-on-exit on \\; " ..
-    "respawn-pane -k %s", width, q("exec env " .. table.concat(env, " ") .. " " .. H.lua_cmd(path))))
+  local conf = H.script("set -g remain-on-exit on\n") -- read before the pane starts
+  tmux(string.format("-f %s new-session -d -x %d -y 20 %s", q(conf), width,
+    q("exec env " .. table.concat(env, " ") .. " " .. H.lua_cmd(path))))
+  os.remove(conf)
   -- the screen's lines (with those scrolled off it), wrapped ones joined,
   -- without blank lines at the ends and tmux's "Pane is dead" notice
   function s.lines()
