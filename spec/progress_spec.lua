@@ -252,6 +252,7 @@ local function tmux_screen(src, width)
   tmux(string.format("-f %s new-session -d -x %d -y 20 %s", q(conf), width,
     q("exec env " .. table.concat(env, " ") .. " " .. H.lua_cmd(path))))
   os.remove(conf)
+  local socket = tmux("display -p '#{socket_path}'"):match("^(/[^\n]+)")
   -- the screen's lines (with those scrolled off it), wrapped ones joined,
   -- without blank lines at the ends and tmux's "Pane is dead" notice
   function s.lines()
@@ -277,6 +278,7 @@ local function tmux_screen(src, width)
   end
   function s.close()
     tmux("kill-server")
+    if socket then os.remove(socket) end -- kill-server may leave it
     os.remove(path)
   end
   return s
