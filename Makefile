@@ -59,7 +59,11 @@ $(BUILD)/parmap_lua.h: lua/parmap.lua src/bin2c.lua | $(BUILD)
 $(BUILD)/parmap_process_lua.h: lua/parmap/process.lua src/bin2c.lua | $(BUILD)
 	$(LUA) src/bin2c.lua parmap_process_lua < lua/parmap/process.lua > $@.tmp && mv $@.tmp $@
 
-$(BUILD)/front.o: src/front.c $(BUILD)/parmap_lua.h $(BUILD)/parmap_process_lua.h $(HEADERS)
+$(BUILD)/parmap_progress_lua.h: lua/parmap/progress.lua src/bin2c.lua | $(BUILD)
+	$(LUA) src/bin2c.lua parmap_progress_lua < lua/parmap/progress.lua > $@.tmp && mv $@.tmp $@
+
+$(BUILD)/front.o: src/front.c $(BUILD)/parmap_lua.h $(BUILD)/parmap_process_lua.h \
+  $(BUILD)/parmap_progress_lua.h $(HEADERS)
 	$(CC) $(ALLFLAGS) -c -o $@ $<
 
 $(BUILD)/parmap/core.so: $(CORE_OBJ)
@@ -85,6 +89,7 @@ deps:
 	command -v $(PKG_CONFIG) >/dev/null 2>&1 || need="$$need pkg-config"; \
 	command -v $(BUSTED) >/dev/null 2>&1 || need="$$need lua-busted"; \
 	command -v $(CC) >/dev/null 2>&1 || need="$$need gcc make"; \
+	command -v tmux >/dev/null 2>&1 || need="$$need tmux"; \
 	sh .ci/apt-install $$need
 
 # Runs every spec; ends with the line "N passed, N failed" counted from
@@ -191,12 +196,14 @@ install: all
 	install -d $(DESTDIR)$(LUA_SHARE)/parmap
 	install -m 644 lua/parmap.lua $(DESTDIR)$(LUA_SHARE)/parmap.lua
 	install -m 644 lua/parmap/process.lua $(DESTDIR)$(LUA_SHARE)/parmap/process.lua
+	install -m 644 lua/parmap/progress.lua $(DESTDIR)$(LUA_SHARE)/parmap/progress.lua
 	install -m 755 $(BUILD)/parmap/core.so $(DESTDIR)$(LUA_LIB)/parmap/core.so
 	install -m 644 $(BUILD)/libparmap.a $(DESTDIR)$(PREFIX)/lib/libparmap.a
 	install -m 644 src/parmap.h $(DESTDIR)$(PREFIX)/include/parmap.h
 
 uninstall:
 	rm -f $(DESTDIR)$(LUA_SHARE)/parmap.lua $(DESTDIR)$(LUA_SHARE)/parmap/process.lua \
+	  $(DESTDIR)$(LUA_SHARE)/parmap/progress.lua \
 	  $(DESTDIR)$(LUA_LIB)/parmap/core.so \
 	  $(DESTDIR)$(PREFIX)/lib/libparmap.a $(DESTDIR)$(PREFIX)/include/parmap.h
 	-rmdir $(DESTDIR)$(LUA_LIB)/parmap $(DESTDIR)$(LUA_SHARE)/parmap 2>/dev/null

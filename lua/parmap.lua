@@ -7,11 +7,12 @@
 
 local core = ...
 if type(core) ~= "table" then core = require "parmap.core" end
+local Progress = require "parmap.progress"
 
 local error, type, select, tostring, setmetatable, getmetatable, next =
   error, type, select, tostring, setmetatable, getmetatable, next
-local math_type, tointeger, floor = math.type, math.tointeger, math.floor
-local format, rep = string.format, string.rep
+local math_type, tointeger = math.type, math.tointeger
+local format = string.format
 
 local M = {}
 M._VERSION = "0.1.0"
@@ -37,6 +38,7 @@ function Error.__tostring(e)
     s = format("parmap: item %d failed in %s %d: %s", e.index,
       e.pid == core.pid() and "process" or "worker", e.pid, e.message)
   end
+  if e.where then s = s .. "\n(raised to the loop at " .. e.where .. ")" end
   if e.traceback ~= "" then s = s .. "\n" .. e.traceback end
   return s
 end
@@ -47,6 +49,32 @@ end
 local function make_error(index, kind, err, message, traceback, pid)
   return setmetatable({ index = index, kind = kind, err = err,
     message = message, traceback = traceback or "", pid = pid }, Error)
+end
+
+-- "file:line" of the code that consumed a failed item: the first frame
+-- above where(level)'s caller at `level` that is neither C nor parmap's own
+-- Lua code (the loop, or the call of parmap.map). nil without a debug library.
+local getinfo = debug and debug.getinfo
+local OWN = {} -- the sources of parmap's own Lua files
+if getinfo then OWN[getinfo(1, "S").source] = true end
+local function where(level)
+  if not getinfo then return nil end
+  level = level + 1
+  while true do
+    local info = getinfo(level, "Sl")
+    if info == nil then return nil end
+    if info.what ~= "C" and info.currentline > 0 and not OWN[info.source] then
+      return info.short_src .. ":" .. info.currentline
+    end
+    level = level + 1
+  end
+end
+
+-- make_error for an error the map raises to its loop: it names the loop.
+local function make_raised_error(...)
+  local e = make_error(...)
+  e.where = where(1)
+  return e
 end
 
 --- Is v an error object of parmap?
@@ -140,45 +168,6 @@ local function describe(what, index, ...)
   return format("%s of item %d: cannot send this value", what, index)
 end
 M._describe = describe -- for tests
-
----------------------------------------------------------------- progress
-
-local function clock(s)
-  s = floor(s + 0.5)
-  if s >= 3600 then
-    return format("%d:%02d:%02d", s // 3600, s % 3600 // 60, s % 60)
-  end
-  return format("%02d:%02d", s // 60, s % 60)
-end
-
--- A bar on stderr; a single final line when stderr is not a terminal.
-local function progress_bar(label)
-  label = label and (label .. " ") or ""
-  local tty, t0, last = core.isatty(2), core.now(), -1
-  return function(done, total, finished)
-    local now = core.now()
-    if not finished and (not tty or now - last < 0.1) then return end
-    last = now
-    local el = now - t0
-    local rate = el > 0 and done / el or 0
-    local s
-    if total and total > 0 then
-      local frac = done / total
-      local fill = floor(frac * 30)
-      s = format("%s[%s%s] %d/%d %3d%% %.0f items/s %s %s", label,
-        rep("#", fill), rep(".", 30 - fill), done, total, floor(frac * 100),
-        rate, finished and "in" or "ETA",
-        clock(finished and el or (rate > 0 and (total - done) / rate or 0)))
-    else
-      s = format("%s%d items %.0f items/s %s", label, done, rate, clock(el))
-    end
-    if tty then
-      io.stderr:write("\r", s, "\27[K", finished and "\n" or "")
-    else
-      io.stderr:write(s, "\n")
-    end
-  end
-end
 
 ---------------------------------------------------------------- options
 
@@ -331,13 +320,11 @@ local function check(level, fn, items, opts)
   spec.exception, spec.exception_name = EXCEPTION[exception], exception
 
   local progress = opts.progress
-  if progress == true then
-    spec.progress = progress_bar(nil)
-  elseif type(progress) == "string" then
-    spec.progress = progress_bar(progress)
+  if progress == true or type(progress) == "string" then
+    spec.bar = Progress.bar(progress ~= true and progress or nil)
+    spec.progress = spec.bar.fn
   elseif callable(progress) then
-    local user = progress
-    spec.progress = function(done, total_) user(done, total_) end
+    spec.progress = Progress.callback(progress)
   elseif progress ~= nil and progress ~= false then
     bad(level, "progress", "boolean, string or function", typename(progress))
   end
@@ -383,7 +370,10 @@ local function serial(spec)
     if status == "shape" then error((...), 0) end
     local err, message, traceback = ...
     local e = make_error(i, "error", err, message, traceback, core.pid())
-    if exception == "raise" then error(e, 0) end
+    if exception == "raise" then
+      e.where = where(1)
+      error(e, 0)
+    end
     return finish(e)
   end
 
@@ -434,6 +424,7 @@ Chain.close = Chain.__close
 
 local function start(level, fn, items, opts)
   local spec = check(level + 1, fn, items, opts)
+  if spec.exception_name == "raise" then spec.make_error = make_raised_error end
   local f, s, c, closer
   if spec.N == 1 and not spec.timeout then
     f, s, c, closer = serial(spec)
@@ -443,6 +434,8 @@ local function start(level, fn, items, opts)
   end
   local up = upstream[items]
   if up ~= nil then closer = setmetatable({ closer, up }, Chain) end
+  -- closed early, the map ends its bar's line
+  if spec.bar then closer = setmetatable({ spec.bar, closer }, Chain) end
   return f, s, c, closer
 end
 
@@ -471,6 +464,8 @@ end
 M.ncpu = core.ncpu
 --- Monotonic time in seconds, for timing maps.
 M.now = core.now
+--- print's values on stdout, above the progress bar when one is drawn.
+M.print = Progress.print
 
 -- ReturnProcess, ParEval and pipelines live in their own file.
 require("parmap.process")(M, core, {
@@ -478,6 +473,7 @@ require("parmap.process")(M, core, {
   callable = callable, typename = typename, Error = Error,
   upstream = upstream, close_value = close_value,
 })
+if getinfo then OWN[getinfo(M.values, "S").source] = true end
 
 return setmetatable(M, {
   __call = function(_, fn, items, opts) return start(2, fn, items, opts) end,

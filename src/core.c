@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -78,6 +79,22 @@ static int core_isatty(lua_State *L) {
   return 1;
 }
 
+/* termwidth(fd): the terminal's columns (TIOCGWINSZ), else $COLUMNS, else
+   80. Cheap enough for every redraw of a progress bar. */
+static int core_termwidth(lua_State *L) {
+  struct winsize ws;
+  int fd = (int)luaL_checkinteger(L, 1);
+  const char *env = getenv("COLUMNS");
+  long cols = 0;
+  if (ioctl(fd, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0)
+    cols = ws.ws_col;
+  else if (env != NULL)
+    cols = strtol(env, NULL, 10);
+  if (cols <= 0 || cols > 100000) cols = 80;
+  lua_pushinteger(L, (lua_Integer)cols);
+  return 1;
+}
+
 static int core_pid(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)getpid());
   return 1;
@@ -144,6 +161,7 @@ PARMAP_API int luaopen_parmap_core(lua_State *L) {
                                    {"ncpu", core_ncpu},
                                    {"now", core_now},
                                    {"isatty", core_isatty},
+                                   {"termwidth", core_termwidth},
                                    {"pid", core_pid},
                                    {NULL, NULL}};
   wrap_allocator(L);
