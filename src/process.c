@@ -516,7 +516,8 @@ static void uvfield(lua_State *L, int ud, const char *name, int uv) {
    nargs, kwargs, has_kw, exception, make_error, describe. */
 static int p_new(lua_State *L) {
   Proc *p;
-  int ud;
+  int ud, isnum;
+  lua_Integer nargs, exc;
   luaL_checktype(L, 1, LUA_TTABLE);
   p = (Proc *)lua_newuserdatauv(L, sizeof(Proc), PV_COUNT);
   memset(p, 0, sizeof *p);
@@ -525,11 +526,20 @@ static int p_new(lua_State *L) {
   luaL_setmetatable(L, PROC_MT);
   ud = lua_gettop(L);
   lua_getfield(L, 1, "nargs");
-  p->nargs = (int)lua_tointeger(L, -1);
+  nargs = lua_tointegerx(L, -1, &isnum);
+  if (!isnum || nargs < 0)
+    luaL_error(L, "parmap: ReturnProcess: bad option 'args.n' (non-negative "
+               "integer expected, got %s)", luaL_tolstring(L, -1, NULL));
+  if (nargs > PARMAP_MAX_ARGS)
+    luaL_error(L, "parmap: ReturnProcess: bad option 'args.n' (too many "
+               "arguments: %I, at most %d)", (LUAI_UACINT)nargs,
+               PARMAP_MAX_ARGS);
+  p->nargs = (int)nargs;
   lua_getfield(L, 1, "has_kw");
   p->has_kw = lua_toboolean(L, -1);
   lua_getfield(L, 1, "exception");
-  p->exception = (int)lua_tointeger(L, -1);
+  exc = lua_tointeger(L, -1);
+  p->exception = exc == EXC_RETURN || exc == EXC_PROC ? (int)exc : EXC_RAISE;
   lua_settop(L, ud);
   uvfield(L, ud, "target", PV_TARGET);
   uvfield(L, ud, "args", PV_ARGS);

@@ -1,0 +1,118 @@
+-- Limits: numbers from the user that reach C arithmetic, descriptors 0-2
+-- closed, forked copies of parmap objects, os.exit by another name, and
+-- random numbers in workers.
+local parmap = require "parmap"
+local core = require "parmap.core"
+local F = require "faults_helpers"
+
+local function items_fn(n)
+  local i = 0
+  return function()
+    i = i + 1
+    if i <= n then return i end
+  end
+end
+
+local function id(x) return x end
+
+describe("limits: counts the user gives never overflow a size in C", function()
+  it("a huge chunksize is lowered to the largest chunk, never a heap overflow", function()
+    -- run apart: before the fix 2^61 corrupted the heap (ASan: overflow)
+    local out, code = F.run([[
+      local parmap = require "parmap"
+      for _, cs in ipairs { math.maxinteger, 1 << 61, 1 << 32, 1000001 } do
+        local i = 0
+        local r, n = parmap.map(function(x) return x * 2 end,
+          function() i = i + 1; if i <= 2000 then return i end end,
+          { N = 2, chunksize = cs })
+        assert(n == 2000 and r[1] == 2 and r[2000] == 4000, cs)
+      end
+      io.write("ok\n")
+    ]])
+    assert.equal("ok\n", out)
+    assert.equal(0, code)
+  end)
+
+  it("args.n past the limit is an error naming args.n, never truncated", function()
+    for _, n in ipairs { 1 << 31, (1 << 32) + 1, math.maxinteger } do
+      local ok, err = pcall(parmap.map, function(x, ...) return select("#", ...) end,
+        { 1, 2 }, { N = 2, args = { n = n } })
+      assert.is_false(ok)
+      assert.matches("bad option 'args.n'", err)
+    end
+  end)
+
+  it("the core itself checks args.n, N, total, chunksize and timeout", function()
+    local function spec(t)
+      t.fn, t.items, t.from_table = id, t.items or { 1 }, t.from_table or 1
+      return t
+    end
+    local cases = {
+      { spec { N = 2, nargs = (1 << 32) + 1 }, "bad option 'args.n' %(too many arguments: 4294967297" },
+      { spec { N = 2, nargs = -1 }, "bad option 'args.n'" },
+      { spec { N = 0 }, "bad option 'N'" },
+      { spec { N = -(1 << 40) }, "bad option 'N'" },
+      { spec { N = 2, total = -2, from_table = 0, items = items_fn(1) }, "bad option 'total'" },
+      { spec { N = 2, chunksize = -1 }, "bad option 'chunksize'" },
+      { spec { N = 2, timeout = 0 / 0 }, "bad option 'timeout'" },
+      { spec { N = 2, star = 7 }, "star" },
+    }
+    for _, c in ipairs(cases) do
+      local ok, err = pcall(core.start, c[1])
+      assert.is_false(ok)
+      assert.matches(c[2], err)
+    end
+    local ok, err = pcall(core.call, id, 1, 1, 0, false, {}, (1 << 32) + 1, false, nil, false)
+    assert.is_false(ok)
+    assert.matches("args.n", err)
+    ok, err = pcall(core.process, { target = id, args = {}, nargs = (1 << 31) })
+    assert.is_false(ok)
+    assert.matches("bad option 'args.n' %(too many arguments", err)
+  end)
+
+  it("ReturnProcess: args.n past the limit is an error, never truncated", function()
+    local ok, err = pcall(parmap.ReturnProcess, function(...) return select("#", ...) end,
+      { args = { n = (1 << 32) + 1 } })
+    assert.is_false(ok)
+    assert.matches("args.n", err)
+  end)
+
+  it("N far above the item count forks no more workers than items", function()
+    local before = F.snapshot()
+    local r, n = parmap.map(function(x) return core.pid(), x end, { 1, 2, 3 },
+      { N = 10000000 })
+    assert.equal(3, n)
+    local pids = {}
+    for _, pid in ipairs(r) do pids[pid] = true end
+    local k = 0
+    for _ in pairs(pids) do k = k + 1 end
+    assert.is_true(k <= 3)
+    F.assert_stopped(before)
+  end)
+
+  it("N far above what an iterator gives is capped: no N-sized allocation", function()
+    for _, N in ipairs { 1000000, 10000000, math.maxinteger } do
+      local r, n = parmap.map(function(x) return x + 1 end, items_fn(3), { N = N })
+      assert.equal(3, n)
+      assert.same({ 2, 3, 4 }, r)
+    end
+  end)
+
+  it("a huge total or timeout is fine", function()
+    local r, n = parmap.map(id, items_fn(3), { N = 2, total = math.maxinteger })
+    assert.equal(3, n)
+    r, n = parmap.map(id, items_fn(3), { N = 2, timeout = 1e300 })
+    assert.same({ 1, 2, 3 }, r)
+    r, n = parmap.map(id, items_fn(3), { N = 2, timeout = 1e8 })
+    assert.same({ 1, 2, 3 }, r)
+  end)
+
+  it("a star item whose n is huge or negative is an error naming the item", function()
+    for _, n in ipairs { 1 << 40, (1 << 32) + 1, -3 } do
+      local ok, err = pcall(parmap.map, function(...) return select("#", ...) end,
+        { { n = n } }, { N = 2, star = true })
+      assert.is_false(ok)
+      assert.matches("item 1: too many values", tostring(err))
+    end
+  end)
+end)
