@@ -116,3 +116,39 @@ describe("limits: counts the user gives never overflow a size in C", function()
     end
   end)
 end)
+
+describe("limits: standard descriptors closed in the caller", function()
+  -- The map writes to all three standard streams in its loop body (and
+  -- ReturnProcess's target too); with any of them closed, an engine socket
+  -- that took its number would receive those writes.
+  local src = [[
+    local parmap = require "parmap"
+    local r = {}
+    for i, v in parmap.parmap(function(x)
+      io.stderr:write("e", x, "\n"); io.stdout:write("o", x, "\n"); io.stdout:flush()
+      return x * 2
+    end, { 1, 2, 3, 4, 5, 6 }, { N = 2, chunksize = 1 }) do
+      io.stderr:write("loop ", i, "\n")
+      r[i] = v
+    end
+    local p = parmap.ReturnProcess(function() io.stderr:write("rp\n"); return 7 end):start()
+    io.stderr:write("waiting\n")
+    local seven = p:join()
+    local f = assert(io.open(arg[1], "w"))
+    f:write(table.concat(r, ","), " ", tostring(seven), "\n")
+    f:close()
+  ]]
+  for _, redir in ipairs { "2>&-", "1>&-", "0<&-", "0<&- 1>&- 2>&-" } do
+    it("results are right with " .. redir, function()
+      local path, out = F.H.script(src), os.tmpname()
+      os.execute(string.format("timeout -k 2 120 sh -c %q >/dev/null 2>&1",
+        F.H.lua_cmd(path) .. " " .. out .. " " .. redir))
+      local f = assert(io.open(out))
+      local got = f:read("a")
+      f:close()
+      os.remove(path)
+      os.remove(out)
+      assert.equal("2,4,6,8,10,12 7\n", got)
+    end)
+  end
+end)
