@@ -152,3 +152,69 @@ describe("limits: standard descriptors closed in the caller", function()
     end)
   end
 end)
+
+describe("limits: forked copies of a ReturnProcess", function()
+  it("reads as started in its own child: its pid is the child's, is_alive is true", function()
+    local p
+    p = parmap.ReturnProcess(function()
+      return p:pid() == core.pid(), p:is_alive(), tostring(p):match("running") ~= nil
+    end)
+    p:start()
+    assert.same({ true, true, true }, { p:join() })
+  end)
+
+  it("a target that starts its own process gets a clear error, no recursion", function()
+    local p
+    p = parmap.ReturnProcess(function() p:start(); return "started again" end,
+      { exception = "return" })
+    p:start()
+    local e = p:join()
+    assert.is_true(parmap.iserror(e))
+    assert.matches("already started", e.message)
+  end)
+
+  it("a target cannot join, wait for or signal itself", function()
+    for _, how in ipairs { "join", "wait", "kill", "terminate" } do
+      local p
+      p = parmap.ReturnProcess(function() p[how](p); return "went on" end,
+        { exception = "return" })
+      p:start()
+      local e = p:join()
+      assert.is_true(parmap.iserror(e), how)
+      assert.matches("cannot " .. how .. " a process from inside itself", e.message)
+    end
+  end)
+
+  it("a map worker's copy of a running process cannot join it; a settled one gives its values", function()
+    local running = parmap.ReturnProcess(function() F.T.sleep(30) end):start()
+    local done = parmap.ReturnProcess(function() return 42 end):start()
+    assert.equal(42, done:join())
+    local r = parmap.map(function(x)
+      if x == 1 then return done:join() end
+      local ok, err = pcall(running.join, running)
+      local ok2, err2 = pcall(running.is_alive, running)
+      return (not ok and not ok2) and (err:match("started by another process") and
+        err2:match("started by another process")) and "refused" or "joined"
+    end, { 1, 2 }, { N = 2 })
+    assert.same({ 42, "refused" }, r)
+    running:kill()
+    assert.is_false(running:is_alive())
+    running:close()
+  end)
+end)
+
+describe("limits: forked copies of a map", function()
+  it("a worker cannot step the map it was forked from (or any other of its caller)", function()
+    local f, s = parmap.parmap(function(x) return x end, { 1, 2, 3, 4 }, { N = 2, chunksize = 1 })
+    local r = parmap.map(function()
+      local ok, err = pcall(function()
+        for _ = 1, 10 do f(s) end
+      end)
+      return not ok and tostring(err):match("cannot be stepped from a worker") ~= nil
+    end, { 1 }, { N = 2 })
+    assert.same({ true }, r)
+    local got = {}
+    for i, v in f, s do got[i] = v end
+    assert.same({ 1, 2, 3, 4 }, got)
+  end)
+end)

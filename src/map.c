@@ -706,6 +706,10 @@ static int finished(Map *m);
 /* One round: hand out work, wait for sockets (or not), move bytes. */
 static void pump(lua_State *L, Map *m, int block) {
   int i, n = 0, r, timeout;
+  if (m->owner != getpid()) /* a forked copy: the workers and fds are not
+                               ours (the fd numbers may name other files) */
+    luaL_error(L, "parmap: a map cannot be stepped from a worker or child "
+               "process (it belongs to process %d)", (int)m->owner);
   dispatch(L, m);
   if (block && (ready(m) || finished(m))) block = 0; /* dispatch made some */
   timeout = block ? check_timeouts(m) : 0;
