@@ -198,6 +198,7 @@ describe("limits: forked copies of a ReturnProcess", function()
     end, { 1, 2 }, { N = 2 })
     assert.same({ 42, "refused" }, r)
     running:kill()
+    assert.is_true(running:wait(F.bound(5)))
     assert.is_false(running:is_alive())
     running:close()
   end)
@@ -216,5 +217,83 @@ describe("limits: forked copies of a map", function()
     local got = {}
     for i, v in f, s do got[i] = v end
     assert.same({ 1, 2, 3, 4 }, got)
+  end)
+end)
+
+describe("random numbers in workers", function()
+  local BIG = 1 << 53
+  local function draw() return math.random(0, BIG) end
+
+  it("every worker has its own stream, not the caller's, and the caller's is untouched", function()
+    math.randomseed(42)
+    local caller_next = draw()
+    math.randomseed(42)
+    local r = parmap.map(function() return draw() end, { 1, 2, 3, 4, 5, 6, 7, 8 },
+      { N = 2, chunksize = 1 })
+    assert.equal(caller_next, draw()) -- as if there had been no map
+    local seen = {}
+    for i = 1, 8 do
+      assert.not_equal(caller_next, r[i]) -- no worker replays the caller's stream
+      assert.is_nil(seen[r[i]])           -- nor another worker's
+      seen[r[i]] = true
+    end
+  end)
+
+  it("each map's workers, and each ReturnProcess, draw a different stream", function()
+    math.randomseed(7)
+    local a = parmap.map(draw, { 1 }, { N = 2 })[1]
+    math.randomseed(7)
+    local b = parmap.map(draw, { 1 }, { N = 2 })[1]
+    math.randomseed(7)
+    local p1, p2 = parmap.ReturnProcess(draw):start(), parmap.ReturnProcess(draw):start()
+    local c, d = p1:join(), p2:join()
+    math.randomseed(7)
+    local caller_next = draw()
+    local all = { a, b, c, d, caller_next }
+    for i = 1, #all do
+      for j = i + 1, #all do assert.not_equal(all[i], all[j]) end
+    end
+  end)
+
+  it("seed = s gives the same results whatever N, ordered and chunksize", function()
+    local function f(x) return math.random(1, 1000000) * 10 + x + math.random() end
+    local items, ref = {}, nil
+    for i = 1, 30 do items[i] = i end
+    for _, N in ipairs { 1, 2, 8 } do
+      for _, ordered in ipairs { true, false } do
+        for _, chunksize in ipairs { 1, 7 } do
+          local got = {}
+          for i, v in parmap.parmap(f, items, { N = N, ordered = ordered,
+            chunksize = chunksize, seed = 12345 }) do
+            got[i] = v
+          end
+          ref = ref or got
+          assert.same(ref, got)
+        end
+      end
+    end
+    -- item i's stream is math.randomseed(seed, i)'s
+    math.randomseed(12345, 3)
+    assert.equal(f(3), ref[3])
+    local other = parmap.map(f, items, { N = 2, seed = 54321 })
+    assert.not_same(ref, other)
+  end)
+
+  it("seed leaves the caller's stream alone, with N = 1 too", function()
+    for _, N in ipairs { 1, 2 } do
+      math.randomseed(99)
+      local caller_next = draw()
+      math.randomseed(99)
+      parmap.map(draw, { 1, 2, 3 }, { N = N, seed = 5 })
+      assert.equal(caller_next, draw())
+    end
+  end)
+
+  it("seed must be an integer", function()
+    for _, bad in ipairs { 1.5, "x", true } do
+      local ok, err = pcall(parmap.map, draw, { 1 }, { seed = bad })
+      assert.is_false(ok)
+      assert.matches("bad option 'seed' %(integer expected", err)
+    end
   end)
 end)

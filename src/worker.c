@@ -6,6 +6,7 @@
 */
 #define _GNU_SOURCE
 #include <lauxlib.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -228,6 +229,49 @@ void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
   lua_settop(L, top);
 }
 
+/* ---------------------------------------------------------------- random */
+
+static uint64_t mix64(uint64_t z) { /* splitmix64's finalizer */
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+  return z ^ (z >> 31);
+}
+
+/* Push package.loaded.math.randomseed (the math library's, even when the
+   global `math` was replaced), or nothing: returns 1 if pushed. */
+static int push_randomseed(lua_State *L) {
+  int top = lua_gettop(L);
+  if (!lua_checkstack(L, 4)) return 0;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE) == LUA_TTABLE &&
+      lua_getfield(L, -1, "math") == LUA_TTABLE &&
+      lua_getfield(L, -1, "randomseed") == LUA_TFUNCTION) {
+    lua_replace(L, top + 1);
+    lua_settop(L, top + 1);
+    return 1;
+  }
+  lua_settop(L, top);
+  return 0;
+}
+
+/* In a forked child: math.random gets a stream of its own, so workers do
+   not replay the caller's stream (nor each other's). The seed mixes the
+   child's pid, the clock and the count of forks so far; nothing is drawn
+   from the caller's stream, which stays as it was in the caller. */
+static void reseed_child(lua_State *L) {
+  static uint64_t forks = 0;
+  uint64_t a, b;
+  int top = lua_gettop(L);
+  if (!push_randomseed(L)) return;
+  forks++;
+  a = mix64((uint64_t)getpid() * 0x9e3779b97f4a7c15u ^ parmap_now_ns());
+  b = mix64(a ^ (forks << 32) ^ (uint64_t)(uintptr_t)&forks);
+  lua_pushinteger(L, (lua_Integer)a);
+  lua_pushinteger(L, (lua_Integer)b);
+  (void)lua_pcall(L, 2, 0, 0); /* a replaced randomseed may raise: then so
+                                   be it, the child keeps its stream */
+  lua_settop(L, top);
+}
+
 /* ---------------------------------------------------------------- worker */
 
 #define FLUSH_BYTES (256 * 1024)
@@ -336,7 +380,7 @@ static void item_done(WState *w) {
 static int run_items(lua_State *L) {
   WState *w = (WState *)lua_touserdata(L, 1);
   const Config *cfg = w->cfg;
-  int top, u;
+  int top, u, seeder;
   int simple = w->cs.star == STAR_FALSE && !w->cs.kwstar && !w->cs.has_kw &&
                w->cs.nargs == 0;
   /* this call's own frame: the map (argument 2)'s values at base + U_* */
@@ -345,6 +389,7 @@ static int run_items(lua_State *L) {
   w->cs.fn = w->base + U_FN;
   w->cs.args = w->base + U_ARGS;
   w->cs.kw = w->base + U_KW;
+  seeder = cfg->has_seed && push_randomseed(L) ? lua_gettop(L) : 0;
   top = lua_gettop(L);
   if (!lua_checkstack(L, 8)) luaL_error(L, "parmap: stack overflow");
   for (; w->k < w->h->count; w->k++) {
@@ -357,6 +402,12 @@ static int run_items(lua_State *L) {
     if (cfg->timeout > 0)
       __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELEASE);
     __atomic_store_n(&w->shm->cur, (int64_t)index, __ATOMIC_RELEASE);
+    if (seeder) { /* seed option: the item's stream depends on it alone */
+      lua_pushvalue(L, seeder);
+      lua_pushinteger(L, cfg->seed);
+      lua_pushinteger(L, index);
+      lua_call(L, 2, 0);
+    }
     if (simple) lua_pushvalue(L, w->cs.fn); /* fn(item): no adapter */
     if (cfg->from_table) {
       lua_geti(L, w->base + U_ITEMS, index);
@@ -476,6 +527,7 @@ static int worker_loop(lua_State *L) {
   tb_floor = stack_depth(L) + 1; /* + run_items, under which fn runs */
   w->map = 2;
   replace_os_exit(L);
+  reseed_child(L);
   lua_pushcfunction(L, parmap_msgh);
   w->msgh = lua_gettop(L);
   lua_getiuservalue(L, w->map, U_SCRATCH);
@@ -513,6 +565,7 @@ void parmap_run_hooks(lua_State *L) {
 void parmap_child_prepare(lua_State *L) {
   tb_floor = stack_depth(L); /* the calling C function and all below it */
   replace_os_exit(L);
+  reseed_child(L);
 }
 
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
