@@ -126,10 +126,15 @@ static void child_setup(int keep_fd, pid_t parent) {
   }
 }
 
+static uint64_t forks = 0; /* in a child: the forks made before it */
+
+uint64_t parmap_fork_count(void) { return forks; }
+
 pid_t parmap_fork(int keep_fd) {
   pid_t parent = getpid(), pid;
   int saved;
   fflush(NULL); /* a child must not write the parent's buffers again */
+  __atomic_add_fetch(&forks, 1, __ATOMIC_RELAXED);
   pthread_mutex_lock(&reg_lock); /* the child gets a consistent list */
   if (reg_reserve()) {
     pthread_mutex_unlock(&reg_lock);

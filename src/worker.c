@@ -258,13 +258,11 @@ static int push_randomseed(lua_State *L) {
    child's pid, the clock and the count of forks so far; nothing is drawn
    from the caller's stream, which stays as it was in the caller. */
 static void reseed_child(lua_State *L) {
-  static uint64_t forks = 0;
   uint64_t a, b;
   int top = lua_gettop(L);
   if (!push_randomseed(L)) return;
-  forks++;
   a = mix64((uint64_t)getpid() * 0x9e3779b97f4a7c15u ^ parmap_now_ns());
-  b = mix64(a ^ (forks << 32) ^ (uint64_t)(uintptr_t)&forks);
+  b = mix64(a ^ mix64(parmap_fork_count()) ^ (uint64_t)(uintptr_t)L);
   lua_pushinteger(L, (lua_Integer)a);
   lua_pushinteger(L, (lua_Integer)b);
   (void)lua_pcall(L, 2, 0, 0); /* a replaced randomseed may raise: then so
