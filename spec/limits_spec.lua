@@ -297,3 +297,59 @@ describe("random numbers in workers", function()
     end
   end)
 end)
+
+describe("limits: os.exit by a reference taken before the fork", function()
+  it("never runs the caller's __close, __gc or atexit handlers in a worker or child", function()
+    local out = F.run([[
+      local parmap = require "parmap"
+      local core = require "parmap.core"
+      local T = require "parmap_testhelper"
+      io.stdout:setvbuf("no") -- in order with the atexit handler's write()
+      local exit = os.exit -- taken before the map: not the worker's os.exit
+      local parent = core.pid()
+      T.atexit_note()
+      local function note(what)
+        return function()
+          io.write(what, core.pid() == parent and " in parent\n" or " IN CHILD\n")
+        end
+      end
+      local keep = setmetatable({}, { __gc = note("gc") })
+      local function try_map(close)
+        local ok, e = pcall(parmap.map, function() exit(5, close) end, { 1 }, { N = 2 })
+        io.write("map ", tostring(e.kind), " ", e.message:match("exited with status %d+"), "\n")
+      end
+      local function try_process(code, close)
+        local p = parmap.ReturnProcess(function() exit(code, close) end,
+          { exception = "return" }):start()
+        local e = p:join()
+        io.write("process ", e.kind, " ", tostring(p:exitcode()), "\n")
+      end
+      do
+        local c <close> = setmetatable({}, { __close = note("close") })
+        try_map(true)
+        try_map(false)
+        try_process(4, true)
+        try_process(3, false)
+        coroutine.wrap(function() -- a map stepped from a coroutine
+          local c2 <close> = setmetatable({}, { __close = note("close-co") })
+          try_map(true)
+        end)()
+      end
+      io.write("end ", parent, "\n")
+    ]])
+    local parent = out:match("end (%d+)\n")
+    assert.truthy(parent, out)
+    assert.equal(table.concat({
+      "map died exited with status 1",   -- exit(code, true): code out of reach
+      "map died exited with status 5",
+      "process died 1",
+      "process died 3",
+      "map died exited with status 1",
+      "close-co in parent",
+      "close in parent",
+      "end " .. parent,
+      "gc in parent",
+      "atexit in " .. parent,
+      "" }, "\n"), out)
+  end)
+end)

@@ -117,6 +117,11 @@ void parmap_run_hooks(lua_State *L);
    tracebacks stop above that function, and os.exit leaves with _exit(). */
 void parmap_child_prepare(lua_State *L);
 
+/* In a forked child: push a to-be-closed guard that leaves with _exit()
+   when the state is closed (os.exit(code, true) by any reference), before
+   any of the caller's __close or __gc can run. */
+void parmap_exit_guard(lua_State *L);
+
 /* Append an REC_ERR record; raises only when out of memory. */
 void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
                       const char *kind, int err_idx, const char *message,

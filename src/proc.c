@@ -106,9 +106,23 @@ int parmap_socketpair(int fds[2]) {
 
 /* ---------------------------------------------------------------- fork */
 
+#ifdef __GLIBC__
+/* exit() in a child (os.exit by a reference taken before the fork, or C
+   code): the caller's atexit handlers must not run here. on_exit handlers
+   run last registered first, so this one comes before them all. */
+static void child_exit(int status, void *arg) {
+  (void)arg;
+  fflush(NULL);
+  _exit(status);
+}
+#endif
+
 static void child_setup(int keep_fd, pid_t parent) {
   size_t i;
   struct sigaction sa;
+#ifdef __GLIBC__
+  on_exit(child_exit, NULL); /* if it fails, exit() runs them: no worse */
+#endif
   for (i = 0; i < reg_n; i++)
     if (reg_fds[i] != keep_fd) close(reg_fds[i]);
   reg_n = 0;

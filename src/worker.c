@@ -517,6 +517,52 @@ static void replace_os_exit(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* The exit guard. os.exit(code, true) closes the state before it calls
+   exit(): it runs every pending __close of the main thread and then every
+   __gc, the caller's included. replace_os_exit covers the global os.exit,
+   not a reference taken before the fork (`local exit = os.exit`). So a
+   child keeps a to-be-closed guard in the frame of its outermost C
+   function, above every frame of the caller: lua_close closes the newest
+   first, and finalizes the newest marked first, so the guard runs before
+   any of the caller's __close and __gc, and leaves with _exit(). The code
+   given to os.exit is out of reach by then: the child exits with
+   EXIT_FAILURE. exit() without closing is caught by proc.c's on_exit
+   handler, with its code. On a normal return or an error of that C
+   function the guard does nothing. */
+static int guard_armed = 0;
+
+static int guard_close(lua_State *L) {
+  if (guard_armed && lua_isnoneornil(L, 2)) worker_exit(EXIT_FAILURE);
+  return 0;
+}
+
+static void push_guard(lua_State *L) {
+  lua_newuserdatauv(L, 1, 0);
+  lua_createtable(L, 0, 2);
+  lua_pushcfunction(L, guard_close);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, guard_close); /* lua_close from a coroutine: only
+                                        the main thread's are closed */
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_toclose(L, -1);
+}
+
+void parmap_exit_guard(lua_State *L) {
+  lua_State *main;
+  luaL_checkstack(L, 4, NULL);
+  push_guard(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  main = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  /* Run from a coroutine, this child's Lua code is above the main thread's
+     frames, but lua_close closes only the main thread's pending __close:
+     a guard goes on top of them too. The main thread waits in a resume
+     that this child never returns to, so its frame may take the slot. */
+  if (main != NULL && main != L && lua_checkstack(main, 4)) push_guard(main);
+  guard_armed = 1;
+}
+
 /* worker_loop(wstate, map): runs under lua_pcall, so every stack index
    below is of this call's frame. */
 static int worker_loop(lua_State *L) {
@@ -526,6 +572,7 @@ static int worker_loop(lua_State *L) {
   w->map = 2;
   replace_os_exit(L);
   reseed_child(L);
+  parmap_exit_guard(L);
   lua_pushcfunction(L, parmap_msgh);
   w->msgh = lua_gettop(L);
   lua_getiuservalue(L, w->map, U_SCRATCH);
@@ -537,7 +584,10 @@ static int worker_loop(lua_State *L) {
   for (;;) {
     TaskHdr h;
     int r = parmap_read_all(w->fd, &h, sizeof h);
-    if (r == 1) return 0; /* the parent closed: done */
+    if (r == 1) { /* the parent closed: done */
+      guard_armed = 0;
+      return 0;
+    }
     if (r < 0 || h.magic != MAGIC_TASK) worker_exit(r < 0 ? 0 : 70);
     w->in.len = 0;
     if (h.bodylen) {
@@ -564,6 +614,7 @@ void parmap_child_prepare(lua_State *L) {
   tb_floor = stack_depth(L); /* the calling C function and all below it */
   replace_os_exit(L);
   reseed_child(L);
+  parmap_exit_guard(L);
 }
 
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
