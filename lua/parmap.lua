@@ -173,7 +173,7 @@ M._describe = describe -- for tests
 
 local OPTIONS = { N = true, star = true, kwstar = true, args = true,
   kwargs = true, chunksize = true, ordered = true, progress = true,
-  total = true, exception = true, timeout = true }
+  total = true, exception = true, timeout = true, seed = true }
 local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
 
 local function callable(f)
@@ -336,6 +336,12 @@ local function check(level, fn, items, opts)
     end
     spec.timeout = timeout -- with N = 1 too: then one worker process runs
   end
+
+  local seed = opts.seed
+  if seed ~= nil then
+    spec.seed = tointeger(seed)
+    if not spec.seed then bad(level, "seed", "integer", tostring(seed)) end
+  end
   return spec
 end
 
@@ -426,7 +432,9 @@ local function start(level, fn, items, opts)
   local spec = check(level + 1, fn, items, opts)
   if spec.exception_name == "raise" then spec.make_error = make_raised_error end
   local f, s, c, closer
-  if spec.N == 1 and not spec.timeout then
+  -- timeout, seed: with N = 1 too, the items run in one worker process (a
+  -- loop cannot stop itself; seeding must not touch the caller's stream)
+  if spec.N == 1 and not spec.timeout and not spec.seed then
     f, s, c, closer = serial(spec)
   else
     local m = core.start(spec)

@@ -29,10 +29,15 @@ static int core_call(lua_State *L) {
   lua_Integer index = luaL_checkinteger(L, 3);
   lua_settop(L, 9);
   cs.fn = 1;
-  cs.star = (int)luaL_checkinteger(L, 4);
+  lua_Integer star = luaL_checkinteger(L, 4), nargs = luaL_checkinteger(L, 7);
+  luaL_argcheck(L, star >= STAR_FALSE && star <= STAR_NONE, 4,
+                "star mode 0, 1 or 2 expected");
+  luaL_argcheck(L, nargs >= 0 && nargs <= PARMAP_MAX_ARGS, 7,
+                "args.n out of range (too many arguments?)");
+  cs.star = (int)star;
   cs.kwstar = lua_toboolean(L, 5);
   cs.args = 6;
-  cs.nargs = (int)luaL_checkinteger(L, 7);
+  cs.nargs = (int)nargs;
   cs.has_kw = lua_toboolean(L, 8);
   cs.kw = 9;
   if (protect) {

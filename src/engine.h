@@ -15,6 +15,17 @@
 enum { STAR_FALSE = 0, STAR_TRUE = 1, STAR_NONE = 2 };
 enum { EXC_RAISE = 0, EXC_RETURN = 1, EXC_PROC = 2 };
 
+/* Limits on what the options may ask of the C core (whatever reaches it:
+   the Lua front checks them too, with its own messages).
+   PARMAP_MAX_ARGS: extra positional arguments (args.n), and the values of
+   one star item; each is a stack slot of every call.
+   PARMAP_MAX_WORKERS: workers of one map; a larger N is lowered to it (and
+   to the item count of a table input) before anything is allocated.
+   PARMAP_MAX_CHUNK: items per chunk; a larger chunksize is lowered to it. */
+#define PARMAP_MAX_ARGS 100000
+#define PARMAP_MAX_WORKERS 1024
+#define PARMAP_MAX_CHUNK 1000000
+
 /* User values of a Map userdata, and the worker's stack slots (same order). */
 enum {
   U_FN = 1,
@@ -36,6 +47,8 @@ typedef struct Config {
   lua_Integer chunksize; /* 0: automatic */
   int N;
   double timeout; /* seconds per item, 0: none */
+  int has_seed;   /* seed option: math.randomseed(seed, index) per item */
+  lua_Integer seed;
 } Config;
 
 /* Frame headers. Both ends are the same machine: native byte order. */
@@ -103,6 +116,11 @@ void parmap_run_hooks(lua_State *L);
 /* In a forked child about to run the caller's Lua code from a C function:
    tracebacks stop above that function, and os.exit leaves with _exit(). */
 void parmap_child_prepare(lua_State *L);
+
+/* In a forked child: push a to-be-closed guard that leaves with _exit()
+   when the state is closed (os.exit(code, true) by any reference), before
+   any of the caller's __close or __gc can run. */
+void parmap_exit_guard(lua_State *L);
 
 /* Append an REC_ERR record; raises only when out of memory. */
 void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,

@@ -14,6 +14,7 @@
 */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <lauxlib.h>
 #include <poll.h>
 #include <signal.h>
@@ -32,7 +33,7 @@
 #define WINDOW_PER_WORKER 16 /* at most, chunks in the window per worker */
 #define WINDOW_BASE 4 /* ... while the chunk the loop waits for is done */
 #define TARGET_NS 2000000.0 /* aim for chunks of about 2 ms of work */
-#define MAX_CHUNK 1000000
+#define MAX_CHUNK PARMAP_MAX_CHUNK
 #define BIG_BUF (4u << 20) /* result buffers past this go to the pool */
 #define POOL 2             /* big buffers a map keeps for reuse */
 
@@ -230,7 +231,8 @@ static lua_Integer chunk_size(Map *m) {
   }
   if (m->cfg.total >= 0) { /* shrink near the end: all finish together */
     lua_Integer rem = m->cfg.total - m->next_index + 1;
-    lua_Integer guided = (rem + 2 * m->cfg.N - 1) / (2 * m->cfg.N);
+    lua_Integer two_n = 2 * (lua_Integer)m->cfg.N; /* no overflow near */
+    lua_Integer guided = rem / two_n + (rem % two_n != 0); /* maxinteger */
     if (size > guided) size = guided;
   }
   if (size < 1) size = 1;
@@ -261,12 +263,18 @@ static Slot *free_slot(Map *m) {
   return best;
 }
 
+/* Room for n offsets: grows geometrically, never overflows the byte count
+   (n is at most PARMAP_MAX_CHUNK + 1 here, but the arithmetic is checked
+   all the same). */
 static void offs_reserve(lua_State *L, Slot *s, size_t n) {
   if (s->offs_cap < n) {
-    size_t *p = (size_t *)realloc(s->offs, n * sizeof *p);
+    size_t cap = s->offs_cap ? s->offs_cap : 16, *p;
+    while (cap < n) cap = cap > SIZE_MAX / 2 ? n : cap * 2;
+    if (cap > SIZE_MAX / sizeof *p) nomem(L);
+    p = (size_t *)realloc(s->offs, cap * sizeof *p);
     if (p == NULL) nomem(L);
     s->offs = p;
-    s->offs_cap = n;
+    s->offs_cap = cap;
   }
 }
 
@@ -664,7 +672,8 @@ static int check_timeouts(Map *m) {
     }
     if (next == 0 || left < next) next = left;
   }
-  return next ? (int)(next / 1000000u) + 1 : -1;
+  if (next == 0) return -1;
+  return next / 1000000u >= INT_MAX ? INT_MAX : (int)(next / 1000000u) + 1;
 }
 
 /* A worker's death shows as end of file on its socket, unless a process
@@ -697,6 +706,10 @@ static int finished(Map *m);
 /* One round: hand out work, wait for sockets (or not), move bytes. */
 static void pump(lua_State *L, Map *m, int block) {
   int i, n = 0, r, timeout;
+  if (m->owner != getpid()) /* a forked copy: the workers and fds are not
+                               ours (the fd numbers may name other files) */
+    luaL_error(L, "parmap: a map cannot be stepped from a worker or child "
+               "process (it belongs to process %d)", (int)m->owner);
   dispatch(L, m);
   if (block && (ready(m) || finished(m))) block = 0; /* dispatch made some */
   timeout = block ? check_timeouts(m) : 0;
@@ -989,13 +1002,82 @@ static int map_collect(lua_State *L) {
 
 /* ---------------------------------------------------------------- start */
 
-static lua_Integer intfield(lua_State *L, const char *k, lua_Integer d) {
+/* A small integer option of the spec (a flag, a mode): d when absent. */
+static int intfield(lua_State *L, const char *k, int d, int hi) {
   lua_Integer v;
   int isnum;
   lua_getfield(L, 1, k);
   v = lua_tointegerx(L, -1, &isnum);
   lua_pop(L, 1);
-  return isnum ? v : d;
+  if (!isnum) return d;
+  if (v < 0 || v > hi)
+    luaL_error(L, "parmap: bad spec field '%s' (0..%d expected, got %I)", k,
+               hi, (LUAI_UACINT)v);
+  return (int)v;
+}
+
+/* A count the user gave (N, args.n, total, chunksize), checked before any
+   arithmetic: an integer >= lo, or absent (d). `name` is the option the
+   user wrote. Whatever reaches the core directly gets a clear error. */
+static lua_Integer countfield(lua_State *L, const char *k, const char *name,
+                              lua_Integer lo, lua_Integer d) {
+  lua_Integer v;
+  int isnum, t;
+  t = lua_getfield(L, 1, k);
+  v = lua_tointegerx(L, -1, &isnum);
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return d;
+  }
+  if (!isnum || v < lo)
+    luaL_error(L, "parmap: bad option '%s' (%s expected, got %s)", name,
+               lo > 0 ? "positive integer" : "non-negative integer",
+               luaL_tolstring(L, -1, NULL));
+  lua_pop(L, 1);
+  return v;
+}
+
+/* The options of a spec, checked and clamped so that no size computation
+   can overflow: N to PARMAP_MAX_WORKERS and to the item count of a table
+   input, chunksize to PARMAP_MAX_CHUNK, args.n at most PARMAP_MAX_ARGS. */
+static void read_config(lua_State *L, Config *c) {
+  lua_Integer n;
+  c->star = intfield(L, "star", 0, STAR_NONE);
+  c->kwstar = intfield(L, "kwstar", 0, 1);
+  c->has_kw = intfield(L, "has_kw", 0, 1);
+  c->from_table = intfield(L, "from_table", 0, 1);
+  c->exception = intfield(L, "exception", EXC_RAISE, EXC_PROC);
+  c->ordered = intfield(L, "ordered", 1, 1);
+  n = countfield(L, "nargs", "args.n", 0, 0);
+  if (n > PARMAP_MAX_ARGS)
+    luaL_error(L, "parmap: bad option 'args.n' (too many arguments: %I, at "
+               "most %d)", (LUAI_UACINT)n, PARMAP_MAX_ARGS);
+  c->nargs = (int)n;
+  c->total = countfield(L, "total", "total", 0, -1);
+  if (c->from_table && c->total < 0) c->total = 0;
+  c->chunksize = countfield(L, "chunksize", "chunksize", 1, 0);
+  if (c->chunksize > PARMAP_MAX_CHUNK) c->chunksize = PARMAP_MAX_CHUNK;
+  n = countfield(L, "N", "N", 1, 1);
+  if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
+  if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;
+  c->N = (int)n;
+  if (lua_getfield(L, 1, "timeout") != LUA_TNIL) {
+    lua_Number t = lua_tonumber(L, -1);
+    if (!lua_isnumber(L, -1) || !(t > 0))
+      luaL_error(L, "parmap: bad option 'timeout' (positive number of "
+                 "seconds expected, got %s)", luaL_tolstring(L, -1, NULL));
+    c->timeout = t > 1e9 ? 0 : (double)t; /* past 30 years: none */
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, 1, "seed") != LUA_TNIL) {
+    int isnum;
+    c->seed = lua_tointegerx(L, -1, &isnum);
+    if (!isnum)
+      luaL_error(L, "parmap: bad option 'seed' (integer expected, got %s)",
+                 luaL_tolstring(L, -1, NULL));
+    c->has_seed = 1;
+  }
+  lua_pop(L, 1);
 }
 
 static void uvfield(lua_State *L, int ud, const char *k, int u) {
@@ -1024,21 +1106,7 @@ static int map_start(lua_State *L) {
   m->self = ud;
   m->owner = getpid();
   m->cur = -1;
-  m->cfg.star = (int)intfield(L, "star", 0);
-  m->cfg.kwstar = (int)intfield(L, "kwstar", 0);
-  m->cfg.has_kw = (int)intfield(L, "has_kw", 0);
-  m->cfg.nargs = (int)intfield(L, "nargs", 0);
-  m->cfg.from_table = (int)intfield(L, "from_table", 0);
-  m->cfg.exception = (int)intfield(L, "exception", EXC_RAISE);
-  m->cfg.ordered = (int)intfield(L, "ordered", 1);
-  m->cfg.total = intfield(L, "total", -1);
-  m->cfg.chunksize = intfield(L, "chunksize", 0);
-  m->cfg.N = (int)intfield(L, "N", 1);
-  lua_getfield(L, 1, "timeout");
-  m->cfg.timeout = lua_isnumber(L, -1) ? (double)lua_tonumber(L, -1) : 0;
-  lua_pop(L, 1);
-  if (m->cfg.N < 1) m->cfg.N = 1;
-  if (m->cfg.from_table && m->cfg.total < 0) m->cfg.total = 0;
+  read_config(L, &m->cfg);
   uvfield(L, ud, "fn", U_FN);
   uvfield(L, ud, "items", U_ITEMS);
   uvfield(L, ud, "args", U_ARGS);

@@ -6,6 +6,7 @@
 */
 #define _GNU_SOURCE
 #include <lauxlib.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -228,6 +229,47 @@ void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
   lua_settop(L, top);
 }
 
+/* ---------------------------------------------------------------- random */
+
+static uint64_t mix64(uint64_t z) { /* splitmix64's finalizer */
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+  return z ^ (z >> 31);
+}
+
+/* Push package.loaded.math.randomseed (the math library's, even when the
+   global `math` was replaced), or nothing: returns 1 if pushed. */
+static int push_randomseed(lua_State *L) {
+  int top = lua_gettop(L);
+  if (!lua_checkstack(L, 4)) return 0;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE) == LUA_TTABLE &&
+      lua_getfield(L, -1, "math") == LUA_TTABLE &&
+      lua_getfield(L, -1, "randomseed") == LUA_TFUNCTION) {
+    lua_replace(L, top + 1);
+    lua_settop(L, top + 1);
+    return 1;
+  }
+  lua_settop(L, top);
+  return 0;
+}
+
+/* In a forked child: math.random gets a stream of its own, so workers do
+   not replay the caller's stream (nor each other's). The seed mixes the
+   child's pid, the clock and the count of forks so far; nothing is drawn
+   from the caller's stream, which stays as it was in the caller. */
+static void reseed_child(lua_State *L) {
+  uint64_t a, b;
+  int top = lua_gettop(L);
+  if (!push_randomseed(L)) return;
+  a = mix64((uint64_t)getpid() * 0x9e3779b97f4a7c15u ^ parmap_now_ns());
+  b = mix64(a ^ mix64(parmap_fork_count()) ^ (uint64_t)(uintptr_t)L);
+  lua_pushinteger(L, (lua_Integer)a);
+  lua_pushinteger(L, (lua_Integer)b);
+  (void)lua_pcall(L, 2, 0, 0); /* a replaced randomseed may raise: then so
+                                   be it, the child keeps its stream */
+  lua_settop(L, top);
+}
+
 /* ---------------------------------------------------------------- worker */
 
 #define FLUSH_BYTES (256 * 1024)
@@ -336,7 +378,7 @@ static void item_done(WState *w) {
 static int run_items(lua_State *L) {
   WState *w = (WState *)lua_touserdata(L, 1);
   const Config *cfg = w->cfg;
-  int top, u;
+  int top, u, seeder;
   int simple = w->cs.star == STAR_FALSE && !w->cs.kwstar && !w->cs.has_kw &&
                w->cs.nargs == 0;
   /* this call's own frame: the map (argument 2)'s values at base + U_* */
@@ -345,6 +387,7 @@ static int run_items(lua_State *L) {
   w->cs.fn = w->base + U_FN;
   w->cs.args = w->base + U_ARGS;
   w->cs.kw = w->base + U_KW;
+  seeder = cfg->has_seed && push_randomseed(L) ? lua_gettop(L) : 0;
   top = lua_gettop(L);
   if (!lua_checkstack(L, 8)) luaL_error(L, "parmap: stack overflow");
   for (; w->k < w->h->count; w->k++) {
@@ -357,6 +400,12 @@ static int run_items(lua_State *L) {
     if (cfg->timeout > 0)
       __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELEASE);
     __atomic_store_n(&w->shm->cur, (int64_t)index, __ATOMIC_RELEASE);
+    if (seeder) { /* seed option: the item's stream depends on it alone */
+      lua_pushvalue(L, seeder);
+      lua_pushinteger(L, cfg->seed);
+      lua_pushinteger(L, index);
+      lua_call(L, 2, 0);
+    }
     if (simple) lua_pushvalue(L, w->cs.fn); /* fn(item): no adapter */
     if (cfg->from_table) {
       lua_geti(L, w->base + U_ITEMS, index);
@@ -468,6 +517,52 @@ static void replace_os_exit(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* The exit guard. os.exit(code, true) closes the state before it calls
+   exit(): it runs every pending __close of the main thread and then every
+   __gc, the caller's included. replace_os_exit covers the global os.exit,
+   not a reference taken before the fork (`local exit = os.exit`). So a
+   child keeps a to-be-closed guard in the frame of its outermost C
+   function, above every frame of the caller: lua_close closes the newest
+   first, and finalizes the newest marked first, so the guard runs before
+   any of the caller's __close and __gc, and leaves with _exit(). The code
+   given to os.exit is out of reach by then: the child exits with
+   EXIT_FAILURE. exit() without closing is caught by proc.c's on_exit
+   handler, with its code. On a normal return or an error of that C
+   function the guard does nothing. */
+static int guard_armed = 0;
+
+static int guard_close(lua_State *L) {
+  if (guard_armed && lua_isnoneornil(L, 2)) worker_exit(EXIT_FAILURE);
+  return 0;
+}
+
+static void push_guard(lua_State *L) {
+  lua_newuserdatauv(L, 1, 0);
+  lua_createtable(L, 0, 2);
+  lua_pushcfunction(L, guard_close);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, guard_close); /* lua_close from a coroutine: only
+                                        the main thread's are closed */
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_toclose(L, -1);
+}
+
+void parmap_exit_guard(lua_State *L) {
+  lua_State *main;
+  luaL_checkstack(L, 4, NULL);
+  push_guard(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  main = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  /* Run from a coroutine, this child's Lua code is above the main thread's
+     frames, but lua_close closes only the main thread's pending __close:
+     a guard goes on top of them too. The main thread waits in a resume
+     that this child never returns to, so its frame may take the slot. */
+  if (main != NULL && main != L && lua_checkstack(main, 4)) push_guard(main);
+  guard_armed = 1;
+}
+
 /* worker_loop(wstate, map): runs under lua_pcall, so every stack index
    below is of this call's frame. */
 static int worker_loop(lua_State *L) {
@@ -476,6 +571,8 @@ static int worker_loop(lua_State *L) {
   tb_floor = stack_depth(L) + 1; /* + run_items, under which fn runs */
   w->map = 2;
   replace_os_exit(L);
+  reseed_child(L);
+  parmap_exit_guard(L);
   lua_pushcfunction(L, parmap_msgh);
   w->msgh = lua_gettop(L);
   lua_getiuservalue(L, w->map, U_SCRATCH);
@@ -487,7 +584,10 @@ static int worker_loop(lua_State *L) {
   for (;;) {
     TaskHdr h;
     int r = parmap_read_all(w->fd, &h, sizeof h);
-    if (r == 1) return 0; /* the parent closed: done */
+    if (r == 1) { /* the parent closed: done */
+      guard_armed = 0;
+      return 0;
+    }
     if (r < 0 || h.magic != MAGIC_TASK) worker_exit(r < 0 ? 0 : 70);
     w->in.len = 0;
     if (h.bodylen) {
@@ -513,6 +613,8 @@ void parmap_run_hooks(lua_State *L) {
 void parmap_child_prepare(lua_State *L) {
   tb_floor = stack_depth(L); /* the calling C function and all below it */
   replace_os_exit(L);
+  reseed_child(L);
+  parmap_exit_guard(L);
 }
 
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
