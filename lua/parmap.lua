@@ -422,8 +422,7 @@ local function check(level, fn, items, opts, extra)
     local c = integer(chunksize)
     if c == -1 then
       if total then
-        c = (total + N - 1) // N
-        if c < 1 then c = 1 end
+        c = total > 0 and (total - 1) // N + 1 or 1 -- ceil, no overflow
       else
         io.stderr:write("parmap: chunksize = -1 needs a known total; using automatic chunking\n")
         c = nil
