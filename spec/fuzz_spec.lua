@@ -15,11 +15,16 @@ local function batch(first, last)
   local path = H.script(string.format(
     "os.exit(require('fuzz_run')(%d, %d, %d, %d) == 0 and 0 or 1)",
     seed, first, last, FORKS_PER_BATCH))
-  local p = io.popen("timeout -s KILL 600 env " .. H.lua_cmd(path) .. " 2>/dev/null")
+  local errpath = os.tmpname()
+  local p = io.popen("timeout -s KILL 600 env " .. H.lua_cmd(path) .. " 2>" .. errpath)
   local out = p:read("a")
   local _, how, code = p:close()
   os.remove(path)
-  return out, how, code
+  local f = io.open(errpath)
+  local err = f and f:read("a") or ""
+  if f then f:close() end
+  os.remove(errpath)
+  return out, how, code, err
 end
 
 describe("fuzzing the arguments of every entry point", function()
@@ -33,7 +38,7 @@ describe("fuzzing the arguments of every entry point", function()
   for _, r in ipairs(ranges) do
     it(string.format("cases %d..%d give a result or an error naming the bad argument, and leave no child",
       r[1], r[2]), function()
-      local out, how, code = batch(r[1], r[2])
+      local out, how, code, err = batch(r[1], r[2])
       local done = out:match("FUZZ%-DONE[^\n]*")
       if not (done and how == "exit" and code == 0) then
         -- the failures, and the case that was running when it ended
@@ -42,10 +47,11 @@ describe("fuzzing the arguments of every entry point", function()
           if line:match("^FUZZ%-FAIL") and #report < 20 then report[#report + 1] = line end
           if line:match("^case %d+") then last = line end
         end
-        error(string.format("seed %d, cases %d..%d: the fuzzer %s (%s %s; last: %s)\n%s\n%s",
+        -- its stderr (progress bars, warnings; a sanitizer's report) ends it
+        error(string.format("seed %d, cases %d..%d: the fuzzer %s (%s %s; last: %s)\n%s\n%s\nstderr: ...%s",
           seed, r[1], r[2], done and "found failures" or "did not finish (crash or hang)",
           tostring(how), tostring(code), tostring(last), table.concat(report, "\n"),
-          done or ""))
+          done or "", err:sub(-1500)))
       end
       assert.same({}, H.children())
     end)
