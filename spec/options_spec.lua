@@ -88,6 +88,8 @@ local ROWS = {
   -- every entry point blames its caller's line
   { "parmap(...) as a function", function() local f = parmap(42, {}); return f end,
     "parmap: bad argument #1 'fn' (function expected, got number)" },
+  { "parmap(...) in a for", function() for _ in parmap(42, {}) do end end,
+    "parmap: bad argument #1 'fn' (function expected, got number)" },
   { "parmap.parmap", function() local f = parmap.parmap(id, 5); return f end,
     "parmap: bad argument #2 'items'" },
   { "parmap.imap", function() local f = parmap.imap(id, {}, { N = -1 }); return f end,
