@@ -306,8 +306,18 @@ local function seqlen(t, name)
   return i
 end
 
+-- Is t a table with keys but no sequence part ({a = 1}, {[2] = x}), whose
+-- length n is 0? Mapping it would silently map nothing. A __len or a t.n
+-- says the length on purpose.
+local function not_sequence(t, n)
+  return n == 0 and t.n == nil and next(t) ~= nil
+    and not (getmetatable(t) or {}).__len
+end
+
 -- ipairs' iterator: items = ipairs(t) passes it, t and 0.
 local ipairs_aux = ipairs({})
+
+local NOT_SEQUENCE = "not a sequence: #t is 0 but it has other keys; to map over its keys or values, collect them into a list first"
 
 -- The hint for a call given an iterator triple instead of items.
 local TRIPLE = "pass the table itself (or an items function), not ipairs(t) or pairs(t)"
@@ -408,9 +418,8 @@ local function check(level, fn, items, opts, extra)
     if not n then
       error(format("parmap: bad argument #2 'items' (%s)", why), level)
     end
-    if n == 0 and items.n == nil and next(items) ~= nil
-      and not (getmetatable(items) or {}).__len then
-      error("parmap: bad argument #2 'items' (not a sequence: #items is 0 but it has other keys; to map over its keys or values, collect them into a list first)",
+    if not_sequence(items, n) then
+      error("parmap: bad argument #2 'items' (" .. NOT_SEQUENCE:gsub("#t", "#items") .. ")",
         level)
     end
     total = n
@@ -604,7 +613,8 @@ require("parmap.process")(M, core, {
   callable = callable, typename = typename, Error = Error,
   shown = shown, integer = integer, unknown = unknown, seqlen = seqlen,
   check_args = check_args, OPTIONS = OPTIONS, TRIPLE = TRIPLE,
-  ipairs_aux = ipairs_aux,
+  ipairs_aux = ipairs_aux, not_sequence = not_sequence,
+  NOT_SEQUENCE = NOT_SEQUENCE,
   upstream = upstream, close_value = close_value,
 })
 

@@ -609,7 +609,8 @@ local function run_pareval(k, seed)
     xbad = true
   else
     xn = seq_len(X)
-    xbad = not xn
+    xbad = not xn or (xn == 0 and X.n == nil and next(X) ~= nil
+      and not (getmetatable(X) or {}).__len)
   end
   if not xbad and xn > 3 then X, xname, xn = {}, "{} (was " .. xname .. ")", 0 end
   local o = type(opts) == "table" and opts or {}

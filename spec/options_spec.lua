@@ -120,6 +120,8 @@ local ROWS = {
     "parmap.ParEval: bad argument #1 'X' (#X returned 1.5 (its __len), not a non-negative integer)" },
   { "ParEval: X.n a string", function() local y = PE({ n = "1" }); return y end,
     "parmap.ParEval: bad argument #1 'X' (X.n must be a non-negative integer, got string \"1\")" },
+  { "ParEval: X not a sequence", function() local y = PE({ a = 1 }); return y end,
+    "parmap.ParEval: bad argument #1 'X' (not a sequence: #X is 0 but it has other keys" },
   { "ParEval: bounds(n) a string", function() local b = PE:bounds("3"); return b end,
     "parmap.ParEval: bad argument #1 'n' (non-negative integer expected, got string \"3\")" },
   -- values

@@ -152,6 +152,10 @@ return function(M, core, private)
     if not n then
       error(format("parmap.ParEval: bad argument #1 'X' (%s)", why), 2)
     end
+    if private.not_sequence(X, n) then
+      error("parmap.ParEval: bad argument #1 'X' ("
+        .. private.NOT_SEQUENCE:gsub("#t", "#X") .. ")", 2)
+    end
     local b = bounds(n, self.n_chunks, self.n_eval, self.n_min)
     -- Chunk k is built on demand where it is used: a worker slices its own
     -- copy of X, so nothing of X travels.
