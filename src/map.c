@@ -55,6 +55,7 @@ typedef struct Worker {
   int timed_out;
   int exited, status; /* reaped while its socket was still open */
   int lost;           /* ... by someone else's waitpid */
+  lua_Integer handed; /* items handed to this process in all (maxtasks) */
   Seg q[DEPTH];
 } Worker;
 
@@ -233,6 +234,7 @@ static lua_Integer chunk_size(Map *m) {
     lua_Integer guided = (rem + 2 * m->cfg.N - 1) / (2 * m->cfg.N);
     if (size > guided) size = guided;
   }
+  if (m->cfg.maxtasks > 0 && size > m->cfg.maxtasks) size = m->cfg.maxtasks;
   if (size < 1) size = 1;
   if (size > MAX_CHUNK) size = MAX_CHUNK;
   m->last_size = size;
@@ -389,7 +391,8 @@ static int spawn(lua_State *L, Map *m, int wi) {
     return -1;
   }
   if (pid == 0) {
-    parmap_worker_main(L, m->self, &m->cfg, &m->shm[wi], sv[1]);
+    parmap_worker_main(L, m->self, &m->cfg, &m->shm[wi], sv[1], wi + 1,
+                       m->nw);
     _exit(70); /* not reached */
   }
   close(sv[1]);
@@ -405,15 +408,36 @@ static int depth(Map *m) {
   return (m->item_ns * (double)m->last_size > 4 * TARGET_NS) ? 1 : DEPTH;
 }
 
+/* maxtasks: w was handed all the items it may run. */
+static int spent(const Map *m, const Worker *w) {
+  return m->cfg.maxtasks > 0 && w->handed >= m->cfg.maxtasks;
+}
+
+/* maxtasks: a worker that was handed its last item and sent its result
+   goes (its socket closed: it runs finish and exits); dispatch forks a
+   fresh process in its place, under the same number, for further work. */
+static void recycle(Map *m) {
+  int i;
+  if (m->cfg.maxtasks <= 0) return;
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    if (w->fd >= 0 && w->qn == 0 && spent(m, w)) {
+      parmap_fd_close(w->fd);
+      w->fd = -1;
+      m->nlive--;
+    }
+  }
+}
+
 /* A worker to give a segment to: an idle one, a new one, or one with room.
    Returns its index, -2 when one must be forked, -1 when none can take. */
 static int pick_worker(Map *m) {
   int i, best = -1, d = depth(m);
   for (i = 0; i < m->nw; i++)
-    if (m->w[i].fd >= 0 && m->w[i].qn == 0) return i;
+    if (m->w[i].fd >= 0 && m->w[i].qn == 0 && !spent(m, &m->w[i])) return i;
   if (m->nlive < m->cfg.N) return -2;
   for (i = 0; i < m->nw; i++)
-    if (m->w[i].fd >= 0 && m->w[i].qn < d &&
+    if (m->w[i].fd >= 0 && m->w[i].qn < d && !spent(m, &m->w[i]) &&
         (best < 0 || m->w[i].qn < m->w[best].qn))
       best = i;
   return best;
@@ -426,6 +450,9 @@ static void assign(Map *m, int wi, Slot *s) {
   g->slot = (int)(s - m->slots);
   g->from = s->next;
   g->to = (stop > 0 && stop < end) ? stop : end;
+  if (m->cfg.maxtasks > 0 && g->to - g->from > m->cfg.maxtasks - w->handed)
+    g->to = g->from + (m->cfg.maxtasks - w->handed); /* its last items */
+  w->handed += g->to - g->from;
   s->next = g->to;
   s->busy = 1;
 }
@@ -467,6 +494,7 @@ static void retire_idle(Map *m) {
 }
 
 static void dispatch(lua_State *L, Map *m) {
+  recycle(m);
   for (;;) {
     Slot *s;
     int wi = pick_worker(m);
@@ -586,6 +614,35 @@ static void protocol_error(lua_State *L, Worker *w, const char *what) {
              what);
 }
 
+static void stop(Map *m, int kill_them);
+
+/* A FLAG_INIT frame: w's init raised. Its record (REC_ERR, then kind, err,
+   message, traceback, pid) is p[0..len). No item ran there, so the map
+   cannot go on as asked: raise an error object of kind "init" naming the
+   worker, whatever `exception` says, and stop. */
+static void init_error(lua_State *L, Map *m, Worker *w, const char *p,
+                       size_t len) {
+  int base = lua_gettop(L), id = (int)(w - m->w) + 1, n, k;
+  size_t pos = 1;
+  const char *err = NULL;
+  if (len < 1 || p[0] != (char)REC_ERR)
+    protocol_error(L, w, "bad init error record");
+  luaL_checkstack(L, 12, NULL);
+  lua_getiuservalue(L, m->self, U_SCRATCH);
+  n = parmap_decode(L, p, len, &pos, base + 1, &err);
+  if (n != 5 || lua_type(L, base + 2) != LUA_TSTRING ||
+      lua_type(L, base + 4) != LUA_TSTRING)
+    protocol_error(L, w, "bad init error record");
+  lua_getiuservalue(L, m->self, U_MKERR);
+  lua_pushnil(L); /* no item */
+  for (k = 2; k <= 6; k++) lua_pushvalue(L, base + k);
+  lua_call(L, 6, 1); /* make_error(nil, "init", err, message, tb, pid) */
+  lua_pushinteger(L, id);
+  lua_setfield(L, -2, "worker");
+  stop(m, 1);
+  lua_error(L);
+}
+
 static void segment_done(Map *m, Worker *w, uint64_t elapsed) {
   Seg *g = &w->q[0];
   double per = (double)elapsed / (double)(seg_len(g) > 0 ? seg_len(g) : 1);
@@ -609,7 +666,8 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
       w->rhave += (size_t)r;
       if (w->rhave < FRAME_HDR) continue;
       if (w->rhdr.magic != MAGIC_RESULT) protocol_error(L, w, "bad magic");
-      if (w->qn == 0 || w->nsent == 0) protocol_error(L, w, "unasked result");
+      if (w->qn == 0 || (w->nsent == 0 && !(w->rhdr.flags & FLAG_INIT)))
+        protocol_error(L, w, "unasked result");
       s = &m->slots[w->q[0].slot];
       if ((lua_Integer)w->rhdr.nitems > w->q[0].to - (s->start + s->recv))
         protocol_error(L, w, "too many results");
@@ -626,6 +684,8 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
       w->rleft -= (uint64_t)r;
       if (w->rleft > 0) continue;
     }
+    if (w->rhdr.flags & FLAG_INIT)
+      init_error(L, m, w, s->out.p + s->out.len, (size_t)w->rhdr.bodylen);
     s->out.len += (size_t)w->rhdr.bodylen;
     s->recv += w->rhdr.nitems;
     m->done += w->rhdr.nitems;
@@ -1034,6 +1094,7 @@ static int map_start(lua_State *L) {
   m->cfg.total = intfield(L, "total", -1);
   m->cfg.chunksize = intfield(L, "chunksize", 0);
   m->cfg.N = (int)intfield(L, "N", 1);
+  m->cfg.maxtasks = intfield(L, "maxtasks", 0);
   lua_getfield(L, 1, "timeout");
   m->cfg.timeout = lua_isnumber(L, -1) ? (double)lua_tonumber(L, -1) : 0;
   lua_pop(L, 1);
@@ -1046,6 +1107,8 @@ static int map_start(lua_State *L) {
   uvfield(L, ud, "progress", U_PROGRESS);
   uvfield(L, ud, "make_error", U_MKERR);
   uvfield(L, ud, "describe", U_DESC);
+  uvfield(L, ud, "init", U_INIT);
+  uvfield(L, ud, "finish", U_FINISH);
   lua_newtable(L);
   lua_setiuservalue(L, ud, U_SCRATCH);
   m->nw = m->cfg.N;
