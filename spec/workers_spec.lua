@@ -184,6 +184,21 @@ describe("the init option", function()
       F.assert_stopped(before)
     end
   end)
+  it("is reported as such while the parent is still sending a large item to that worker", function()
+    -- the worker's init fails before it reads its first segment, 8 MB of
+    -- items from an iterator: the parent must neither take the unfinished
+    -- send for a death nor the early frame for a protocol error
+    local before = F.snapshot()
+    local big = ("x"):rep(8 << 20)
+    local k = 0
+    local ok, e = pcall(parmap.map, function(s) return #s end,
+      function() k = k + 1; if k <= 4 then return big end end,
+      { N = 2, chunksize = 1, exception = "return", init = function() error("init boom") end })
+    assert.is_false(ok)
+    assert.equal("init", e.kind, tostring(e))
+    assert.matches("init boom", e.message)
+    F.assert_stopped(before)
+  end)
   it("raised on the serial path is the same error object, for worker 1", function()
     local ok, e = pcall(parmap.map, tostring, { 1 },
       { N = 1, init = function() error("no database") end })
