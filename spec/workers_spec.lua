@@ -354,6 +354,28 @@ describe("the maxtasks option", function()
       assert.is_not_nil(out[tostring(pid)], "no finish in process " .. pid)
     end
   end)
+  it("forks the replacement without waiting for the old process's finish", function()
+    -- the finish of the process that ran item 1 waits until item 3 (which
+    -- only a later process can run) has run
+    local dir = tmpdir()
+    local mine
+    local got = parmap.map(function(x)
+      mine = x
+      if x == 3 then write(dir .. "/three", "") end
+      return x
+    end, H.range(4), {
+      N = 2, maxtasks = 1, chunksize = 1,
+      finish = function()
+        if mine == 1 then
+          write(dir .. "/finish1", await_file(dir .. "/three") and "item 3 ran" or "gave up")
+        end
+      end,
+    })
+    local out = files(dir)
+    rmdir(dir)
+    assert.same({ 1, 2, 3, 4 }, got)
+    assert.equal("item 3 ran", out.finish1)
+  end)
   it("still holds when a worker dies: its replacement starts a fresh count", function()
     local got = H.collect(parmap.parmap(function(x)
       if x == 5 then os.exit(4) end

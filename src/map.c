@@ -105,6 +105,8 @@ typedef struct Map {
   struct pollfd *pfd;
   int *pfd_w;
   parmap_buf pool[POOL]; /* big result buffers of released slots */
+  pid_t *retired; /* recycled workers (maxtasks) not reaped yet */
+  int nretired, retired_cap;
 } Map;
 
 /* ---------------------------------------------------------------- helpers */
@@ -417,14 +419,29 @@ static int spent(const Map *m, const Worker *w) {
    goes (its socket closed: it runs finish and exits); dispatch forks a
    fresh process in its place, under the same number, for further work. */
 static void recycle(Map *m) {
-  int i;
+  int i, k = 0, st;
   if (m->cfg.maxtasks <= 0) return;
+  for (i = 0; i < m->nretired; i++) /* reap those that are gone */
+    if (parmap_wait(m->retired[i], &st, 0) == 0)
+      m->retired[k++] = m->retired[i];
+  m->nretired = k;
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
     if (w->fd >= 0 && w->qn == 0 && spent(m, w)) {
       parmap_fd_close(w->fd);
       w->fd = -1;
       m->nlive--;
+      if (m->nretired == m->retired_cap) { /* else free_entry reaps it */
+        int cap = m->retired_cap ? 2 * m->retired_cap : 8;
+        pid_t *p = (pid_t *)realloc(m->retired, (size_t)cap * sizeof *p);
+        if (p == NULL) continue;
+        m->retired = p;
+        m->retired_cap = cap;
+      }
+      /* its entry is free at once: the replacement need not wait for its
+         finish; stop reaps it */
+      m->retired[m->nretired++] = w->pid;
+      w->pid = 0;
     }
   }
 }
@@ -822,6 +839,9 @@ static void release(Map *m) {
     m->slots = NULL;
   }
   for (i = 0; i < POOL; i++) parmap_buf_free(&m->pool[i]);
+  free(m->retired);
+  m->retired = NULL;
+  m->nretired = m->retired_cap = 0;
   free(m->w);
   m->w = NULL;
   free(m->pfd);
@@ -849,6 +869,12 @@ static void stop(Map *m, int kill_them) {
     parmap_wait(pid, &st, -1);
     m->w[i].pid = 0;
   }
+  for (i = 0; i < m->nretired; i++) { /* recycled: running finish, or gone */
+    if (kill_them && parmap_wait(m->retired[i], &st, 0) == 0)
+      kill(m->retired[i], SIGKILL);
+    parmap_wait(m->retired[i], &st, -1);
+  }
+  m->nretired = 0;
   m->nlive = 0;
   release(m); /* nothing reads the slots once stopped */
 }
