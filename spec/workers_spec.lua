@@ -418,4 +418,14 @@ describe("the maxtasks option", function()
     parmap.map(tostring, H.range(50), { N = 2, maxtasks = 4, finish = function() end })
     F.assert_stopped(before)
   end)
+  it("break stops every worker at once, recycled ones still in finish too", function()
+    local before = F.snapshot()
+    local t0 = core.now()
+    for i in parmap(tostring, H.range(50), { N = 2, maxtasks = 1, chunksize = 1,
+      finish = function() T.sleep(60) end }) do
+      if i == 6 then break end
+    end
+    F.assert_stopped(before)
+    assert.is_true(core.now() - t0 < 50, "waited for a finish") -- not 60 s
+  end)
 end)
