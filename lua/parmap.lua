@@ -32,7 +32,10 @@ Error.__name = "parmap.Error"
 
 function Error.__tostring(e)
   local s
-  if e.index == nil then -- a ReturnProcess
+  if e.kind == "init" then -- a worker's init raised: no item ran there
+    s = format("parmap: init failed in worker %d (pid %d): %s", e.worker,
+      e.pid, e.message)
+  elseif e.index == nil then -- a ReturnProcess
     s = format("parmap: process %d failed: %s", e.pid, e.message)
   else
     s = format("parmap: item %d failed in %s %d: %s", e.index,
@@ -44,8 +47,9 @@ function Error.__tostring(e)
 end
 
 -- kind: "error" (fn raised), "value" (a result cannot travel), "died" (the
--- worker ended), "timeout" (the item ran past opts.timeout). index is nil
--- for a ReturnProcess.
+-- worker ended), "timeout" (the item ran past opts.timeout), "init" (the
+-- init option raised; the field worker names the worker). index is nil for
+-- a ReturnProcess and for "init".
 local function make_error(index, kind, err, message, traceback, pid)
   return setmetatable({ index = index, kind = kind, err = err,
     message = message, traceback = traceback or "", pid = pid }, Error)
@@ -186,6 +190,9 @@ local OPTIONS = {
   exception = true,
   timeout = true,
   seed = true,
+  init = true,
+  finish = true,
+  maxtasks = true,
 }
 local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
 -- The most extra arguments (args.n) a call may get: they sit on Lua's
@@ -364,7 +371,8 @@ local function check(level, fn, items, opts, extra)
 
   local N = opts.N
   if N == nil then
-    N = core.ncpu()
+    -- a map inside a worker would otherwise fork N workers per worker
+    N = core.worker() and 1 or core.ncpu()
   else
     N = integer(N)
     if not N or N < 1 then bad(level, "N", "positive integer", opts.N) end
@@ -471,6 +479,24 @@ local function check(level, fn, items, opts, extra)
     spec.seed = integer(seed)
     if not spec.seed then bad(level, "seed", "integer", seed) end
   end
+
+  -- per-worker state: init(id) before a worker's first item, finish(id)
+  -- when it ends normally
+  for _, name in next, { "init", "finish" } do
+    local f = opts[name]
+    if f ~= nil and not callable(f) then
+      bad(level, name, "function", f)
+    end
+    spec[name] = f
+  end
+
+  local maxtasks = opts.maxtasks
+  if maxtasks ~= nil then
+    spec.maxtasks = integer(maxtasks)
+    if not spec.maxtasks or spec.maxtasks < 1 then
+      bad(level, "maxtasks", "positive integer", maxtasks)
+    end
+  end
   return spec
 end
 
@@ -485,6 +511,28 @@ Serial.close = Serial.__close
 
 local call = core.call
 
+-- init and finish of a serial map, run in the caller as worker 1, with the
+-- same outcomes as in a worker: init's error is raised as an error object
+-- of kind "init"; finish's is written to stderr.
+local function serial_init(init)
+  local status, err, message, traceback = call(init, 1, 0, 0, false, {},
+    0, false, nil, true)
+  if status ~= "ok" then
+    local e = make_error(nil, "init", err, message, traceback, core.pid())
+    e.worker = 1
+    error(e, 0)
+  end
+end
+
+local function serial_finish(fin)
+  local status, _, message, traceback = call(fin, 1, 0, 0, false, {},
+    0, false, nil, true)
+  if status ~= "ok" then
+    io.stderr:write(format("parmap worker 1 (pid %d): finish failed: %s\n%s\n",
+      core.pid(), message, traceback))
+  end
+end
+
 -- N = 1: a plain loop in this process, no fork.
 local function serial(spec)
   local fn, items, from_table = spec.fn, spec.items, spec.from_table == 1
@@ -494,6 +542,7 @@ local function serial(spec)
   local exception, progress = spec.exception_name, spec.progress
   local state = setmetatable({ closed = false }, Serial)
   local i, ended = 0, false
+  local init, fin, started = spec.init, spec.finish, false
 
   local function finish(...)
     if progress then progress(i, total, false) end
@@ -522,8 +571,13 @@ local function serial(spec)
     end
     if (from_table and i >= total) or (not from_table and item == nil) then
       ended = true
+      if started and fin then serial_finish(fin) end
       if progress then progress(i, total, true) end
       return nil
+    end
+    if not started then -- the one worker is this process, number 1
+      started = true
+      if init then serial_init(init) end
     end
     i = i + 1
     if exception == "proc" then
@@ -606,6 +660,8 @@ end
 
 --- The number of CPUs this process may run on (the default N).
 M.ncpu = core.ncpu
+--- In a worker of a map: its number (1..N) and N; nil in the caller.
+function M.worker() return core.worker() end
 --- Monotonic time in seconds, for timing maps.
 M.now = core.now
 --- print's values on stdout, above the progress bar when one is drawn.

@@ -161,6 +161,19 @@ static void wrap_allocator(lua_State *L) {
   lua_setallocf(L, huge_alloc, w);
 }
 
+/* worker(): this process's worker number and its map's worker count, or
+   nil outside a map's worker. */
+static int core_worker(lua_State *L) {
+  int n, id = parmap_worker_id(&n);
+  if (id == 0) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_pushinteger(L, id);
+  lua_pushinteger(L, n);
+  return 2;
+}
+
 PARMAP_API int luaopen_parmap_core(lua_State *L) {
   static const luaL_Reg funcs[] = {{"call", core_call},
                                    {"ncpu", core_ncpu},
@@ -168,6 +181,7 @@ PARMAP_API int luaopen_parmap_core(lua_State *L) {
                                    {"isatty", core_isatty},
                                    {"termwidth", core_termwidth},
                                    {"pid", core_pid},
+                                   {"worker", core_worker},
                                    {NULL, NULL}};
   wrap_allocator(L);
   luaL_newlib(L, funcs);

@@ -36,7 +36,9 @@ enum {
   U_MKERR,    /* make_error(index, kind, err, message, traceback, pid) */
   U_DESC,     /* describe(prefix, values...) -> message */
   U_SCRATCH,  /* the codec's scratch table */
-  U_COUNT = U_SCRATCH
+  U_INIT,     /* init(id), run once in each worker before its items, or nil */
+  U_FINISH,   /* finish(id), run in a worker that ends normally, or nil */
+  U_COUNT = U_FINISH
 };
 
 typedef struct Config {
@@ -49,6 +51,7 @@ typedef struct Config {
   double timeout; /* seconds per item, 0: none */
   int has_seed;   /* seed option: math.randomseed(seed, index) per item */
   lua_Integer seed;
+  lua_Integer maxtasks; /* items a worker process runs in all, 0: no limit */
 } Config;
 
 /* Frame headers. Both ends are the same machine: native byte order. */
@@ -70,6 +73,8 @@ typedef struct ResultHdr {
   uint64_t flags;
 } ResultHdr;
 #define FLAG_END 1u /* the segment is complete */
+#define FLAG_INIT 2u /* no items: the body is the REC_ERR record of a
+                        failed init; the worker then only waits for EOF */
 
 /* A result record starts with one of these bytes, then a codec record:
    REC_OK: the values fn returned.
@@ -104,9 +109,14 @@ int parmap_msgh(lua_State *L);
    err, message, traceback. Returns 3. */
 int parmap_unbox(lua_State *L, int idx);
 
-/* Run the worker side in a forked child; never returns. */
+/* Run the worker side in a forked child as worker `id` of `n`; never
+   returns. */
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
-                        Shm *shm, int fd);
+                        Shm *shm, int fd, int id, int n);
+
+/* This process's worker number and its map's worker count (both 0 outside
+   a map's worker). */
+int parmap_worker_id(int *n);
 
 /* Call an empty Lua function: a hook that a signal handler set (lua.c's
    Ctrl-C) runs at a call, so C code that waits calls this after EINTR, or

@@ -56,6 +56,7 @@ typedef struct Worker {
   int timed_out;
   int exited, status; /* reaped while its socket was still open */
   int lost;           /* ... by someone else's waitpid */
+  lua_Integer handed; /* items handed to this process in all (maxtasks) */
   Seg q[DEPTH];
 } Worker;
 
@@ -105,6 +106,8 @@ typedef struct Map {
   struct pollfd *pfd;
   int *pfd_w;
   parmap_buf pool[POOL]; /* big result buffers of released slots */
+  pid_t *retired; /* recycled workers (maxtasks) not reaped yet */
+  int nretired, retired_cap;
 } Map;
 
 /* ---------------------------------------------------------------- helpers */
@@ -235,6 +238,7 @@ static lua_Integer chunk_size(Map *m) {
     lua_Integer guided = rem / two_n + (rem % two_n != 0); /* maxinteger */
     if (size > guided) size = guided;
   }
+  if (m->cfg.maxtasks > 0 && size > m->cfg.maxtasks) size = m->cfg.maxtasks;
   if (size < 1) size = 1;
   if (size > MAX_CHUNK) size = MAX_CHUNK;
   m->last_size = size;
@@ -397,7 +401,8 @@ static int spawn(lua_State *L, Map *m, int wi) {
     return -1;
   }
   if (pid == 0) {
-    parmap_worker_main(L, m->self, &m->cfg, &m->shm[wi], sv[1]);
+    parmap_worker_main(L, m->self, &m->cfg, &m->shm[wi], sv[1], wi + 1,
+                       m->nw);
     _exit(70); /* not reached */
   }
   close(sv[1]);
@@ -413,15 +418,51 @@ static int depth(Map *m) {
   return (m->item_ns * (double)m->last_size > 4 * TARGET_NS) ? 1 : DEPTH;
 }
 
+/* maxtasks: w was handed all the items it may run. */
+static int spent(const Map *m, const Worker *w) {
+  return m->cfg.maxtasks > 0 && w->handed >= m->cfg.maxtasks;
+}
+
+/* maxtasks: a worker that was handed its last item and sent its result
+   goes (its socket closed: it runs finish and exits); dispatch forks a
+   fresh process in its place, under the same number, for further work. */
+static void recycle(Map *m) {
+  int i, k = 0, st;
+  if (m->cfg.maxtasks <= 0) return;
+  for (i = 0; i < m->nretired; i++) /* reap those that are gone */
+    if (parmap_wait(m->retired[i], &st, 0) == 0)
+      m->retired[k++] = m->retired[i];
+  m->nretired = k;
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    if (w->fd >= 0 && w->qn == 0 && spent(m, w)) {
+      parmap_fd_close(w->fd);
+      w->fd = -1;
+      m->nlive--;
+      if (m->nretired == m->retired_cap) { /* else free_entry reaps it */
+        int cap = m->retired_cap ? 2 * m->retired_cap : 8;
+        pid_t *p = (pid_t *)realloc(m->retired, (size_t)cap * sizeof *p);
+        if (p == NULL) continue;
+        m->retired = p;
+        m->retired_cap = cap;
+      }
+      /* its entry is free at once: the replacement need not wait for its
+         finish; stop reaps it */
+      m->retired[m->nretired++] = w->pid;
+      w->pid = 0;
+    }
+  }
+}
+
 /* A worker to give a segment to: an idle one, a new one, or one with room.
    Returns its index, -2 when one must be forked, -1 when none can take. */
 static int pick_worker(Map *m) {
   int i, best = -1, d = depth(m);
   for (i = 0; i < m->nw; i++)
-    if (m->w[i].fd >= 0 && m->w[i].qn == 0) return i;
+    if (m->w[i].fd >= 0 && m->w[i].qn == 0 && !spent(m, &m->w[i])) return i;
   if (m->nlive < m->cfg.N) return -2;
   for (i = 0; i < m->nw; i++)
-    if (m->w[i].fd >= 0 && m->w[i].qn < d &&
+    if (m->w[i].fd >= 0 && m->w[i].qn < d && !spent(m, &m->w[i]) &&
         (best < 0 || m->w[i].qn < m->w[best].qn))
       best = i;
   return best;
@@ -434,6 +475,9 @@ static void assign(Map *m, int wi, Slot *s) {
   g->slot = (int)(s - m->slots);
   g->from = s->next;
   g->to = (stop > 0 && stop < end) ? stop : end;
+  if (m->cfg.maxtasks > 0 && g->to - g->from > m->cfg.maxtasks - w->handed)
+    g->to = g->from + (m->cfg.maxtasks - w->handed); /* its last items */
+  w->handed += g->to - g->from;
   s->next = g->to;
   s->busy = 1;
 }
@@ -475,6 +519,7 @@ static void retire_idle(Map *m) {
 }
 
 static void dispatch(lua_State *L, Map *m) {
+  recycle(m);
   for (;;) {
     Slot *s;
     int wi = pick_worker(m);
@@ -594,6 +639,35 @@ static void protocol_error(lua_State *L, Worker *w, const char *what) {
              what);
 }
 
+static void stop(Map *m, int kill_them);
+
+/* A FLAG_INIT frame: w's init raised. Its record (REC_ERR, then kind, err,
+   message, traceback, pid) is p[0..len). No item ran there, so the map
+   cannot go on as asked: raise an error object of kind "init" naming the
+   worker, whatever `exception` says, and stop. */
+static void init_error(lua_State *L, Map *m, Worker *w, const char *p,
+                       size_t len) {
+  int base = lua_gettop(L), id = (int)(w - m->w) + 1, n, k;
+  size_t pos = 1;
+  const char *err = NULL;
+  if (len < 1 || p[0] != (char)REC_ERR)
+    protocol_error(L, w, "bad init error record");
+  luaL_checkstack(L, 12, NULL);
+  lua_getiuservalue(L, m->self, U_SCRATCH);
+  n = parmap_decode(L, p, len, &pos, base + 1, &err);
+  if (n != 5 || lua_type(L, base + 2) != LUA_TSTRING ||
+      lua_type(L, base + 4) != LUA_TSTRING)
+    protocol_error(L, w, "bad init error record");
+  lua_getiuservalue(L, m->self, U_MKERR);
+  lua_pushnil(L); /* no item */
+  for (k = 2; k <= 6; k++) lua_pushvalue(L, base + k);
+  lua_call(L, 6, 1); /* make_error(nil, "init", err, message, tb, pid) */
+  lua_pushinteger(L, id);
+  lua_setfield(L, -2, "worker");
+  stop(m, 1);
+  lua_error(L);
+}
+
 static void segment_done(Map *m, Worker *w, uint64_t elapsed) {
   Seg *g = &w->q[0];
   double per = (double)elapsed / (double)(seg_len(g) > 0 ? seg_len(g) : 1);
@@ -617,7 +691,8 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
       w->rhave += (size_t)r;
       if (w->rhave < FRAME_HDR) continue;
       if (w->rhdr.magic != MAGIC_RESULT) protocol_error(L, w, "bad magic");
-      if (w->qn == 0 || w->nsent == 0) protocol_error(L, w, "unasked result");
+      if (w->qn == 0 || (w->nsent == 0 && !(w->rhdr.flags & FLAG_INIT)))
+        protocol_error(L, w, "unasked result");
       s = &m->slots[w->q[0].slot];
       if ((lua_Integer)w->rhdr.nitems > w->q[0].to - (s->start + s->recv))
         protocol_error(L, w, "too many results");
@@ -634,6 +709,8 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
       w->rleft -= (uint64_t)r;
       if (w->rleft > 0) continue;
     }
+    if (w->rhdr.flags & FLAG_INIT)
+      init_error(L, m, w, s->out.p + s->out.len, (size_t)w->rhdr.bodylen);
     s->out.len += (size_t)w->rhdr.bodylen;
     s->recv += w->rhdr.nitems;
     m->done += w->rhdr.nitems;
@@ -775,6 +852,9 @@ static void release(Map *m) {
     m->slots = NULL;
   }
   for (i = 0; i < POOL; i++) parmap_buf_free(&m->pool[i]);
+  free(m->retired);
+  m->retired = NULL;
+  m->nretired = m->retired_cap = 0;
   free(m->w);
   m->w = NULL;
   free(m->pfd);
@@ -802,6 +882,12 @@ static void stop(Map *m, int kill_them) {
     parmap_wait(pid, &st, -1);
     m->w[i].pid = 0;
   }
+  for (i = 0; i < m->nretired; i++) { /* recycled: running finish, or gone */
+    if (kill_them && parmap_wait(m->retired[i], &st, 0) == 0)
+      kill(m->retired[i], SIGKILL);
+    parmap_wait(m->retired[i], &st, -1);
+  }
+  m->nretired = 0;
   m->nlive = 0;
   release(m); /* nothing reads the slots once stopped */
 }
@@ -1057,6 +1143,7 @@ static void read_config(lua_State *L, Config *c) {
   if (c->from_table && c->total < 0) c->total = 0;
   c->chunksize = countfield(L, "chunksize", "chunksize", 1, 0);
   if (c->chunksize > PARMAP_MAX_CHUNK) c->chunksize = PARMAP_MAX_CHUNK;
+  c->maxtasks = countfield(L, "maxtasks", "maxtasks", 1, 0);
   n = countfield(L, "N", "N", 1, 1);
   if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
   if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;
@@ -1114,6 +1201,8 @@ static int map_start(lua_State *L) {
   uvfield(L, ud, "progress", U_PROGRESS);
   uvfield(L, ud, "make_error", U_MKERR);
   uvfield(L, ud, "describe", U_DESC);
+  uvfield(L, ud, "init", U_INIT);
+  uvfield(L, ud, "finish", U_FINISH);
   lua_newtable(L);
   lua_setiuservalue(L, ud, U_SCRATCH);
   m->nw = m->cfg.N;

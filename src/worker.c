@@ -5,6 +5,7 @@
 ** _exit() at end of file. It never returns into the caller's Lua code.
 */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <lauxlib.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -509,6 +510,73 @@ static int worker_os_exit(lua_State *L) {
   return 0;
 }
 
+/* ---------------------------------------------------------------- identity */
+
+/* This process's number among its map's workers (1..n), 0 in the caller
+   and in a ReturnProcess child. A process is a worker of one map only, so
+   inside a nested map's worker it is that (innermost) map's number. */
+static int worker_id = 0, worker_n = 0;
+
+int parmap_worker_id(int *n) {
+  if (n) *n = worker_n;
+  return worker_id;
+}
+
+/* run_user(f, id): f(id). Called under lua_pcall from worker_loop, so it
+   sits where run_items does and the traceback's floor fits it too. */
+static int run_user(lua_State *L) {
+  lua_settop(L, 2);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+/* Call the map's init or finish (user value u) with this worker's number.
+   Returns 1 when there is none or it returned; 0 when it raised, with err,
+   message and traceback pushed. */
+static int call_user(WState *w, int u) {
+  lua_State *L = w->L;
+  if (lua_getiuservalue(L, w->map, u) == LUA_TNIL) {
+    lua_pop(L, 1);
+    return 1;
+  }
+  lua_pushcfunction(L, run_user);
+  lua_insert(L, -2);
+  lua_pushinteger(L, worker_id);
+  if (lua_pcall(L, 2, 0, w->msgh) == LUA_OK) return 1;
+  parmap_unbox(L, lua_gettop(L));
+  return 0;
+}
+
+/* init raised (err, message, traceback on top): send its error record in a
+   FLAG_INIT frame, then wait for the parent, which raises it and stops the
+   map, to close the socket. Reading all it sends meanwhile keeps its
+   writes from failing, so it never takes this for a death. */
+static void init_failed(WState *w) {
+  lua_State *L = w->L;
+  int box = lua_gettop(L) - 2;
+  char sink[4096];
+  parmap_put_error(L, &w->out, w->oscratch, "init", box,
+                   lua_tostring(L, box + 1), lua_tostring(L, box + 2), w->pid);
+  flush(w, 0, 0, FLAG_INIT);
+  for (;;) {
+    ssize_t r = read(w->fd, sink, sizeof sink);
+    if (r > 0 || (r < 0 && errno == EINTR)) continue;
+    break;
+  }
+  worker_exit(1);
+}
+
+/* The parent closed the socket: the map ended, or this worker ran its
+   maxtasks items. finish's error cannot reach the map any more (every
+   result is delivered): it goes to stderr. */
+static void run_finish(WState *w) {
+  lua_State *L = w->L;
+  if (call_user(w, U_FINISH)) return;
+  fprintf(stderr, "parmap worker %d (pid %d): finish failed: %s\n%s\n",
+          worker_id, (int)w->pid, lua_tostring(L, -2), lua_tostring(L, -1));
+  worker_exit(1);
+}
+
 static void replace_os_exit(lua_State *L) {
   if (lua_getglobal(L, "os") == LUA_TTABLE) {
     lua_pushcfunction(L, worker_os_exit);
@@ -581,10 +649,12 @@ static int worker_loop(lua_State *L) {
   w->cs.kwstar = w->cfg->kwstar;
   w->cs.has_kw = w->cfg->has_kw;
   w->cs.nargs = w->cfg->nargs;
+  if (!call_user(w, U_INIT)) init_failed(w);
   for (;;) {
     TaskHdr h;
     int r = parmap_read_all(w->fd, &h, sizeof h);
     if (r == 1) { /* the parent closed: done */
+      run_finish(w); /* under the exit guard: user code */
       guard_armed = 0;
       return 0;
     }
@@ -612,15 +682,18 @@ void parmap_run_hooks(lua_State *L) {
 
 void parmap_child_prepare(lua_State *L) {
   tb_floor = stack_depth(L); /* the calling C function and all below it */
+  worker_id = worker_n = 0;  /* a ReturnProcess child is no map's worker */
   replace_os_exit(L);
   reseed_child(L);
   parmap_exit_guard(L);
 }
 
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
-                        Shm *shm, int fd) {
+                        Shm *shm, int fd, int id, int n) {
   WState w;
   memset(&w, 0, sizeof w);
+  worker_id = id;
+  worker_n = n;
   lua_gc(L, LUA_GCSTOP, 0);
   w.L = L;
   w.cfg = cfg;
