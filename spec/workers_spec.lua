@@ -218,9 +218,9 @@ describe("the init option", function()
   end)
   it("is checked: a function or a callable", function()
     assert.error_matches(function() parmap.map(tostring, { 1 }, { init = 3 }) end,
-      "bad option 'init' %(function expected, got number%)")
+      "bad option 'init' %(function expected, got 3%)")
     assert.error_matches(function() parmap.map(tostring, { 1 }, { finish = "x" }) end,
-      "bad option 'finish' %(function expected, got string%)")
+      "bad option 'finish' %(function expected, got string \"x\"%)")
     local callable = setmetatable({}, { __call = function() end })
     assert.same({ "1" }, (parmap.map(tostring, { 1 }, { N = 2, init = callable, finish = callable })))
   end)
@@ -407,10 +407,11 @@ describe("the maxtasks option", function()
     end
   end)
   it("is checked: a positive integer", function()
-    for _, bad in ipairs({ 0, -1, 1.5, "x", true }) do
+    for bad, shown in pairs({ [0] = "0", [-1] = "-1", [1.5] = "1.5",
+                              x = 'string "x"', [true] = "boolean", ["3"] = 'string "3"' }) do
       assert.error_matches(function() parmap.map(tostring, { 1 }, { maxtasks = bad }) end,
         "bad option 'maxtasks' %(positive integer expected, got "
-          .. tostring(bad):gsub("%p", "%%%0") .. "%)")
+          .. shown:gsub("%p", "%%%0") .. "%)")
     end
   end)
   it("leaves nothing behind", function()
