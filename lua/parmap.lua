@@ -184,7 +184,7 @@ end
 
 local OPTIONS = { N = true, star = true, kwstar = true, args = true,
   kwargs = true, chunksize = true, ordered = true, progress = true,
-  total = true, exception = true, timeout = true }
+  total = true, exception = true, timeout = true, buffersize = true }
 local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
 
 local function callable(f)
@@ -315,6 +315,12 @@ local function check(level, fn, items, opts)
     end
     spec.chunksize = posint(chunksize)
   end
+
+  local buffersize = opts.buffersize
+  if buffersize ~= nil and not posint(buffersize) then
+    bad(level, "buffersize", "positive integer", tostring(buffersize))
+  end
+  spec.buffersize = posint(buffersize) -- nil: the engine's default
 
   local ordered = opts.ordered
   if ordered ~= nil and type(ordered) ~= "boolean" then

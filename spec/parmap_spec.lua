@@ -166,7 +166,7 @@ describe("inputs", function()
         if i == 1000 then break end
       end
       assert.equal(1000000, last)
-      assert.is_true(made < 100000, "made " .. made .. " items")
+      assert.is_true(made <= 1000 + 8192 * N, "made " .. made .. " items")
     end
   end)
   it("sends iterator items to the workers by value", function()
@@ -188,6 +188,63 @@ describe("inputs", function()
     local ok, err = pcall(parmap.map, sq, gen, { N = 2 })
     assert.is_false(ok)
     assert.matches("item 2: cannot send a function at .bad.cb", err, 1, true)
+  end)
+end)
+
+describe("read-ahead from an iterator (buffersize)", function()
+  -- The loop's k-th step has consumed k items; the iterator may have made
+  -- at most buffersize more. The default is 8192 items per worker.
+  local function check(N, opts, B, steps)
+    local made, k = 0, 0
+    local function forever() made = made + 1; return made end
+    opts.N = N
+    for i, r in parmap.parmap(sq, forever, opts) do
+      k = k + 1
+      assert.is_true(made <= k + B, ("N = %d, buffersize = %s: %d items made at step %d")
+        :format(N, tostring(opts.buffersize), made, k))
+      if N == 1 and not opts.timeout then
+        assert.equal(k, made) -- the serial loop pulls one item a step
+      end
+      if opts.ordered ~= false then assert.equal(k, i) end
+      assert.equal(i * i, r)
+      if k == steps then break end
+    end
+    assert.equal(steps, k)
+    assert.is_true(made <= k + B, "made " .. made .. " at the break")
+  end
+  it("pulls at most buffersize items ahead of the loop, by default 8192 per worker", function()
+    for _, N in ipairs({ 1, 2, 3 }) do check(N, {}, 8192 * N, 30000) end
+  end)
+  it("pulls at most buffersize items ahead of the loop, for any buffersize", function()
+    for _, N in ipairs({ 1, 2, 3 }) do
+      for _, B in ipairs({ 1, 2, 3, 5, 100, 5000 }) do
+        check(N, { buffersize = B }, B, 2000)
+      end
+    end
+  end)
+  it("holds the bound in unordered mode, with chunksize, and with N = 1 and a timeout", function()
+    check(2, { buffersize = 50, ordered = false }, 50, 3000)
+    check(3, { ordered = false }, 3 * 8192, 30000)
+    check(2, { buffersize = 10, chunksize = 1000 }, 10, 500)
+    check(2, { buffersize = 1000, chunksize = 7 }, 1000, 3000)
+    check(1, { buffersize = 4, timeout = 60 }, 4, 300)
+  end)
+  it("gives the same results whatever the buffersize, and does not apply to tables", function()
+    local want = parmap.map(sq, H.range(3000), { N = 1 })
+    for _, B in ipairs({ 1, 2, 64, 100000 }) do
+      local k = 0
+      local function gen() k = k + 1; if k <= 3000 then return k end end
+      assert.same(want, (parmap.map(sq, gen, { N = 2, buffersize = B })))
+      assert.same(want, (parmap.map(sq, H.range(3000), { N = 2, buffersize = B })))
+    end
+  end)
+  it("is a positive integer", function()
+    for _, bad in ipairs({ 0, -1, 1.5, true }) do
+      local ok, err = pcall(parmap.map, sq, H.range(3), { N = 2, buffersize = bad })
+      assert.is_false(ok)
+      assert.matches("bad option 'buffersize' (positive integer expected, got " .. tostring(bad) .. ")",
+        err, 1, true)
+    end
   end)
 end)
 

@@ -33,6 +33,7 @@
 #define WINDOW_BASE 4 /* ... while the chunk the loop waits for is done */
 #define TARGET_NS 2000000.0 /* aim for chunks of about 2 ms of work */
 #define MAX_CHUNK 1000000
+#define BUFFER_PER_WORKER 8192 /* default buffersize: this many items a worker */
 #define BIG_BUF (4u << 20) /* result buffers past this go to the pool */
 #define POOL 2             /* big buffers a map keeps for reuse */
 
@@ -99,6 +100,7 @@ typedef struct Map {
   lua_Integer next_index;     /* first item not in a chunk */
   int exhausted;
   lua_Integer done, reported;
+  lua_Integer taken;          /* items the loop has consumed */
   double item_ns;
   lua_Integer last_size;
   struct pollfd *pfd;
@@ -218,24 +220,33 @@ static void take_failure(lua_State *L, Map *m, Slot *s, size_t at) {
 
 /* ---------------------------------------------------------------- chunks */
 
+/* The size of the next chunk; new_chunk commits it to last_size. */
 static lua_Integer chunk_size(Map *m) {
   lua_Integer size;
-  if (m->cfg.chunksize > 0) return m->cfg.chunksize;
-  if (m->item_ns <= 0) {
-    size = m->last_size ? m->last_size * 2 : 1;
+  if (m->cfg.chunksize > 0) {
+    size = m->cfg.chunksize;
   } else {
-    double want = TARGET_NS / m->item_ns;
-    size = want >= MAX_CHUNK ? MAX_CHUNK : (lua_Integer)want;
-    if (size > m->last_size * 4) size = m->last_size * 4;
+    if (m->item_ns <= 0) {
+      size = m->last_size ? m->last_size * 2 : 1;
+    } else {
+      double want = TARGET_NS / m->item_ns;
+      size = want >= MAX_CHUNK ? MAX_CHUNK : (lua_Integer)want;
+      if (size > m->last_size * 4) size = m->last_size * 4;
+    }
+    if (m->cfg.total >= 0) { /* shrink near the end: all finish together */
+      lua_Integer rem = m->cfg.total - m->next_index + 1;
+      lua_Integer guided = (rem + 2 * m->cfg.N - 1) / (2 * m->cfg.N);
+      if (size > guided) size = guided;
+    }
+    /* iterator input: chunks small enough that every worker can hold
+       DEPTH of them within the read-ahead bound */
+    if (!m->cfg.from_table && size > m->cfg.buffersize / (DEPTH * m->cfg.N))
+      size = m->cfg.buffersize / (DEPTH * m->cfg.N);
   }
-  if (m->cfg.total >= 0) { /* shrink near the end: all finish together */
-    lua_Integer rem = m->cfg.total - m->next_index + 1;
-    lua_Integer guided = (rem + 2 * m->cfg.N - 1) / (2 * m->cfg.N);
-    if (size > guided) size = guided;
-  }
+  if (!m->cfg.from_table && size > m->cfg.buffersize)
+    size = m->cfg.buffersize; /* an explicit chunksize too */
   if (size < 1) size = 1;
   if (size > MAX_CHUNK) size = MAX_CHUNK;
-  m->last_size = size;
   return size;
 }
 
@@ -314,6 +325,12 @@ static Slot *new_chunk(lua_State *L, Map *m) {
   lua_Integer size;
   if (m->exhausted || (s = free_slot(m)) == NULL) return NULL;
   size = chunk_size(m);
+  if (!m->cfg.from_table &&
+      m->next_index - 1 - m->taken + size > m->cfg.buffersize)
+    return NULL; /* at most buffersize items pulled ahead of the loop: wait
+                    until it takes some (size <= buffersize, so it has some
+                    to take) */
+  m->last_size = size;
   if (s->out.p == NULL) { /* take a big buffer from the pool if any */
     int i;
     for (i = 0; i < POOL; i++)
@@ -905,6 +922,7 @@ static int emit(lua_State *L, Map *m, Slot *s) {
                       (LUAI_UACINT)index, err);
   }
   s->rpos = pos;
+  m->taken++;
   if (++s->consumed == s->count) {
     if (m->cfg.ordered) m->seq_take++;
     if (!s->busy) release_slot(m, s); /* else when its segment ends */
@@ -1033,11 +1051,13 @@ static int map_start(lua_State *L) {
   m->cfg.ordered = (int)intfield(L, "ordered", 1);
   m->cfg.total = intfield(L, "total", -1);
   m->cfg.chunksize = intfield(L, "chunksize", 0);
+  m->cfg.buffersize = intfield(L, "buffersize", 0);
   m->cfg.N = (int)intfield(L, "N", 1);
   lua_getfield(L, 1, "timeout");
   m->cfg.timeout = lua_isnumber(L, -1) ? (double)lua_tonumber(L, -1) : 0;
   lua_pop(L, 1);
   if (m->cfg.N < 1) m->cfg.N = 1;
+  if (m->cfg.buffersize < 1) m->cfg.buffersize = (lua_Integer)BUFFER_PER_WORKER * m->cfg.N;
   if (m->cfg.from_table && m->cfg.total < 0) m->cfg.total = 0;
   uvfield(L, ud, "fn", U_FN);
   uvfield(L, ud, "items", U_ITEMS);
