@@ -220,31 +220,30 @@ static void take_failure(lua_State *L, Map *m, Slot *s, size_t at) {
 
 /* ---------------------------------------------------------------- chunks */
 
-/* The size of the next chunk; new_chunk commits it to last_size. */
+/* The size of the next chunk; new_chunk commits it to last_size. For
+   iterator input it is at most buffersize (the read-ahead bound), and an
+   automatic one small enough that every worker can hold DEPTH chunks
+   within it. */
 static lua_Integer chunk_size(Map *m) {
-  lua_Integer size;
+  lua_Integer size, bound = m->cfg.from_table ? 0 : m->cfg.buffersize;
   if (m->cfg.chunksize > 0) {
     size = m->cfg.chunksize;
-  } else {
-    if (m->item_ns <= 0) {
-      size = m->last_size ? m->last_size * 2 : 1;
-    } else {
-      double want = TARGET_NS / m->item_ns;
-      size = want >= MAX_CHUNK ? MAX_CHUNK : (lua_Integer)want;
-      if (size > m->last_size * 4) size = m->last_size * 4;
-    }
-    if (m->cfg.total >= 0) { /* shrink near the end: all finish together */
-      lua_Integer rem = m->cfg.total - m->next_index + 1;
-      lua_Integer guided = (rem + 2 * m->cfg.N - 1) / (2 * m->cfg.N);
-      if (size > guided) size = guided;
-    }
-    /* iterator input: chunks small enough that every worker can hold
-       DEPTH of them within the read-ahead bound */
-    if (!m->cfg.from_table && size > m->cfg.buffersize / (DEPTH * m->cfg.N))
-      size = m->cfg.buffersize / (DEPTH * m->cfg.N);
+    return bound && size > bound ? bound : size;
   }
-  if (!m->cfg.from_table && size > m->cfg.buffersize)
-    size = m->cfg.buffersize; /* an explicit chunksize too */
+  if (m->item_ns <= 0) {
+    size = m->last_size ? m->last_size * 2 : 1;
+  } else {
+    double want = TARGET_NS / m->item_ns;
+    size = want >= MAX_CHUNK ? MAX_CHUNK : (lua_Integer)want;
+    if (size > m->last_size * 4) size = m->last_size * 4;
+  }
+  if (m->cfg.total >= 0) { /* shrink near the end: all finish together */
+    lua_Integer rem = m->cfg.total - m->next_index + 1;
+    lua_Integer guided = (rem + 2 * m->cfg.N - 1) / (2 * m->cfg.N);
+    if (size > guided) size = guided;
+  }
+  if (bound && size > bound / (DEPTH * m->cfg.N))
+    size = bound / (DEPTH * m->cfg.N);
   if (size < 1) size = 1;
   if (size > MAX_CHUNK) size = MAX_CHUNK;
   return size;
