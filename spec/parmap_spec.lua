@@ -240,10 +240,11 @@ describe("read-ahead from an iterator (buffersize)", function()
     end
   end)
   it("is a positive integer", function()
-    for _, bad in ipairs({ 0, -1, 1.5, true }) do
+    for bad, shown in pairs({ [0] = "0", [-1] = "-1", [1.5] = "1.5", [true] = "boolean",
+                              ["8"] = 'string "8"' }) do
       local ok, err = pcall(parmap.map, sq, H.range(3), { N = 2, buffersize = bad })
       assert.is_false(ok)
-      assert.matches("bad option 'buffersize' (positive integer expected, got " .. tostring(bad) .. ")",
+      assert.matches("bad option 'buffersize' (positive integer expected, got " .. shown .. ")",
         err, 1, true)
     end
   end)
