@@ -42,6 +42,9 @@ LUA_LIB   := $(PREFIX)/lib/lua/$(LUA_VERSION)
 CORE_SRC := src/buf.c src/codec.c src/proc.c src/worker.c src/map.c src/process.c src/core.c
 CORE_OBJ := $(CORE_SRC:src/%.c=$(BUILD)/%.o)
 HEADERS  := $(wildcard src/*.h)
+# The front's private modules (lua/parmap/*.lua): compiled into
+# libparmap.a for C hosts, installed under share/lua/5.4/parmap/.
+LUA_MODS := $(sort $(wildcard lua/parmap/*.lua))
 
 BUSTED ?= busted
 BUSTED_FLAGS ?=
@@ -56,14 +59,11 @@ $(BUILD)/%.o: src/%.c $(HEADERS) | $(BUILD)
 $(BUILD)/parmap_lua.h: lua/parmap.lua src/bin2c.lua | $(BUILD)
 	$(LUA) src/bin2c.lua parmap_lua < lua/parmap.lua > $@.tmp && mv $@.tmp $@
 
-$(BUILD)/parmap_process_lua.h: lua/parmap/process.lua src/bin2c.lua | $(BUILD)
-	$(LUA) src/bin2c.lua parmap_process_lua < lua/parmap/process.lua > $@.tmp && mv $@.tmp $@
+$(BUILD)/parmap_modules_lua.h: $(LUA_MODS) src/bin2c.lua | $(BUILD)
+	$(LUA) src/bin2c.lua --modules $(LUA_MODS) > $@.tmp && mv $@.tmp $@
 
-$(BUILD)/parmap_progress_lua.h: lua/parmap/progress.lua src/bin2c.lua | $(BUILD)
-	$(LUA) src/bin2c.lua parmap_progress_lua < lua/parmap/progress.lua > $@.tmp && mv $@.tmp $@
-
-$(BUILD)/front.o: src/front.c $(BUILD)/parmap_lua.h $(BUILD)/parmap_process_lua.h \
-  $(BUILD)/parmap_progress_lua.h $(HEADERS)
+$(BUILD)/front.o: src/front.c $(BUILD)/parmap_lua.h $(BUILD)/parmap_modules_lua.h \
+  $(HEADERS)
 	$(CC) $(ALLFLAGS) -c -o $@ $<
 
 $(BUILD)/parmap/core.so: $(CORE_OBJ)
@@ -195,15 +195,14 @@ install: all
 	  $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
 	install -d $(DESTDIR)$(LUA_SHARE)/parmap
 	install -m 644 lua/parmap.lua $(DESTDIR)$(LUA_SHARE)/parmap.lua
-	install -m 644 lua/parmap/process.lua $(DESTDIR)$(LUA_SHARE)/parmap/process.lua
-	install -m 644 lua/parmap/progress.lua $(DESTDIR)$(LUA_SHARE)/parmap/progress.lua
+	$(foreach f,$(LUA_MODS),install -m 644 $(f) $(DESTDIR)$(LUA_SHARE)/$(f:lua/%=%) &&) true
 	install -m 755 $(BUILD)/parmap/core.so $(DESTDIR)$(LUA_LIB)/parmap/core.so
 	install -m 644 $(BUILD)/libparmap.a $(DESTDIR)$(PREFIX)/lib/libparmap.a
 	install -m 644 src/parmap.h $(DESTDIR)$(PREFIX)/include/parmap.h
 
 uninstall:
-	rm -f $(DESTDIR)$(LUA_SHARE)/parmap.lua $(DESTDIR)$(LUA_SHARE)/parmap/process.lua \
-	  $(DESTDIR)$(LUA_SHARE)/parmap/progress.lua \
+	rm -f $(DESTDIR)$(LUA_SHARE)/parmap.lua \
+	  $(LUA_MODS:lua/%=$(DESTDIR)$(LUA_SHARE)/%) \
 	  $(DESTDIR)$(LUA_LIB)/parmap/core.so \
 	  $(DESTDIR)$(PREFIX)/lib/libparmap.a $(DESTDIR)$(PREFIX)/include/parmap.h
 	-rmdir $(DESTDIR)$(LUA_LIB)/parmap $(DESTDIR)$(LUA_SHARE)/parmap 2>/dev/null

@@ -93,8 +93,7 @@ B"
 echo "# (a) make install"
 prefix=$tmp/prefix
 check "make install PREFIX=$prefix" make --no-print-directory install PREFIX="$prefix"
-for f in share/lua/5.4/parmap.lua share/lua/5.4/parmap/process.lua \
-         share/lua/5.4/parmap/progress.lua \
+for f in share/lua/5.4/parmap.lua $(cd lua && ls parmap/*.lua | sed 's|^|share/lua/5.4/|') \
          lib/lua/5.4/parmap/core.so lib/libparmap.a include/parmap.h; do
   check "make install installed $f" test -f "$prefix/$f"
 done

@@ -34,8 +34,12 @@ build = {
    type = "builtin",
    modules = {
       parmap = "lua/parmap.lua",
-      ["parmap.process"] = "lua/parmap/process.lua",
+      ["parmap.check"] = "lua/parmap/check.lua",
+      ["parmap.errors"] = "lua/parmap/errors.lua",
+      ["parmap.pareval"] = "lua/parmap/pareval.lua",
+      ["parmap.pipeline"] = "lua/parmap/pipeline.lua",
       ["parmap.progress"] = "lua/parmap/progress.lua",
+      ["parmap.returnprocess"] = "lua/parmap/returnprocess.lua",
       ["parmap.core"] = {
          sources = {
             "src/buf.c", "src/codec.c", "src/proc.c", "src/worker.c",

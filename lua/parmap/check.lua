@@ -1,0 +1,399 @@
+-- parmap/check.lua: the argument and option checks every entry point
+-- shares (every message names the argument or option and shows the bad
+-- value), and `map_spec`, which checks a map's arguments into the spec
+-- core.start takes. Private to parmap: its Lua files require it.
+
+local core = require "parmap.core"
+local Progress = require "parmap.progress"
+local Errors = require "parmap.errors"
+Errors.own()
+
+local error, type, tostring, setmetatable, getmetatable, next =
+  error, type, tostring, setmetatable, getmetatable, next
+local tointeger = math.tointeger
+local format = string.format
+
+local C = {}
+
+-- star = parmap.None: the item is counted but not passed.
+C.None = setmetatable({}, {
+  __name = "parmap.None",
+  __tostring = function() return "parmap.None" end,
+  __newindex = function() error("parmap.None is read-only", 2) end,
+})
+
+-- The options of a map, one a line (a new option is one more line here
+-- and its check in `map_spec` below).
+C.OPTIONS = {
+  N = true,
+  star = true,
+  kwstar = true,
+  args = true,
+  kwargs = true,
+  chunksize = true,
+  ordered = true,
+  progress = true,
+  total = true,
+  exception = true,
+  timeout = true,
+  seed = true,
+  init = true,
+  finish = true,
+  maxtasks = true,
+  buffersize = true,
+}
+local OPTIONS = C.OPTIONS
+
+-- What to do with an item's error: its names, and their codes in the core.
+local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
+C.EXCEPTION = EXCEPTION
+C.EXCEPTION_EXPECTED = "'raise', 'return' or 'proc'"
+
+-- The most extra arguments (args.n) a call may get: they sit on Lua's
+-- stack, which holds at most 1,000,000 slots (LUAI_MAXSTACK).
+C.MAX_ARGS = 100000
+local MAX_ARGS = C.MAX_ARGS
+
+function C.callable(f)
+  if type(f) == "function" then return true end
+  local mt = getmetatable(f)
+  return type(mt) == "table" and mt.__call ~= nil
+end
+local callable = C.callable
+
+function C.typename(v)
+  local mt = getmetatable(v)
+  return type(mt) == "table" and type(mt.__name) == "string" and mt.__name
+    or type(v)
+end
+local typename = C.typename
+
+-- A bad value as a message shows it: a number as it is, a string quoted
+-- with its type (so that 4 and "4" differ), anything else by its type.
+function C.shown(v)
+  local t = type(v)
+  if t == "number" then
+    if v ~= v then return "nan" end
+    return tostring(v)
+  elseif t == "string" then
+    if #v > 40 then v = v:sub(1, 37) .. "..." end
+    return "string " .. format("%q", v):gsub("\\\n", "\\n")
+  end
+  return typename(v)
+end
+local shown = C.shown
+
+-- v as an integer when it is an integer-valued number (3 and 3.0, never
+-- the string "3"), else nil.
+function C.integer(v)
+  if type(v) ~= "number" then return nil end
+  return tointeger(v)
+end
+local integer = C.integer
+
+-- "parmap: bad option 'name' (what expected, got v)", raised at level.
+function C.bad(level, name, what, v, who)
+  error(format("%s: bad option '%s' (%s expected, got %s)", who or "parmap",
+    name, what, shown(v)), level + 1)
+end
+local bad = C.bad
+
+-- The edit distance of two short strings (Levenshtein), for suggestions.
+local function distance(a, b)
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur, ai = { [0] = i }, a:byte(i)
+    for j = 1, #b do
+      local cost = ai == b:byte(j) and 0 or 1
+      local d = prev[j] + 1
+      if cur[j - 1] + 1 < d then d = cur[j - 1] + 1 end
+      if prev[j - 1] + cost < d then d = prev[j - 1] + cost end
+      cur[j] = d
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
+-- "unknown option 'k'", with the closest known name when there is one
+-- (same letters in another case, or a typo or two away). known: a set of
+-- names, or a list of sets.
+function C.unknown(k, known, ...)
+  if type(k) ~= "string" then
+    return format("unknown option %s (options are named, as in {N = 4})",
+      type(k) == "number" and tostring(k) or shown(k))
+  end
+  local lk, limit, best, bestd = k:lower(), #k <= 3 and 1 or 2, nil, nil
+  local sets = { known, ... }
+  for s = 1, #sets do
+    for name in next, sets[s] do
+      local d = distance(lk, name:lower())
+      if d <= limit and (not best or d < bestd or (d == bestd and name < best)) then
+        best, bestd = name, d
+      end
+    end
+  end
+  if #k > 60 then k = k:sub(1, 57) .. "..." end
+  if best then
+    return format("unknown option '%s' (did you mean '%s'?)", k, best)
+  end
+  return format("unknown option '%s'", k)
+end
+local unknown = C.unknown
+
+-- The length of a sequence argument: t.n when given, else #t; either must
+-- be a non-negative integer (#t may come from a __len metamethod). On a
+-- bad length: nil and why.
+local function seqlen(t, name)
+  local n = t.n
+  if n ~= nil then
+    local i = integer(n)
+    if not i or i < 0 then
+      return nil, format("%s.n must be a non-negative integer, got %s", name,
+        shown(n))
+    end
+    return i
+  end
+  n = #t
+  local i = integer(n)
+  if not i or i < 0 then
+    return nil, format("#%s returned %s (its __len), not a non-negative integer",
+      name, shown(n))
+  end
+  return i
+end
+
+-- ipairs' iterator: items = ipairs(t) passes it, t and 0.
+local ipairs_aux = ipairs({})
+
+-- Raise "who: bad argument #argno 'name' (an iterator triple ...)" when
+-- v is one: ipairs' or pairs' iterator, or a function followed by more
+-- arguments (more: true).
+function C.no_triple(level, who, argno, name, v, more)
+  if v == ipairs_aux or v == next or (more and type(v) == "function") then
+    error(format("%s: bad argument #%d '%s' (an iterator triple: pass the table itself (or an items function), not ipairs(t) or pairs(t))",
+      who, argno, name), level + 1)
+  end
+end
+
+-- The length of the table t given as argument #argno 'name' of who: raises
+-- on a bad length and on a table with keys but no sequence part ({a = 1},
+-- {[2] = x}), whose length is 0: mapping it would silently map nothing.
+-- A __len or a t.n says the length on purpose.
+function C.sequence(level, who, argno, name, t)
+  local n, why = seqlen(t, name)
+  if not n then
+    error(format("%s: bad argument #%d '%s' (%s)", who, argno, name, why),
+      level + 1)
+  end
+  if n == 0 and t.n == nil and next(t) ~= nil
+    and not (getmetatable(t) or {}).__len then
+    error(format("%s: bad argument #%d '%s' (not a sequence: #%s is 0 but it has other keys; to map over its keys or values, collect them into a list first)",
+      who, argno, name, name), level + 1)
+  end
+  return n
+end
+
+-- opts.args of who: {} and 0 for nil, else the table and its length.
+function C.args(level, who, args)
+  if args == nil then return {}, 0 end
+  if type(args) ~= "table" then bad(level + 1, "args", "table", args, who) end
+  local nargs, why = seqlen(args, "args")
+  if not nargs then
+    if args.n ~= nil then
+      bad(level + 1, "args.n", "non-negative integer", args.n, who)
+    end
+    error(format("%s: bad option 'args' (%s)", who, why), level + 1)
+  end
+  if nargs > MAX_ARGS then
+    error(format("%s: bad option 'args.n' (at most %d arguments, got %d)",
+      who, MAX_ARGS, nargs), level + 1)
+  end
+  return args, nargs
+end
+
+-- opts.kwargs of who: nil or a table.
+function C.kwargs(level, who, kwargs)
+  if kwargs ~= nil and type(kwargs) ~= "table" then
+    bad(level + 1, "kwargs", "table", kwargs, who)
+  end
+  return kwargs
+end
+
+-- opts.exception of who: one of EXCEPTION's names, dflt for nil.
+function C.exception(level, who, exception, dflt)
+  if exception == nil then return dflt end
+  if not EXCEPTION[exception] then
+    bad(level + 1, "exception", C.EXCEPTION_EXPECTED, exception, who)
+  end
+  return exception
+end
+
+-- A constructor's two arguments (f, a function, as argument #1 named
+-- fname; opts, a table or nil, as #2), checked for its caller at level:
+-- returns opts ({} for nil) and a function raising who's messages there.
+function C.constructor(level, who, fname, f, opts)
+  if not callable(f) then
+    error(format("%s: bad argument #1 '%s' (function expected, got %s)", who,
+      fname, typename(f)), level + 1)
+  end
+  if opts == nil then
+    opts = {}
+  elseif type(opts) ~= "table" then
+    error(format("%s: bad argument #2 'opts' (table expected, got %s)", who,
+      typename(opts)), level + 1)
+  end
+  -- called by the constructor itself, one frame below this one
+  return opts, function(msg, ...)
+    error(who .. ": " .. format(msg, ...), level + 1)
+  end
+end
+
+-- Check a map's arguments; return the spec core.start takes. extra: how
+-- many arguments came after opts.
+function C.map_spec(level, fn, items, opts, extra)
+  level = level + 1
+  if not callable(fn) then
+    error(format("parmap: bad argument #1 'fn' (function expected, got %s)",
+      typename(fn)), level)
+  end
+  local it = type(items)
+  C.no_triple(level, "parmap", 2, "items", items,
+    extra and extra > 0 and type(opts) == "table")
+  if it ~= "table" and it ~= "function" then
+    error(format("parmap: bad argument #2 'items' (table or function expected, got %s)",
+      typename(items)), level)
+  end
+  if opts == nil then opts = {} end
+  if type(opts) ~= "table" then
+    error(format("parmap: bad argument #3 'opts' (table expected, got %s)",
+      typename(opts)), level)
+  end
+  for k in next, opts do
+    if not OPTIONS[k] then error("parmap: " .. unknown(k, OPTIONS), level) end
+  end
+  local spec = { fn = fn, items = items, from_table = it == "table" and 1 or 0,
+    make_error = Errors.make_error, describe = Errors.describe }
+
+  local N = opts.N
+  if N == nil then
+    -- a map inside a worker would otherwise fork N workers per worker
+    N = core.worker() and 1 or core.ncpu()
+  else
+    N = integer(N)
+    if not N or N < 1 then bad(level, "N", "positive integer", opts.N) end
+  end
+  spec.N = N
+
+  local star = opts.star
+  if star == nil or star == false then
+    spec.star = 0
+  elseif star == true then
+    spec.star = 1
+  elseif star == C.None then
+    spec.star = 2
+  else
+    bad(level, "star", "true, false or parmap.None", star)
+  end
+  local kwstar = opts.kwstar
+  if kwstar ~= nil and type(kwstar) ~= "boolean" then
+    bad(level, "kwstar", "boolean", kwstar)
+  end
+  spec.kwstar = kwstar and 1 or 0
+
+  spec.args, spec.nargs = C.args(level, "parmap", opts.args)
+  spec.kwargs = C.kwargs(level, "parmap", opts.kwargs)
+  spec.has_kw = (spec.kwargs ~= nil or kwstar) and 1 or 0
+
+  local total = opts.total
+  if total ~= nil then
+    total = integer(total)
+    if not total or total < 0 then
+      bad(level, "total", "non-negative integer", opts.total)
+    end
+  end
+  if it == "table" then total = C.sequence(level, "parmap", 2, "items", items) end
+  spec.total = total
+
+  local chunksize = opts.chunksize
+  if chunksize ~= nil then
+    local c = integer(chunksize)
+    if c == -1 then
+      if total then
+        c = total > 0 and (total - 1) // N + 1 or 1 -- ceil, no overflow
+      else
+        io.stderr:write("parmap: chunksize = -1 needs a known total; using automatic chunking\n")
+        c = nil
+      end
+    elseif not c or c < 1 then
+      bad(level, "chunksize", "positive integer or -1", chunksize)
+    end
+    spec.chunksize = c
+  end
+
+  local buffersize = opts.buffersize
+  if buffersize ~= nil then
+    spec.buffersize = integer(buffersize)
+    if not spec.buffersize or spec.buffersize < 1 then
+      bad(level, "buffersize", "positive integer", buffersize)
+    end
+  end -- nil: the engine's default
+
+  local ordered = opts.ordered
+  if ordered ~= nil and type(ordered) ~= "boolean" then
+    bad(level, "ordered", "boolean", ordered)
+  end
+  spec.ordered = ordered == false and 0 or 1
+
+  local exception = C.exception(level, "parmap", opts.exception,
+    N > 1 and "raise" or "proc")
+  spec.exception, spec.exception_name = EXCEPTION[exception], exception
+
+  local progress = opts.progress
+  if progress == true or type(progress) == "string" then
+    spec.bar = Progress.bar(progress ~= true and progress or nil)
+    spec.progress = spec.bar.fn
+  elseif callable(progress) then
+    spec.progress = Progress.callback(progress)
+  elseif progress ~= nil and progress ~= false then
+    bad(level, "progress", "boolean, string or function", progress)
+  end
+
+  local timeout = opts.timeout
+  if timeout ~= nil then
+    if type(timeout) ~= "number" or not (timeout > 0) then
+      bad(level, "timeout", "positive number of seconds", timeout)
+    end
+    -- math.huge is no timeout; else with N = 1 too: then one worker
+    -- process runs the items
+    if timeout < math.huge then spec.timeout = timeout end
+  end
+
+  local seed = opts.seed
+  if seed ~= nil then
+    spec.seed = integer(seed)
+    if not spec.seed then bad(level, "seed", "integer", seed) end
+  end
+
+  -- per-worker state: init(id) before a worker's first item, finish(id)
+  -- when it ends normally
+  for _, name in next, { "init", "finish" } do
+    local f = opts[name]
+    if f ~= nil and not callable(f) then
+      bad(level, name, "function", f)
+    end
+    spec[name] = f
+  end
+
+  local maxtasks = opts.maxtasks
+  if maxtasks ~= nil then
+    spec.maxtasks = integer(maxtasks)
+    if not spec.maxtasks or spec.maxtasks < 1 then
+      bad(level, "maxtasks", "positive integer", maxtasks)
+    end
+  end
+  return spec
+end
+
+return C
