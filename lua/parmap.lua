@@ -15,7 +15,6 @@ Errors.own()
 
 local error, select, setmetatable = error, select, setmetatable
 local format = string.format
-local make_error, where = Errors.make_error, Errors.where
 
 local M = {}
 M._VERSION = "0.1.0"
@@ -42,13 +41,11 @@ local call = core.call
 -- init and finish of a serial map, run in the caller as worker 1, with the
 -- same outcomes as in a worker: init's error is raised as an error object
 -- of kind "init"; finish's is written to stderr.
-local function serial_init(init)
+local function serial_init(init, fail)
   local status, err, message, traceback = call(init, 1, 0, 0, false, {},
     0, false, nil, true)
   if status ~= "ok" then
-    local e = make_error(nil, "init", err, message, traceback, core.pid())
-    e.worker = 1
-    error(e, 0)
+    fail(nil, "init", err, message, traceback, core.pid(), 1)
   end
 end
 
@@ -67,7 +64,8 @@ local function serial(spec)
   local star, kwstar, args, nargs = spec.star, spec.kwstar == 1, spec.args,
     spec.nargs
   local has_kw, kwargs, total = spec.has_kw == 1, spec.kwargs, spec.total
-  local exception, progress = spec.exception_name, spec.progress
+  local fail, progress = spec.fail, spec.progress
+  local proc = spec.exception == "proc"
   local state = setmetatable({ closed = false }, Serial)
   local i, ended = 0, false
   local init, fin, started = spec.init, spec.finish, false
@@ -77,16 +75,14 @@ local function serial(spec)
     return i, ...
   end
 
+  -- the failure record goes to the map's handler: the one policy
   local function outcome(status, ...)
     if status == "ok" then return finish(...) end
-    if status == "shape" then error((...), 0) end
-    local err, message, traceback = ...
-    local e = make_error(i, "error", err, message, traceback, core.pid())
-    if exception == "raise" then
-      e.where = where(1)
-      error(e, 0)
+    if status == "shape" then
+      return finish(fail(i, "shape", nil, (...), "", core.pid()))
     end
-    return finish(e)
+    local err, message, traceback = ...
+    return finish(fail(i, "error", err, message, traceback, core.pid()))
   end
 
   local function step()
@@ -105,10 +101,10 @@ local function serial(spec)
     end
     if not started then -- the one worker is this process, number 1
       started = true
-      if init then serial_init(init) end
+      if init then serial_init(init, fail) end
     end
     i = i + 1
-    if exception == "proc" then
+    if proc then -- the policy raises err as raised: no need to catch it
       return finish(call(fn, item, i, star, kwstar, args, nargs, has_kw,
         kwargs, false))
     end
@@ -124,9 +120,6 @@ end
 -- for a plain function). extra: how many arguments came after opts.
 local function start(level, fn, items, opts, extra)
   local spec = Check.map_spec(level + 1, fn, items, opts, extra)
-  if spec.exception_name == "raise" then
-    spec.make_error = Errors.make_raised_error
-  end
   local f, s, c, closer
   -- timeout, seed: with N = 1 too, the items run in one worker process (a
   -- loop cannot stop itself; seeding must not touch the caller's stream)

@@ -209,6 +209,22 @@ describe("the init option", function()
     assert.matches("no database", e.message)
     assert.matches("^parmap: init failed in worker 1 %(pid %d+%): .*no database", tostring(e))
   end)
+  it("names the loop it was raised to, with every exception mode and on the serial path too", function()
+    -- one policy (lua/parmap/errors.lua) for every path: an init error is
+    -- raised to the loop, so it says where that loop is
+    for _, exception in ipairs({ "raise", "return", "proc" }) do
+      for _, N in ipairs({ 1, 2 }) do
+        local ok, e = pcall(function()
+          for _ in parmap(tostring, { 1, 2, 3 }, { N = N, exception = exception,
+            init = function() error("no database") end }) do
+          end
+        end)
+        assert.is_false(ok)
+        assert.equal("init", e.kind)
+        assert.matches("^spec/workers_spec%.lua:%d+$", e.where, exception .. ", N = " .. N)
+      end
+    end
+  end)
   it("raised in a worker carries the worker's traceback", function()
     local ok, e = pcall(parmap.map, tostring, { 1, 2 },
       { N = 2, init = function() local function opendb() error("refused") end opendb() end })

@@ -13,7 +13,6 @@
 #include "buf.h"
 
 enum { STAR_FALSE = 0, STAR_TRUE = 1, STAR_NONE = 2 };
-enum { EXC_RAISE = 0, EXC_RETURN = 1, EXC_PROC = 2 };
 
 /* Limits on what the options may ask of the C core (whatever reaches it:
    the Lua front checks them too, with its own messages).
@@ -33,7 +32,9 @@ enum {
   U_ARGS,     /* extra positional arguments (a sequence) */
   U_KW,       /* kwargs table, or nil */
   U_PROGRESS, /* progress(done, total, finished), or nil */
-  U_MKERR,    /* make_error(index, kind, err, message, traceback, pid) */
+  U_FAIL,     /* fail(index, kind, err, message, traceback, pid[, worker]):
+                 the error policy (lua/parmap/errors.lua); raises or
+                 returns the error object */
   U_DESC,     /* describe(prefix, values...) -> message */
   U_SCRATCH,  /* the codec's scratch table */
   U_INIT,     /* init(id), run once in each worker before its items, or nil */
@@ -44,7 +45,7 @@ enum {
 typedef struct Config {
   int star, kwstar, has_kw, nargs;
   int from_table; /* items is a table: workers index their own copy */
-  int exception, ordered;
+  int ordered;
   lua_Integer total;     /* -1 when unknown */
   lua_Integer chunksize; /* 0: automatic */
   lua_Integer buffersize; /* iterator input: most items pulled ahead of the

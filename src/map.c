@@ -659,8 +659,8 @@ static void stop(Map *m, int kill_them);
 
 /* A FLAG_INIT frame: w's init raised. Its record (REC_ERR, then kind, err,
    message, traceback, pid) is p[0..len). No item ran there, so the map
-   cannot go on as asked: raise an error object of kind "init" naming the
-   worker, whatever `exception` says, and stop. */
+   cannot go on as asked: stop it, and hand the record with the worker's
+   number to the policy (which raises an error object of kind "init"). */
 static void init_error(lua_State *L, Map *m, Worker *w, const char *p,
                        size_t len) {
   int base = lua_gettop(L), id = (int)(w - m->w) + 1, n, k;
@@ -674,13 +674,12 @@ static void init_error(lua_State *L, Map *m, Worker *w, const char *p,
   if (n != 5 || lua_type(L, base + 2) != LUA_TSTRING ||
       lua_type(L, base + 4) != LUA_TSTRING)
     protocol_error(L, w, "bad init error record");
-  lua_getiuservalue(L, m->self, U_MKERR);
+  stop(m, 1);
+  lua_getiuservalue(L, m->self, U_FAIL);
   lua_pushnil(L); /* no item */
   for (k = 2; k <= 6; k++) lua_pushvalue(L, base + k);
-  lua_call(L, 6, 1); /* make_error(nil, "init", err, message, tb, pid) */
   lua_pushinteger(L, id);
-  lua_setfield(L, -2, "worker");
-  stop(m, 1);
+  lua_call(L, 7, 1); /* fail(nil, "init", err, message, tb, pid, id) */
   lua_error(L);
 }
 
@@ -962,7 +961,8 @@ static Slot *ready(Map *m) {
 }
 
 /* An error record (kind, err, message, traceback, pid) at base + 1..5 for
-   item `index`: raise it, or return index and the error object. */
+   item `index`: the policy (U_FAIL) decides. When it raises, the map is
+   stopped first; else index and the error object it returns. */
 static int failed(lua_State *L, Map *m, lua_Integer index, int base, int n) {
   int k;
   if (n != 5 || lua_type(L, base + 1) != LUA_TSTRING ||
@@ -971,21 +971,10 @@ static int failed(lua_State *L, Map *m, lua_Integer index, int base, int n) {
     return luaL_error(L, "parmap: corrupt error record for item %I",
                       (LUAI_UACINT)index);
   }
-  if (strcmp(lua_tostring(L, base + 1), "shape") == 0) {
-    stop(m, 1); /* a bad item: raised whatever exception says */
-    lua_pushvalue(L, base + 3);
-    return lua_error(L);
-  }
-  if (m->cfg.exception == EXC_PROC) {
-    stop(m, 1);
-    lua_pushvalue(L, base + 2);
-    return lua_error(L);
-  }
-  lua_getiuservalue(L, m->self, U_MKERR);
+  lua_getiuservalue(L, m->self, U_FAIL);
   lua_pushinteger(L, index);
   for (k = 1; k <= 5; k++) lua_pushvalue(L, base + k);
-  lua_call(L, 6, 1); /* make_error(index, kind, err, message, tb, pid) */
-  if (m->cfg.exception == EXC_RAISE) {
+  if (lua_pcall(L, 6, 1, 0) != LUA_OK) { /* raised: the map ends here */
     stop(m, 1);
     return lua_error(L);
   }
@@ -1149,7 +1138,6 @@ static void read_config(lua_State *L, Config *c) {
   c->kwstar = intfield(L, "kwstar", 0, 1);
   c->has_kw = intfield(L, "has_kw", 0, 1);
   c->from_table = intfield(L, "from_table", 0, 1);
-  c->exception = intfield(L, "exception", EXC_RAISE, EXC_PROC);
   c->ordered = intfield(L, "ordered", 1, 1);
   n = countfield(L, "nargs", "args.n", 0, 0);
   if (n > PARMAP_MAX_ARGS)
@@ -1218,7 +1206,7 @@ static int map_start(lua_State *L) {
   uvfield(L, ud, "args", U_ARGS);
   uvfield(L, ud, "kwargs", U_KW);
   uvfield(L, ud, "progress", U_PROGRESS);
-  uvfield(L, ud, "make_error", U_MKERR);
+  uvfield(L, ud, "fail", U_FAIL);
   uvfield(L, ud, "describe", U_DESC);
   uvfield(L, ud, "init", U_INIT);
   uvfield(L, ud, "finish", U_FINISH);

@@ -37,7 +37,8 @@ enum {
   PV_DESC,    /* describe("result", nil, values...) */
   PV_SCRATCH, /* the codec's scratch table */
   PV_RESULT,  /* {n = n, values...}, or the error object */
-  PV_COUNT = PV_RESULT
+  PV_FAIL,    /* fail(e): the error policy (lua/parmap/errors.lua) */
+  PV_COUNT = PV_FAIL
 };
 
 enum { P_NEW, P_RUNNING, P_SETTLED };
@@ -48,7 +49,7 @@ typedef struct Proc {
   int fd;           /* our end of the socket, -1 once at end of file */
   int state, result;
   int reaped, status, lost; /* lost: someone else reaped it */
-  int exception, has_kw, nargs;
+  int has_kw, nargs;
   parmap_buf in;
 } Proc;
 
@@ -332,7 +333,7 @@ static int finish(lua_State *L, Proc *p, int ud, int64_t deadline) {
   return 1;
 }
 
-/* The settled result: its values, or its error as the mode says. */
+/* The settled result: its values, or what the policy makes of its error. */
 static int deliver(lua_State *L, Proc *p, int ud) {
   lua_getiuservalue(L, ud, PV_RESULT);
   if (p->result == RES_OK) {
@@ -345,9 +346,10 @@ static int deliver(lua_State *L, Proc *p, int ud) {
     for (k = 1; k <= n; k++) lua_rawgeti(L, t, k);
     return (int)n;
   }
-  if (p->exception == EXC_RETURN) return 1;
-  if (p->exception == EXC_PROC) lua_getfield(L, -1, "err");
-  return lua_error(L);
+  lua_getiuservalue(L, ud, PV_FAIL);
+  lua_insert(L, -2);
+  lua_call(L, 1, 1); /* raises, or returns the error object */
+  return 1;
 }
 
 static int64_t deadline_arg(lua_State *L, int idx) {
@@ -535,11 +537,11 @@ static void uvfield(lua_State *L, int ud, const char *name, int uv) {
 }
 
 /* core.process(spec): a ReturnProcess, not started. spec: target, args,
-   nargs, kwargs, has_kw, exception, make_error, describe. */
+   nargs, kwargs, has_kw, make_error, describe, fail. */
 static int p_new(lua_State *L) {
   Proc *p;
   int ud, isnum;
-  lua_Integer nargs, exc;
+  lua_Integer nargs;
   luaL_checktype(L, 1, LUA_TTABLE);
   p = (Proc *)lua_newuserdatauv(L, sizeof(Proc), PV_COUNT);
   memset(p, 0, sizeof *p);
@@ -559,15 +561,13 @@ static int p_new(lua_State *L) {
   p->nargs = (int)nargs;
   lua_getfield(L, 1, "has_kw");
   p->has_kw = lua_toboolean(L, -1);
-  lua_getfield(L, 1, "exception");
-  exc = lua_tointeger(L, -1);
-  p->exception = exc == EXC_RETURN || exc == EXC_PROC ? (int)exc : EXC_RAISE;
   lua_settop(L, ud);
   uvfield(L, ud, "target", PV_TARGET);
   uvfield(L, ud, "args", PV_ARGS);
   uvfield(L, ud, "kwargs", PV_KW);
   uvfield(L, ud, "make_error", PV_MKERR);
   uvfield(L, ud, "describe", PV_DESC);
+  uvfield(L, ud, "fail", PV_FAIL);
   lua_newtable(L);
   lua_setiuservalue(L, ud, PV_SCRATCH);
   return 1;

@@ -44,8 +44,8 @@ C.OPTIONS = {
 }
 local OPTIONS = C.OPTIONS
 
--- What to do with an item's error: its names, and their codes in the core.
-local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
+-- What to do with an item's error (errors.lua's `apply` does it).
+local EXCEPTION = { raise = true, ["return"] = true, proc = true }
 C.EXCEPTION = EXCEPTION
 C.EXCEPTION_EXPECTED = "'raise', 'return' or 'proc'"
 
@@ -274,7 +274,7 @@ function C.map_spec(level, fn, items, opts, extra)
     if not OPTIONS[k] then error("parmap: " .. unknown(k, OPTIONS), level) end
   end
   local spec = { fn = fn, items = items, from_table = it == "table" and 1 or 0,
-    make_error = Errors.make_error, describe = Errors.describe }
+    describe = Errors.describe }
 
   local N = opts.N
   if N == nil then
@@ -348,7 +348,7 @@ function C.map_spec(level, fn, items, opts, extra)
 
   local exception = C.exception(level, "parmap", opts.exception,
     N > 1 and "raise" or "proc")
-  spec.exception, spec.exception_name = EXCEPTION[exception], exception
+  spec.exception, spec.fail = exception, Errors.handler(exception)
 
   local progress = opts.progress
   if progress == true or type(progress) == "string" then

@@ -73,11 +73,39 @@ function E.where(level)
 end
 local where = E.where
 
--- make_error for an error the map raises to its loop: it names the loop.
-function E.make_raised_error(...)
-  local e = make_error(...)
-  e.where = where(1)
-  return e
+---------------------------------------------------------------- the policy
+
+-- The one error policy, for every path (a map's workers, the serial loop,
+-- ReturnProcess's join, ParEval): what the failure e becomes.
+--   kind "shape" (an item or a result of the wrong shape): its message is
+--     raised, whatever exception says;
+--   kind "init" (a worker's init raised; no item ran there): e is raised,
+--     whatever exception says;
+--   exception "proc": e.err is raised, as fn raised it;
+--   exception "raise": e is raised, naming the loop (e.where) when loop;
+--   exception "return": e is returned.
+function E.apply(exception, loop, e)
+  local kind = e.kind
+  if kind == "shape" then error(e.message, 0) end
+  if kind ~= "init" then
+    if exception == "return" then return e end
+    if exception == "proc" then error(e.err, 0) end
+  end
+  if loop then e.where = where(1) end
+  error(e, 0)
+end
+local apply = E.apply
+
+-- A map's failure handler, built once per map: the C core (and the serial
+-- loop) hand it a failure record (index, kind, err, message, traceback,
+-- pid[, worker]) once the map is stopped or may go on; it raises, or
+-- returns the error object for the loop.
+function E.handler(exception)
+  return function(index, kind, err, message, traceback, pid, worker)
+    local e = make_error(index, kind, err, message, traceback, pid)
+    if worker ~= nil then e.worker = worker end
+    return apply(exception, true, e)
+  end
 end
 
 ---------------------------------------------------------------- values

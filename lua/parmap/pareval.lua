@@ -102,7 +102,8 @@ return function(parmap)
     end })
     local parts, has_n = {}, false
     for k, r in parmap(self.fun, chunks, self.opts) do
-      if Errors.iserror(r) then error(r, 0) end -- exception = "return"
+      -- exception = "return": a whole-array call cannot return a part
+      if Errors.iserror(r) then Errors.apply("raise", false, r) end
       if type(r) ~= "table" then
         error(format("%s: chunk %d (items %d..%d) returned a %s, not a sequence",
           WHO, k, b[k][1], b[k][2], typename(r)), 2)

@@ -8,6 +8,7 @@ local Errors = require "parmap.errors"
 Errors.own()
 
 local next = next
+local apply = Errors.apply
 
 local OPTIONS = { args = true, kwargs = true, exception = true }
 local WHO = "parmap.ReturnProcess"
@@ -25,6 +26,7 @@ return function(target, opts)
   local exception = Check.exception(2, WHO, opts.exception, "raise")
   return core.process({ target = target, args = args,
     nargs = nargs, kwargs = kwargs, has_kw = kwargs ~= nil,
-    exception = Check.EXCEPTION[exception], make_error = Errors.make_error,
-    describe = Errors.describe })
+    make_error = Errors.make_error, describe = Errors.describe,
+    -- join: the policy applied to the settled error object
+    fail = function(e) return apply(exception, false, e) end })
 end
