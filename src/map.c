@@ -853,7 +853,7 @@ static void release(Map *m) {
 static void stop(Map *m, int kill_them) {
   int i, st;
   if (m->state == M_CLOSED) return;
-  m->state = M_CLOSED;
+  if (m->state != M_DONE) m->state = M_CLOSED; /* an ended map stays so */
   if (m->owner != getpid()) return; /* a worker's copy: not its children */
   if (m->w == NULL) return;
   for (i = 0; i < m->nw; i++) {

@@ -1,0 +1,244 @@
+-- Hardening: user code that runs inside a step (progress, the items
+-- iterator, finalizers, hooks) and stops or steps its own map; errors of
+-- the items iterator; timeouts from hand-over; huge timeouts; interrupts.
+-- Cases that used to crash the caller run in a child lua5.4 (F.run), so
+-- that a crash fails the spec instead of the suite.
+local parmap = require "parmap"
+local H = require "helpers"
+local F = require "faults_helpers"
+
+local PRE = [[
+  local parmap = require "parmap"
+  local H = require "helpers"
+  local function id(x) return x end
+]]
+
+-- Run src in a child; it must print "OK" as its last line and exit 0.
+local function run_ok(src, limit)
+  local out, code = F.run(PRE .. src, limit or 60)
+  assert.equal(0, code, out)
+  assert.matches("OK\n$", out)
+  return out
+end
+
+describe("re-entry: a map's own callbacks", function()
+  it("a progress callback that closes the map (a cancel button) ends the loop cleanly", function()
+    run_ok([[
+      for _, N in ipairs({ 2, 3 }) do
+        local f, s, c, closer
+        f, s, c, closer = parmap.parmap(id, H.range(200000), { N = N,
+          progress = function(done) if done >= 100 then closer:close() end end })
+        local n = 0
+        for _ in f, s, c, closer do n = n + 1 end
+        assert(n < 200000, n)
+        assert(#H.children() == 0, "workers left")
+        assert(f(s) == nil) -- over: no error, no crash
+      end
+      print("OK")
+    ]])
+  end)
+  it("an items iterator that closes the map it feeds ends the loop cleanly", function()
+    run_ok([[
+      for _, ordered in ipairs({ true, false }) do
+        local k, closer = 0, nil
+        local f, s, c
+        f, s, c, closer = parmap.parmap(id, function()
+          k = k + 1
+          if k == 500 then closer:close() end
+          if k <= 100000 then return k end
+        end, { N = 2, ordered = ordered })
+        local n = 0
+        for _ in f, s, c, closer do n = n + 1 end
+        assert(n < 100000, n)
+        assert(#H.children() == 0, "workers left")
+      end
+      print("OK")
+    ]])
+  end)
+  it("a progress callback that steps its own map gets 'map is busy'; the map goes on", function()
+    run_ok([[
+      local f, s, c, closer
+      local errs = {}
+      f, s, c, closer = parmap.parmap(id, H.range(20000), { N = 2,
+        progress = function()
+          local ok, e = pcall(f, s)
+          assert(not ok)
+          errs[#errs + 1] = e
+        end })
+      local seen = {}
+      for i, r in f, s, c, closer do assert(i == r); seen[#seen + 1] = i end
+      assert(#seen == 20000, #seen)
+      for i = 1, 20000 do assert(seen[i] == i) end
+      assert(#errs > 0)
+      assert(errs[1]:match("parmap: map is busy"), errs[1])
+      assert(#H.children() == 0)
+      print("OK")
+    ]])
+  end)
+  it("parmap.map whose items iterator steps the map's own collect gets 'map is busy'", function()
+    run_ok([[
+      local core = require "parmap.core"
+      local got
+      local k = 0
+      local m
+      local items = function()
+        k = k + 1
+        if k == 500 then got = select(2, pcall(core.next, m)) end
+        if k <= 1000 then return k end
+      end
+      local f, s, c, closer = parmap.parmap(id, items, { N = 2 })
+      m = s
+      local n = 0
+      for _ in f, s, c, closer do n = n + 1 end
+      assert(n == 1000, n)
+      assert(tostring(got):match("map is busy"), tostring(got))
+      print("OK")
+    ]])
+  end)
+  it("finalizers that close or step the map during its steps never crash it", function()
+    run_ok([[
+      for round = 1, 20 do
+        local f, s, c, closer = parmap.parmap(function(x) return { x, tostring(x) } end,
+          H.range(5000), { N = 2 })
+        local mt = { __gc = function()
+          pcall(f, s)
+          if round % 2 == 0 then closer:close() end
+        end }
+        local ok, e = pcall(function()
+          for i in f, s, c, closer do
+            setmetatable({}, mt) -- garbage with a finalizer, collected at any allocation
+          end
+        end)
+        assert(ok or tostring(e):match("the map was stopped"), e)
+        closer:close()
+        collectgarbage()
+        assert(#H.children() == 0)
+      end
+      print("OK")
+    ]])
+  end)
+  it("a debug hook that steps and closes the map never crashes it", function()
+    run_ok([[
+      local f, s, c, closer = parmap.parmap(id, H.range(50000), { N = 2 })
+      local calls = 0
+      debug.sethook(function()
+        calls = calls + 1
+        pcall(f, s)
+        if calls == 200 then closer:close() end
+      end, "", 1000)
+      local n = 0
+      local ok, e = pcall(function() for _ in f, s, c, closer do n = n + 1 end end)
+      debug.sethook()
+      assert(ok or tostring(e):match("the map was stopped"), e)
+      assert(#H.children() == 0)
+      print("OK")
+    ]])
+  end)
+end)
+
+describe("items iterator errors come after the items pulled before", function()
+  local function iter(err)
+    local i = 0
+    return function()
+      i = i + 1
+      if i == 1000 then error(err, 0) end
+      return i
+    end
+  end
+  for _, N in ipairs({ 1, 2, 3 }) do
+    for _, ordered in ipairs({ true, false }) do
+      local how = ("N = %d, ordered = %s"):format(N, tostring(ordered))
+      it("in a parmap loop: 999 results, then the error value unchanged (" .. how .. ")", function()
+        for _, E in ipairs({ "iterator broke", { "a table error" } }) do
+          local seen = {}
+          local ok, e = pcall(function()
+            for i, r in parmap.parmap(function(x) return x * 2 end, iter(E),
+              { N = N, ordered = ordered }) do
+              assert.equal(2 * i, r)
+              seen[#seen + 1] = i
+            end
+          end)
+          assert.is_false(ok)
+          assert.is_true(rawequal(E, e))
+          assert.equal(999, #seen)
+          table.sort(seen)
+          for i = 1, 999 do assert.equal(i, seen[i]) end
+          assert.same({}, H.children())
+        end
+      end)
+      it("in parmap.map: the error value unchanged (" .. how .. ")", function()
+        local E = { "a table error" }
+        local ok, e = pcall(parmap.map, function(x) return x end, iter(E),
+          { N = N, ordered = ordered })
+        assert.is_false(ok)
+        assert.is_true(rawequal(E, e))
+        assert.same({}, H.children())
+      end)
+    end
+  end
+  it("in a pipeline stage (parmap.values): 999 results, then the error", function()
+    local E = { "upstream" }
+    local seen = 0
+    local ok, e = pcall(function()
+      for _ in parmap.parmap(function(x) return x end,
+        parmap.values(parmap.parmap(function(x) return x end, iter(E), { N = 2 })),
+        { N = 2 }) do
+        seen = seen + 1
+      end
+    end)
+    assert.is_false(ok)
+    assert.is_true(rawequal(E, e))
+    assert.equal(999, seen)
+    assert.same({}, H.children())
+  end)
+end)
+
+describe("timeouts", function()
+  it("a worker stopped (SIGSTOP) while idle and then handed work is killed, its item timed out", function()
+    local out = run_ok([[
+      local core = require "parmap.core"
+      local path = os.tmpname()
+      local k = 0
+      local items = function()
+        k = k + 1
+        if k == 2 then
+          -- item 1 ran: wait for its worker's pid, let it go idle, stop it
+          local pid
+          for _ = 1, 2000 do
+            local fh = io.open(path)
+            pid = fh and tonumber(fh:read("a"))
+            if fh then fh:close() end
+            if pid then break end
+            os.execute("sleep 0.01")
+          end
+          os.execute("sleep 0.5; kill -STOP " .. pid)
+        end
+        if k <= 2 then return k end
+      end
+      local got = {}
+      for i, r in parmap.parmap(function(x)
+        if x == 1 then
+          local fh = io.open(path, "w"); fh:write(core.pid()); fh:close()
+        end
+        return x
+      end, items, { N = 1, timeout = 1, exception = "return", chunksize = 1 }) do
+        got[i] = r
+      end
+      os.remove(path)
+      assert(got[1] == 1, tostring(got[1]))
+      assert(parmap.iserror(got[2]) and got[2].kind == "timeout", tostring(got[2]))
+      print(got[2].message)
+      print("OK")
+    ]], 30)
+    assert.matches("item 2 timed out", out)
+  end)
+  for _, t in ipairs({ "math.huge", "1e300", "1e12" }) do
+    it("timeout = " .. t .. " means no timeout", function()
+      -- items that take a while: a deadline computed wrong kills them
+      local r, n = parmap.map(function(x) os.execute("sleep 0.05") return x end,
+        H.range(4), { N = 2, timeout = load("return " .. t)(), exception = "return" })
+      assert.equal(4, n)
+      assert.same(H.range(4), r)
+    end)
+  end
+end)
