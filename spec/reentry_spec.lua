@@ -242,3 +242,47 @@ describe("timeouts", function()
     end)
   end
 end)
+
+describe("interrupts", function()
+  it("SIGINT to the parent alone stops parmap.map while results stream in: 'interrupted!' once, no child left", function()
+    -- without hooks run while collecting, the map would run its 1e9 items
+    -- to the end first (F.run's limit fails it)
+    local out = run_ok([[
+      local core = require "parmap.core"
+      os.execute(string.format("(sleep 1; kill -INT %d) >/dev/null 2>&1 &", core.pid()))
+      local ok, e = pcall(parmap.map, id, { n = 1e9 }, { N = 2 })
+      assert(not ok)
+      print(e)
+      assert(#H.children() == 0, "workers left")
+      print("OK")
+    ]], 60)
+    local _, count = out:gsub("interrupted!", "")
+    assert.equal(1, count, out)
+  end)
+  it("Ctrl-C on a terminal during back-to-back maps: one 'interrupted!', not one per respawned worker", function()
+    for _ = 1, 5 do
+      local h = F.pty([[
+        local parmap = require "parmap"
+        local H = require "helpers"
+        local f, s, c, cl = parmap.parmap(function(x) return x end, { n = 10 }, { N = 2 })
+        for i in f, s, c, cl do
+          if i == 3 then io.write("WORKERS ", table.concat(H.children(), " "), "\n") io.flush() end
+        end
+        while true do parmap.map(function(x) return x end, { n = 1e6 }, { N = 2 }) end
+      ]])
+      local ok, why = pcall(function()
+        assert.is_true(h.read_until("WORKERS[%d ]*\r?\n", F.bound(10)), h.out)
+        F.T.sleep(0.5)
+        assert(F.T.write(h.fd, "\3"))
+        local how, code = h.wait(F.bound(10))
+        h.drain()
+        assert.equal("exit", how, h.out)
+        assert.equal(1, code, h.out)
+        local _, count = h.out:gsub("interrupted!", "")
+        assert.equal(1, count, h.out)
+      end)
+      h.close()
+      if not ok then error(why, 0) end
+    end
+  end)
+end)
