@@ -286,3 +286,36 @@ describe("interrupts", function()
     end
   end)
 end)
+
+describe("re-entry: the serial map (N = 1)", function()
+  it("fn, progress or the items iterator that steps the map gets 'map is busy'", function()
+    local f, s
+    local errs = {}
+    local function try() local ok, e = pcall(f, s); errs[#errs + 1] = not ok and e end
+    local k = 0
+    local items = function() k = k + 1; if k == 2 then try() end; if k <= 3 then return k end end
+    local got = {}
+    local c, closer
+    f, s, c, closer = parmap.parmap(function(x) if x == 3 then try() end return x end,
+      items, { N = 1, progress = function(done) if done == 1 then try() end end })
+    for i, r in f, s, c, closer do got[i] = r end
+    assert.same({ 1, 2, 3 }, got)
+    assert.equal(3, #errs)
+    for _, e in ipairs(errs) do assert.matches("parmap: map is busy", e) end
+  end)
+  it("fn or the items iterator that closes the map ends the loop after the current item", function()
+    local closer
+    local f, s, c
+    f, s, c, closer = parmap.parmap(function(x) if x == 2 then closer:close() end return x end,
+      H.range(10), { N = 1 })
+    local got = {}
+    for i, r in f, s, c, closer do got[i] = r end
+    assert.same({ 1, 2 }, got)
+    local k = 0
+    f, s, c, closer = parmap.parmap(function(x) return x end,
+      function() k = k + 1; if k == 3 then closer:close() end; return k end, { N = 1 })
+    got = {}
+    for i, r in f, s, c, closer do got[i] = r end
+    assert.same({ 1, 2, 3 }, got)
+  end)
+end)

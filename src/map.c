@@ -87,7 +87,8 @@ typedef struct Map {
   int state;
   int busy;      /* the engine runs (a protected call): no re-entry */
   int close_req; /* close() came while busy: stop once the step returns */
-  int ierr;      /* the items iterator raised: its error is in U_IERR */
+  int ierr;      /* the items iterator raised: its error is in U_IERR
+                    (1), and was raised after the last item (2) */
   int stillborn; /* workers dead in a row before sending any result */
   lua_Integer last; /* collect: the highest index so far */
   uint64_t exit_check; /* when check_exits last ran */
@@ -1008,12 +1009,12 @@ static int advance(lua_State *L, Map *m) {
       if (!m->ierr) progress(L, m, 1);
       if (m->close_req) return 0;
       stop(m, 0);
-      m->state = M_DONE;
       if (m->ierr) { /* every item pulled is delivered: now the error */
-        m->ierr = 0;
+        m->ierr = 2;   /* and the map counts as stopped, not as over */
         lua_getiuservalue(L, m->self, U_IERR);
         return lua_error(L);
       }
+      m->state = M_DONE;
       return 0;
     }
     pump(L, m, 1);
@@ -1063,7 +1064,7 @@ static int step(lua_State *L, Map *m, int nargs) {
                          "step: a progress callback, the items iterator, a "
                          "finalizer or a hook)");
   if (m->state != M_RUNNING) {
-    if (m->state == M_CLOSED && !finished(m))
+    if (m->state == M_CLOSED && (!finished(m) || m->ierr))
       return luaL_error(L, "parmap: the map was stopped");
     if (nargs == 2) { /* collect on a map that is over: nothing more */
       lua_settop(L, 2);
