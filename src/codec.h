@@ -52,6 +52,10 @@ int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
 */
 int parmap_decode_scalar(lua_State *L, const char *p, size_t len, size_t *pos);
 
+/* parmap_decode_scalar for a number, a boolean or nil only: it allocates
+   nothing, so it runs no finalizer and raises no error. */
+int parmap_decode_plain(lua_State *L, const char *p, size_t len, size_t *pos);
+
 /* Varints shared with the engine's own framing. */
 int parmap_put_varint(parmap_buf *b, unsigned long long v);
 int parmap_get_varint(const char *p, size_t len, size_t *pos,

@@ -1098,9 +1098,25 @@ static int step(lua_State *L, Map *m, int nargs) {
   return lua_gettop(L) - top;
 }
 
-/* next(map): the iterator of a generic for. */
+/* next(map): the iterator of a generic for. The most common record, a
+   number (or boolean, nil) not last in its slot, is taken without a
+   protected call: decoding it allocates nothing, so no user code (a
+   finalizer) can run meanwhile and nothing can raise. */
 static int map_next(lua_State *L) {
   Map *m = checkmap(L, 1);
+  Slot *s;
+  if (!m->busy && m->state == M_RUNNING && !m->close_req &&
+      (s = ready(m)) != NULL && s->consumed + 1 < s->count &&
+      s->rpos < s->out.len && s->out.p[s->rpos] == (char)REC_OK) {
+    size_t pos = s->rpos + 1;
+    lua_pushinteger(L, s->start + s->consumed);
+    if (parmap_decode_plain(L, s->out.p, s->out.len, &pos)) {
+      s->rpos = pos;
+      s->consumed++;
+      return 2;
+    }
+    lua_pop(L, 1);
+  }
   lua_settop(L, 1); /* the control value goes */
   return step(L, m, 1);
 }
