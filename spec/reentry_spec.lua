@@ -319,3 +319,40 @@ describe("re-entry: the serial map (N = 1)", function()
     assert.same({ 1, 2, 3 }, got)
   end)
 end)
+
+describe("re-entry: ReturnProcess", function()
+  it("a hook that closes the process while join waits: join reports it killed, nothing crashes", function()
+    run_ok([[
+      local p = parmap.ReturnProcess(function() os.execute("sleep 30") return 1 end):start()
+      local n = 0
+      debug.sethook(function()
+        n = n + 1
+        if n == 3 then p:close() end
+      end, "c")
+      local ok, e = pcall(p.join, p)
+      debug.sethook()
+      assert(not ok and tostring(e):match("killed"), tostring(e))
+      assert(#H.children() == 0)
+      print("OK")
+    ]])
+  end)
+  it("finalizers that close the process while join decodes its result: the whole result", function()
+    run_ok([[
+      for round = 1, 20 do
+        local p = parmap.ReturnProcess(function()
+          local t = {}
+          for i = 1, 20000 do t[i] = { i, tostring(i) } end
+          return t
+        end):start()
+        os.execute("sleep 0.2")
+        local mt = { __gc = function() p:close() end }
+        for _ = 1, 200 do setmetatable({}, mt) end
+        local ok, t = pcall(p.join, p)
+        assert(ok, tostring(t))
+        assert(#t == 20000 and t[20000][2] == "20000")
+        assert(#H.children() == 0)
+      end
+      print("OK")
+    ]])
+  end)
+end)
