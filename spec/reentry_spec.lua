@@ -344,7 +344,14 @@ describe("re-entry: ReturnProcess", function()
           for i = 1, 20000 do t[i] = { i, tostring(i) } end
           return t
         end):start()
-        os.execute("sleep 0.2")
+        -- wait until the child has exited (a zombie: not reaped yet)
+        for _ = 1, 2000 do
+          local fh = io.open("/proc/" .. p:pid() .. "/stat")
+          local st = fh and fh:read("a"):match("^%d+ %b() (%a)")
+          if fh then fh:close() end
+          if st == "Z" then break end
+          os.execute("sleep 0.01")
+        end
         local mt = { __gc = function() p:close() end }
         for _ = 1, 200 do setmetatable({}, mt) end
         local ok, t = pcall(p.join, p)
@@ -354,5 +361,21 @@ describe("re-entry: ReturnProcess", function()
       end
       print("OK")
     ]])
+  end)
+end)
+
+describe("user numbers in C arithmetic", function()
+  it("a huge chunksize with iterator input runs (or is refused), it never corrupts memory", function()
+    for _, cs in ipairs({ 1 << 61, math.maxinteger }) do
+      local k = 0
+      local ok, r = pcall(parmap.map, function(x) return x end,
+        function() k = k + 1; if k <= 3 then return k end end, { N = 2, chunksize = cs })
+      if ok then
+        assert.same({ 1, 2, 3 }, r)
+      else
+        assert.matches("chunksize", r)
+      end
+      assert.same({}, H.children())
+    end
   end)
 end)

@@ -270,9 +270,14 @@ static Slot *free_slot(Map *m) {
   return best;
 }
 
+/* Room for n offsets. Grows by doubling: a chunk's size (chunksize, a
+   user number) is only an upper bound of what the iterator gives. */
 static void offs_reserve(lua_State *L, Slot *s, size_t n) {
   if (s->offs_cap < n) {
-    size_t *p = (size_t *)realloc(s->offs, n * sizeof *p);
+    size_t *p;
+    if (n < 2 * s->offs_cap) n = 2 * s->offs_cap;
+    if (n > ((size_t)-1) / sizeof *p) nomem(L);
+    p = (size_t *)realloc(s->offs, n * sizeof *p);
     if (p == NULL) nomem(L);
     s->offs = p;
     s->offs_cap = n;
@@ -310,6 +315,7 @@ static int pull(lua_State *L) {
       lua_pushvalue(L, -1);
       add_failure(L, m, s, index, "shape", lua_tostring(L, -1), 0);
     }
+    offs_reserve(L, s, (size_t)s->count + 2);
     s->count++;
     s->offs[s->count] = s->in.len;
     lua_settop(L, base + 2);
@@ -321,7 +327,7 @@ static int pull(lua_State *L) {
    (U_IERR) and ends the input; the step raises it after the last item. */
 static void pull_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
   int self = m->self, status;
-  offs_reserve(L, s, (size_t)size + 1);
+  offs_reserve(L, s, (size_t)(size < 64 ? size : 64) + 1);
   s->offs[0] = 0;
   lua_pushcfunction(L, pull);
   lua_pushvalue(L, self);
