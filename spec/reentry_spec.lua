@@ -338,11 +338,12 @@ describe("re-entry: ReturnProcess", function()
   end)
   it("finalizers that close the process while join decodes its result: the whole result", function()
     run_ok([[
+      collectgarbage("incremental", 10, 1000) -- finalizers early and often
       for round = 1, 20 do
         local p = parmap.ReturnProcess(function()
           local t = {}
-          for i = 1, 20000 do t[i] = { i, tostring(i) } end
-          return t
+          for i = 1, 3000 do t[i] = { i, tostring(i) } end
+          return t -- fits in the socket's buffer: the child exits at once
         end):start()
         -- wait until the child has exited (a zombie: not reaped yet)
         for _ = 1, 2000 do
@@ -356,7 +357,7 @@ describe("re-entry: ReturnProcess", function()
         for _ = 1, 200 do setmetatable({}, mt) end
         local ok, t = pcall(p.join, p)
         assert(ok, tostring(t))
-        assert(#t == 20000 and t[20000][2] == "20000")
+        assert(#t == 3000 and t[3000][2] == "3000")
         assert(#H.children() == 0)
       end
       print("OK")
@@ -377,5 +378,36 @@ describe("user numbers in C arithmetic", function()
       end
       assert.same({}, H.children())
     end
+  end)
+end)
+
+describe("respawns are bounded", function()
+  it("a worker killed by SIGINT is not replaced: the map fails", function()
+    local core = require "parmap.core"
+    local ok, e = pcall(parmap.map, function(x)
+      if x == 3 then F.T.kill(core.pid(), F.T.SIGINT) F.T.sleep(5) end
+      return x
+    end, H.range(20), { N = 2, exception = "return", chunksize = 1 })
+    assert.is_false(ok)
+    assert.matches("interrupted %(SIGINT%)", tostring(e))
+    assert.same({}, H.children())
+  end)
+  it("workers that die before running any item are not forked again and again", function()
+    local out = run_ok([[
+      local core = require "parmap.core"
+      local parent = core.pid()
+      local forks = 0
+      -- a hook every worker inherits, that ends it at its first call
+      debug.sethook(function()
+        if core.pid() ~= parent then os.exit(3) end
+      end, "c")
+      local ok, e = pcall(parmap.map, id, H.range(500), { N = 2, exception = "return" })
+      debug.sethook()
+      assert(not ok, "no error")
+      print(e)
+      assert(#H.children() == 0)
+      print("OK")
+    ]])
+    assert.matches("workers in a row died before running any item", out)
   end)
 end)
