@@ -26,11 +26,14 @@ describe("re-entry: a map's own callbacks", function()
     run_ok([[
       for _, N in ipairs({ 2, 3 }) do
         local f, s, c, closer
-        f, s, c, closer = parmap.parmap(id, H.range(200000), { N = N,
+        -- items that sleep: the parent waits for them, and reports progress
+        local T = require "parmap_testhelper"
+        f, s, c, closer = parmap.parmap(function(x) T.sleep(0.001) return x end,
+          H.range(5000), { N = N,
           progress = function(done) if done >= 100 then closer:close() end end })
         local n = 0
         for _ in f, s, c, closer do n = n + 1 end
-        assert(n < 200000, n)
+        assert(n < 5000, n)
         assert(#H.children() == 0, "workers left")
         assert(f(s) == nil) -- over: no error, no crash
       end
@@ -409,5 +412,29 @@ describe("respawns are bounded", function()
       print("OK")
     ]])
     assert.matches("workers in a row died before running any item", out)
+  end)
+end)
+
+describe("timeouts: work read off the socket by fn", function()
+  it("fn that reads its worker's queued task: the worker owes it, is killed, the item times out", function()
+    local out = run_ok([[
+      local F = require "faults_helpers"
+      local T = F.T
+      local core = require "parmap.core"
+      local got = {}
+      for i, r in parmap.parmap(function(x)
+        if x == 1 then
+          local sock, t0 = F.my_socket(), core.now()
+          repeat T.sleep(0.01) until T.inq(sock) > 0 or core.now() - t0 > 20
+          T.read(sock, 100) -- item 2's task: the worker never sees it
+        end
+        return x
+      end, { 1, 2 }, { N = 1, timeout = 1, exception = "return", chunksize = 1 }) do
+        got[i] = r
+      end
+      assert(got[1] == 1, tostring(got[1]))
+      assert(parmap.iserror(got[2]) and got[2].kind == "timeout", tostring(got[2]))
+      print("OK")
+    ]], 30)
   end)
 end)
