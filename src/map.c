@@ -57,7 +57,8 @@ typedef struct Worker {
   uint64_t rleft; /* body bytes still to come */
   int timed_out;
   int delivered;  /* it sent results: it started fine */
-  uint64_t due;   /* when q[0] became its to run (0: not sent yet) */
+  uint64_t due;   /* when q[0] became its to run (0: not sent yet), or
+                     when it last sent us bytes (timeouts) */
   int exited, status; /* reaped while its socket was still open */
   int lost;           /* ... by someone else's waitpid */
   Seg q[DEPTH];
@@ -629,7 +630,8 @@ static int send_more(Map *m, Worker *w) {
                            total - w->sent);
     if (r < 0) return -1;
     if (r == 0) return 0;
-    if (w->nsent == 0 && w->due == 0) w->due = parmap_now_ns();
+    if (w->nsent == 0 && w->due == 0 && m->cfg.timeout > 0)
+      w->due = parmap_now_ns(); /* timeouts: due from its first bytes */
     w->sent += (size_t)r;
     if (w->sent == total) {
       w->nsent++;
@@ -653,7 +655,8 @@ static void segment_done(Map *m, Worker *w, uint64_t elapsed) {
   w->qn--;
   w->nsent--;
   /* the next segment is due from now if it is (partly) sent already */
-  w->due = (w->qn > 0 && (w->nsent > 0 || w->sent > 0)) ? parmap_now_ns() : 0;
+  w->due = (m->cfg.timeout > 0 && w->qn > 0 && (w->nsent > 0 || w->sent > 0))
+               ? parmap_now_ns() : 0;
 }
 
 /* Read what has arrived. Returns 1 at end of file (the worker is gone). */
@@ -667,6 +670,7 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
       if (r == -2) return 0;
       if (r <= 0) return 1;
       w->rhave += (size_t)r;
+      if (w->due) w->due = parmap_now_ns(); /* it delivers: not stuck */
       if (w->rhave < FRAME_HDR) continue;
       if (w->rhdr.magic != MAGIC_RESULT) protocol_error(L, w, "bad magic");
       if (w->qn == 0 || w->nsent == 0) protocol_error(L, w, "unasked result");
@@ -684,6 +688,7 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
       if (r == -2) return 0;
       if (r <= 0) return 1;
       w->rleft -= (uint64_t)r;
+      if (w->due) w->due = parmap_now_ns();
       if (w->rleft > 0) continue;
     }
     s->out.len += (size_t)w->rhdr.bodylen;
