@@ -415,6 +415,20 @@ describe("respawns are bounded", function()
   end)
 end)
 
+describe("timeouts: huge values for ReturnProcess", function()
+  for _, t in ipairs({ "math.huge", "1e300", "1e12" }) do
+    it("join(" .. t .. ") and wait(" .. t .. ") wait for the result", function()
+      local v = load("return " .. t)()
+      local p = parmap.ReturnProcess(function() os.execute("sleep 0.05") return 42 end):start()
+      assert.is_true(p:wait(v))
+      assert.equal(42, p:join(v))
+      p = parmap.ReturnProcess(function() os.execute("sleep 0.05") return 43 end):start()
+      assert.equal(43, p:join(v))
+      assert.same({}, H.children())
+    end)
+  end
+end)
+
 describe("timeouts: work read off the socket by fn", function()
   it("fn that reads its worker's queued task: the worker owes it, is killed, the item times out", function()
     local out = run_ok([[
