@@ -148,6 +148,7 @@ static int child_main(lua_State *L) {
 
 static void run_child(lua_State *L, Proc *p, int ud, int fd) {
   int code = 70;
+  parmap_clear_interrupt(L); /* a Ctrl-C pending in the parent is its own */
   if (lua_checkstack(L, 8)) {
     lua_pushcfunction(L, child_main);
     lua_pushlightuserdata(L, p);
@@ -379,6 +380,7 @@ static int p_start(lua_State *L) {
   if (p->state != P_NEW)
     return luaL_error(L, "parmap: ReturnProcess: already started");
   lua_settop(L, 1);
+  parmap_run_hooks(L); /* a pending Ctrl-C raises here, not in the child */
   if (parmap_socketpair(sv))
     return luaL_error(L, "parmap: ReturnProcess: socketpair: %s",
                       strerror(errno));
