@@ -49,12 +49,7 @@ command -v zip >/dev/null 2>&1 || need="$need zip"
 command -v unzip >/dev/null 2>&1 || need="$need unzip"
 command -v cc >/dev/null 2>&1 || need="$need gcc"
 command -v make >/dev/null 2>&1 || need="$need make"
-if [ -n "$need" ]; then
-  echo "# installing:$need"
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-    $SUDO apt-get install -y -qq $need >/dev/null
-fi
+sh .ci/apt-install $need | sed 's/^/# /'
 busted=$(command -v busted) || { echo "busted not found"; echo "0 passed, 1 failed"; exit 1; }
 # luarocks keeps its own state in $HOME; keep CI's out of the real one
 export HOME=$tmp/home
@@ -99,6 +94,7 @@ echo "# (a) make install"
 prefix=$tmp/prefix
 check "make install PREFIX=$prefix" make --no-print-directory install PREFIX="$prefix"
 for f in share/lua/5.4/parmap.lua share/lua/5.4/parmap/process.lua \
+         share/lua/5.4/parmap/progress.lua \
          lib/lua/5.4/parmap/core.so lib/libparmap.a include/parmap.h; do
   check "make install installed $f" test -f "$prefix/$f"
 done

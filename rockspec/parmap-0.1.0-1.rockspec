@@ -34,6 +34,7 @@ build = {
    modules = {
       parmap = "lua/parmap.lua",
       ["parmap.process"] = "lua/parmap/process.lua",
+      ["parmap.progress"] = "lua/parmap/progress.lua",
       ["parmap.core"] = {
          sources = {
             "src/buf.c", "src/codec.c", "src/proc.c", "src/worker.c",

@@ -12,7 +12,9 @@
 ** length); the one-scalar fast path must agree with the general decoder.
 **
 ** Built with -DPARMAP_FUZZ_SEEDS instead, it is a program that writes the
-** seed corpus: `fuzz_seeds DIR` (see spec/corpus/README).
+** seed corpus: `fuzz_seeds DIR` (see spec/corpus/README). Built with
+** -DPARMAP_FUZZ_REPLAY, a program that runs the target once on each file
+** named (`make fuzz-replay`: the corpus under gcc's ASan+UBSan, no clang).
 */
 #include <lauxlib.h>
 #include <lua.h>
@@ -127,6 +129,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   lua_settop(L, 0);
   return 0;
 }
+
+#ifdef PARMAP_FUZZ_REPLAY
+int main(int argc, char **argv) {
+  int i;
+  for (i = 1; i < argc; i++) {
+    FILE *f = fopen(argv[i], "rb");
+    char *p;
+    long n;
+    check(f != NULL, argv[i]);
+    check(fseek(f, 0, SEEK_END) == 0 && (n = ftell(f)) >= 0, argv[i]);
+    rewind(f);
+    p = (char *)malloc((size_t)n + 1);
+    check(p != NULL && fread(p, 1, (size_t)n, f) == (size_t)n, argv[i]);
+    fclose(f);
+    LLVMFuzzerTestOneInput((const uint8_t *)p, (size_t)n);
+    free(p);
+    printf("ok %d - %s\n", i, argv[i]);
+  }
+  printf("%d passed, 0 failed\n", argc - 1);
+  return 0;
+}
+#endif
 
 #else /* the seed writer */
 

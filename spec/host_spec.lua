@@ -44,6 +44,22 @@ describe("a C host linked with libparmap.a", function()
     assert.are.equal("101 104 109 116 125 136 149 164 181 200\nB\n", out)
   end)
 
+  it("serves parmap.progress from memory too: a progress line and parmap.print", function()
+    local path = os.tmpname()
+    local f = assert(io.open(path, "w"))
+    f:write([[
+local parmap = require 'parmap'
+local out = parmap.map(function(x) return x + 1 end, { 1, 2, 3 }, { N = 2, progress = 'host' })
+parmap.print('sum', out[1] + out[2] + out[3])
+]])
+    f:close()
+    local out, err, code = run_host(string.format("%q", path))
+    os.remove(path)
+    assert.are.equal(0, code, err)
+    assert.are.equal("sum\t9\n", out)
+    assert.matches("^host %[#+%] 3/3 100%% .* in %d%d:%d%d\n$", err)
+  end)
+
   local expected = "maps: 80 maps, every result delivered\n" ..
     "break: ok\n" ..
     "deaths: item 6 failed 20 times, every other result delivered\n" ..

@@ -8,6 +8,7 @@
 #include "parmap.h"
 #include "parmap_lua.h"
 #include "parmap_process_lua.h"
+#include "parmap_progress_lua.h"
 
 static int load_process(lua_State *L) {
   if (luaL_loadbufferx(L, (const char *)parmap_process_lua,
@@ -18,11 +19,23 @@ static int load_process(lua_State *L) {
   return 1;
 }
 
+static int load_progress(lua_State *L) {
+  if (luaL_loadbufferx(L, (const char *)parmap_progress_lua,
+                       sizeof parmap_progress_lua, "=parmap/progress.lua",
+                       "t") != LUA_OK)
+    return lua_error(L);
+  lua_call(L, 0, 1);
+  return 1;
+}
+
 PARMAP_API int luaopen_parmap(lua_State *L) {
-  /* the front requires parmap.process: serve it from memory */
+  /* the front requires parmap.process and parmap.progress: serve them
+     from memory */
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
   lua_pushcfunction(L, load_process);
   lua_setfield(L, -2, "parmap.process");
+  lua_pushcfunction(L, load_progress);
+  lua_setfield(L, -2, "parmap.progress");
   lua_pop(L, 1);
   if (luaL_loadbufferx(L, (const char *)parmap_lua, sizeof parmap_lua,
                        "=parmap.lua", "t") != LUA_OK)
