@@ -67,8 +67,14 @@ local function serial(spec)
   local fail, progress = spec.fail, spec.progress
   local proc = spec.exception == "proc"
   local state = setmetatable({ closed = false }, Serial)
-  local i, ended = 0, false
+  local i, ended, busy = 0, false, false
   local init, fin, started = spec.init, spec.finish, false
+  -- fn, the items iterator and progress run inside a step: stepping the
+  -- map again from there is an error ("busy"); an error ends the map
+  local guard = setmetatable({}, { __close = function(_, err)
+    busy = false
+    if err ~= nil then ended = true end
+  end })
 
   local function finish(...)
     if progress then progress(i, total, false) end
@@ -86,7 +92,13 @@ local function serial(spec)
   end
 
   local function step()
+    if busy then
+      error("parmap: map is busy (stepped from inside its own step: fn, a "
+        .. "progress callback or the items iterator)", 2)
+    end
     if ended or state.closed then return nil end
+    busy = true
+    local _ <close> = guard
     local item
     if from_table then
       if i < total then item = items[i + 1] end

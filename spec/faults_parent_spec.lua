@@ -40,13 +40,16 @@ describe("faults: the input iterator raises (case 6)", function()
       F.assert_stopped(before)
     end)
   end
-  it("raising on item 3 while core.start hands out the first work: workers stopped at once", function()
+  it("raising on item 3 while core.start hands out the first work: items 1 and 2 first, then the error", function()
     local before = F.snapshot()
     local E = {}
-    -- no loop: the error comes out of the call that starts the map
-    local ok, e = pcall(parmap.parmap, sq, failing_iter(100, 3, E), { N = 2 })
+    local got = {}
+    local ok, e = pcall(function()
+      for i, r in parmap.parmap(sq, failing_iter(100, 3, E), { N = 2 }) do got[i] = r end
+    end)
     assert.is_false(ok)
     assert.is_true(rawequal(E, e))
+    assert.same({ 1, 4 }, got)
     F.assert_stopped(before)
   end)
   it("an item too big for the parent's memory: an error, then the map stays stopped (no item skipped)", function()

@@ -396,6 +396,18 @@ int parmap_decode_scalar(lua_State *L, const char *p, size_t len,
   return 1;
 }
 
+int parmap_decode_plain(lua_State *L, const char *p, size_t len,
+                        size_t *pos) {
+  size_t i = *pos;
+  int tag;
+  if (i >= len || len - i < 2 || p[i] != 1) return 0;
+  tag = (unsigned char)p[i + 1];
+  if (!(tag & T_SMALL) && tag != T_INT && tag != T_FLOAT && tag != T_NIL &&
+      tag != T_TRUE && tag != T_FALSE)
+    return 0; /* a string or a table: it allocates */
+  return parmap_decode_scalar(L, p, len, pos);
+}
+
 int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
                   int scratch, const char **err) {
   Dec d;

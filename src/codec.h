@@ -79,6 +79,10 @@ static inline lua_Integer parmap_unzigzag(unsigned long long v) {
   return (lua_Integer)((v >> 1) ^ (0ULL - (v & 1)));
 }
 
+/* parmap_decode_scalar for a number, a boolean or nil only: it allocates
+   nothing, so it runs no finalizer and raises no error. */
+int parmap_decode_plain(lua_State *L, const char *p, size_t len, size_t *pos);
+
 /* Append v to b; 0, or -1 when out of memory. */
 int parmap_put_varint(parmap_buf *b, unsigned long long v);
 int parmap_get_varint(const char *p, size_t len, size_t *pos,

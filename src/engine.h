@@ -39,7 +39,8 @@ enum {
   U_SCRATCH,  /* the codec's scratch table */
   U_INIT,     /* init(id), run once in each worker before its items, or nil */
   U_FINISH,   /* finish(id), run in a worker that ends normally, or nil */
-  U_COUNT = U_FINISH
+  U_IERR,     /* the error the items iterator raised (parent side only) */
+  U_COUNT = U_IERR
 };
 
 typedef struct Config {
@@ -125,6 +126,11 @@ int parmap_worker_id(int *n);
    Ctrl-C) runs at a call, so C code that waits calls this after EINTR, or
    after a timed wait, lest the interrupt be lost. */
 void parmap_run_hooks(lua_State *L);
+
+/* In a forked child: drop a Ctrl-C inherited from the parent, i.e. the
+   hook lua.c's SIGINT handler sets (all four events, count 1) and the
+   parent had not run yet. The parent is interrupted, not the child. */
+void parmap_clear_interrupt(lua_State *L);
 
 /* In a forked child about to run the caller's Lua code from a C function:
    tracebacks stop above that function, and os.exit leaves with _exit(). */

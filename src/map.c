@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "codec.h"
@@ -37,6 +38,7 @@
 #define BUFFER_PER_WORKER 8192 /* default buffersize: this many items a worker */
 #define BIG_BUF (4u << 20) /* result buffers past this go to the pool */
 #define POOL 2             /* big buffers a map keeps for reuse */
+#define EXIT_CHECK_MS 200  /* how often waitpid checks on workers */
 
 enum { M_RUNNING = 0, M_DONE, M_CLOSED };
 
@@ -55,6 +57,9 @@ typedef struct Worker {
   size_t rhave;   /* header bytes read */
   uint64_t rleft; /* body bytes still to come */
   int timed_out;
+  int delivered;  /* it sent results: it started fine */
+  uint64_t due;   /* when q[0] became its to run (0: not sent yet), or
+                     when it last sent us bytes (timeouts) */
   int exited, status; /* reaped while its socket was still open */
   int lost;           /* ... by someone else's waitpid */
   lua_Integer handed; /* items handed to this process in all (maxtasks) */
@@ -83,8 +88,12 @@ typedef struct Map {
   uint64_t magic;
   pid_t owner; /* the process that may stop the workers */
   int state;
-  int in_call;  /* a user callback is running (an error leaves it set) */
-  int stepping; /* step is running (an error leaves it set) */
+  int busy;      /* the engine runs (a protected call): no re-entry */
+  int close_req; /* close() came while busy: stop once the step returns */
+  int ierr;      /* the items iterator raised: its error is in U_IERR
+                    (1), and was raised after the last item (2) */
+  int stillborn; /* workers dead in a row before sending any result */
+  lua_Integer last; /* collect: the highest index so far */
   uint64_t exit_check; /* when check_exits last ran */
   int self;     /* stack index of this userdata in the current call */
   Config cfg;
@@ -115,13 +124,13 @@ typedef struct Map {
 /* ---------------------------------------------------------------- helpers */
 
 /* The map at idx. Called once per item: a size-and-magic test instead of
-   luaL_checkudata's registry lookup by name. */
+   luaL_checkudata's registry lookup by name. It does not touch m->self:
+   a call that re-enters a busy map must leave the running step's alone. */
 static Map *checkmap(lua_State *L, int idx) {
   Map *m = (Map *)lua_touserdata(L, idx);
   /* a light userdata has no length, so it fails the size test */
   if (m == NULL || lua_rawlen(L, idx) != sizeof(Map) || m->magic != MAP_MAGIC)
     luaL_typeerror(L, idx, MAP_MT);
-  m->self = idx > 0 ? idx : lua_absindex(L, idx);
   return m;
 }
 
@@ -292,20 +301,22 @@ static void offs_reserve(lua_State *L, Slot *s, size_t n) {
   }
 }
 
-/* Pull up to `size` items from the iterator into slot s. */
-static void pull_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
-  int base = lua_gettop(L);
-  lua_getiuservalue(L, m->self, U_ITEMS);
-  lua_getiuservalue(L, m->self, U_SCRATCH);
-  offs_reserve(L, s, (size_t)size + 1);
-  s->offs[0] = 0;
-  while (s->count < size) {
+/* pull(map, slot, size): pull up to `size` items from the iterator into
+   the slot. Runs under lua_pcall (pull_items): when the iterator raises,
+   the items pulled before still run, and the error comes after them. */
+static int pull(lua_State *L) {
+  Map *m = (Map *)lua_touserdata(L, 1);
+  Slot *s = (Slot *)lua_touserdata(L, 2);
+  lua_Integer size = lua_tointeger(L, 3);
+  int base = 3;
+  m->self = 1;
+  lua_getiuservalue(L, 1, U_ITEMS);   /* base + 1 */
+  lua_getiuservalue(L, 1, U_SCRATCH); /* base + 2 */
+  while (s->count < size && !m->close_req) {
     const char *what;
     lua_Integer index = s->start + s->count;
     lua_pushvalue(L, base + 1);
-    m->in_call = 1;
     lua_call(L, 0, 1);
-    m->in_call = 0;
     if (lua_isnil(L, -1)) {
       m->exhausted = 1;
       break;
@@ -317,17 +328,39 @@ static void pull_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
       lua_pushliteral(L, "item");
       lua_pushinteger(L, index);
       lua_pushvalue(L, base + 3);
-      m->in_call = 1;
       lua_call(L, 3, 1);
-      m->in_call = 0;
       lua_pushvalue(L, -1);
       add_failure(L, m, s, index, "shape", lua_tostring(L, -1), 0);
     }
+    offs_reserve(L, s, (size_t)s->count + 2);
     s->count++;
     s->offs[s->count] = s->in.len;
     lua_settop(L, base + 2);
   }
-  lua_settop(L, base);
+  return 0;
+}
+
+/* Pull up to `size` items into slot s. An error of the iterator is kept
+   (U_IERR) and ends the input; the step raises it after the last item. */
+static void pull_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
+  int self = m->self, status;
+  offs_reserve(L, s, (size_t)(size < 64 ? size : 64) + 1);
+  s->offs[0] = 0;
+  lua_pushcfunction(L, pull);
+  lua_pushvalue(L, self);
+  lua_pushlightuserdata(L, s);
+  lua_pushinteger(L, size);
+  if ((status = lua_pcall(L, 3, 0, 0)) != LUA_OK) {
+    m->self = self;
+    s->in.len = s->offs[s->count]; /* drop a half-encoded item */
+    if (status == LUA_ERRMEM) lua_error(L); /* the engine's: stop at once */
+    m->exhausted = 1;
+    m->ierr = 1;
+    lua_setiuservalue(L, self, U_IERR); /* the value, unchanged */
+    return;
+  }
+  m->self = self;
+  if (m->close_req) m->exhausted = 1;
 }
 
 /* Make the next chunk, or return NULL when there is no room or no input. */
@@ -543,6 +576,8 @@ static void dispatch(lua_State *L, Map *m) {
     if ((s = work_slot(L, m)) == NULL) return;
     if (wi == -2) {
       int i;
+      /* a pending Ctrl-C (lua.c's hook) raises here, not in the child */
+      parmap_run_hooks(L);
       i = free_entry(m);
       if (spawn(L, m, i)) {
         spawn_failed(L, m, errno);
@@ -566,6 +601,7 @@ static void on_death(lua_State *L, Map *m, int wi) {
   int st = 0, r, k;
   int64_t cur = __atomic_load_n(&m->shm[wi].cur, __ATOMIC_ACQUIRE);
   lua_Integer bad = 0;
+  pid_t pid = w->pid;
   parmap_fd_close(w->fd);
   w->fd = -1;
   if (w->exited) {
@@ -607,8 +643,24 @@ static void on_death(lua_State *L, Map *m, int wi) {
                   w->pid);
     }
   }
-  memset(w, 0, sizeof *w);
-  w->fd = -1;
+  {
+    int intr = r == 1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGINT &&
+               !w->timed_out;
+    /* a worker that never got to run an item: the next would fare alike */
+    if (!w->delivered && cur == 0 && !w->timed_out)
+      m->stillborn++;
+    else
+      m->stillborn = 0;
+    memset(w, 0, sizeof *w);
+    w->fd = -1;
+    if (intr) { /* Ctrl-C on the process group: not a reason to fork again */
+      parmap_run_hooks(L); /* lua.c's hook raises "interrupted!" here */
+      luaL_error(L, "parmap: worker %d was interrupted (SIGINT)", (int)pid);
+    }
+    if (m->stillborn > m->nw + 2)
+      luaL_error(L, "parmap: %d workers in a row died before running any "
+                    "item (the last one %s)", m->stillborn, how);
+  }
 }
 
 /* ---------------------------------------------------------------- i/o */
@@ -641,6 +693,8 @@ static int send_more(Map *m, Worker *w) {
                            total - w->sent);
     if (r < 0) return -1;
     if (r == 0) return 0;
+    if (w->nsent == 0 && w->due == 0 && m->cfg.timeout > 0)
+      w->due = parmap_now_ns(); /* timeouts: due from its first bytes */
     w->sent += (size_t)r;
     if (w->sent == total) {
       w->nsent++;
@@ -691,6 +745,9 @@ static void segment_done(Map *m, Worker *w, uint64_t elapsed) {
   memmove(&w->q[0], &w->q[1], sizeof(Seg) * (size_t)(w->qn - 1));
   w->qn--;
   w->nsent--;
+  /* the next segment is due from now if it is (partly) sent already */
+  w->due = (m->cfg.timeout > 0 && w->qn > 0 && (w->nsent > 0 || w->sent > 0))
+               ? parmap_now_ns() : 0;
 }
 
 /* Read what has arrived. Returns 1 at end of file (the worker is gone). */
@@ -704,6 +761,7 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
       if (r == -2) return 0;
       if (r <= 0) return 1;
       w->rhave += (size_t)r;
+      if (w->due) w->due = parmap_now_ns(); /* it delivers: not stuck */
       if (w->rhave < FRAME_HDR) continue;
       if (w->rhdr.magic != MAGIC_RESULT) protocol_error(L, w, "bad magic");
       if (w->qn == 0 || (w->nsent == 0 && !(w->rhdr.flags & FLAG_INIT)))
@@ -722,12 +780,17 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
       if (r == -2) return 0;
       if (r <= 0) return 1;
       w->rleft -= (uint64_t)r;
+      if (w->due) w->due = parmap_now_ns();
       if (w->rleft > 0) continue;
     }
     if (w->rhdr.flags & FLAG_INIT)
       init_error(L, m, w, s->out.p + s->out.len, (size_t)w->rhdr.bodylen);
     s->out.len += (size_t)w->rhdr.bodylen;
     s->recv += w->rhdr.nitems;
+    if (w->rhdr.nitems > 0) {
+      w->delivered = 1;
+      m->stillborn = 0;
+    }
     m->done += w->rhdr.nitems;
     w->rhave = 0;
     if (w->rhdr.flags & FLAG_END) {
@@ -738,41 +801,59 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
   }
 }
 
-/* Kill workers whose item ran past the timeout; return ms to the next
-   deadline (-1: none). */
-static int check_timeouts(Map *m) {
+/* Timeouts watch the work a worker owes from the moment it is handed
+   over, not only while an item runs: the item running has its own start;
+   between items (cur = 0), the segment at the head of its queue is due
+   from the later of when its first bytes were sent (w->due) and when the
+   worker's previous segment ended (the worker writes that time to start
+   before clearing cur). A worker stopped while idle, or one whose queued
+   segment was read by fn off its socket, is thus killed in time too.
+   Kill (when `kill_them`) workers past their deadline; return ms to the
+   next deadline (-1: none). Only kill after reading what the sockets
+   hold: a segment's end frame may be waiting there. */
+static int check_timeouts(Map *m, int kill_them) {
   uint64_t now = parmap_now_ns(), lim, next = 0;
   int i;
   if (m->cfg.timeout <= 0) return -1;
-  lim = (uint64_t)(m->cfg.timeout * 1e9);
+  lim = (uint64_t)(m->cfg.timeout * 1e9); /* <= 1e18: map_start clamps */
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
     int64_t c1, c2;
-    uint64_t start, left;
+    uint64_t start, base, left;
     if (w->fd < 0 || w->qn == 0 || w->timed_out) continue;
     c1 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
     start = __atomic_load_n(&m->shm[i].start, __ATOMIC_ACQUIRE);
     c2 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
-    if (c1 == 0 || c1 != c2 || start == 0 || start > now) {
-      left = lim; /* between items, or it just started one */
-    } else if (now - start >= lim) {
-      kill(w->pid, SIGKILL); /* still our unreaped child: safe */
-      w->timed_out = 1;
-      continue;
+    if (c1 != c2 || start > now) {
+      base = now; /* it moves: look again later */
+    } else if (c1 != 0) {
+      base = start; /* an item runs */
+    } else if (w->due) {
+      base = w->due > start ? w->due : start; /* work it has not begun */
     } else {
-      left = lim - (now - start);
+      continue; /* nothing sent yet: it owes nothing */
     }
-    if (next == 0 || left < next) next = left;
+    if (now - base >= lim) {
+      if (kill_them) {
+        kill(w->pid, SIGKILL); /* still our unreaped child: safe */
+        w->timed_out = 1;
+        continue;
+      }
+      left = 0;
+    } else {
+      left = lim - (now - base);
+    }
+    if (next == 0 || left < next) next = left ? left : 1;
   }
   if (next == 0) return -1;
-  return next / 1000000u >= INT_MAX ? INT_MAX : (int)(next / 1000000u) + 1;
+  next = next / 1000000u + 1;
+  return next > EXIT_CHECK_MS ? EXIT_CHECK_MS : (int)next;
 }
 
 /* A worker's death shows as end of file on its socket, unless a process
    that fn forked (without exec) holds the socket open: then the worker is
    found by waitpid, every so often while the parent waits. All it sent is
    in the socket by then: read it, then report the death. */
-#define EXIT_CHECK_MS 200
 
 static void on_death(lua_State *L, Map *m, int wi);
 
@@ -804,7 +885,8 @@ static void pump(lua_State *L, Map *m, int block) {
                "process (it belongs to process %d)", (int)m->owner);
   dispatch(L, m);
   if (block && (ready(m) || finished(m))) block = 0; /* dispatch made some */
-  timeout = block ? check_timeouts(m) : 0;
+  if (m->close_req) return; /* closed from a callback: step stops it */
+  timeout = block ? check_timeouts(m, 0) : 0;
   if (block && (timeout < 0 || timeout > EXIT_CHECK_MS)) timeout = EXIT_CHECK_MS;
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
@@ -837,9 +919,10 @@ static void pump(lua_State *L, Map *m, int block) {
       dead = recv_more(L, m, w) || dead;
     if (dead) on_death(L, m, m->pfd_w[i]);
   }
-  if (m->cfg.timeout > 0) check_timeouts(m);
-  if (block && r == 0) parmap_run_hooks(L); /* a signal that came between
-                                                two polls (no EINTR) */
+  if (m->cfg.timeout > 0) check_timeouts(m, 1);
+  /* a signal that came between two polls (no EINTR), or while results
+     stream in (poll never waits): lua.c's Ctrl-C hook runs now */
+  if (block) parmap_run_hooks(L);
   if (block) {
     uint64_t now = parmap_now_ns();
     if (now - m->exit_check >= (uint64_t)EXIT_CHECK_MS * 1000000u) {
@@ -883,7 +966,7 @@ static void release(Map *m) {
 static void stop(Map *m, int kill_them) {
   int i, st;
   if (m->state == M_CLOSED) return;
-  m->state = M_CLOSED;
+  if (m->state != M_DONE) m->state = M_CLOSED; /* an ended map stays so */
   if (m->owner != getpid()) return; /* a worker's copy: not its children */
   if (m->w == NULL) return;
   for (i = 0; i < m->nw; i++) {
@@ -914,8 +997,16 @@ static int map_gc(lua_State *L) {
   return 0;
 }
 
+/* close(map), __close. While the engine runs a step (close() from a
+   progress callback, the items iterator, a finalizer, a hook), the workers
+   and slots are in use: the stop waits until the step returns, and the map
+   then ends as if it were over. */
 static int map_close(lua_State *L) {
   Map *m = checkmap(L, 1);
+  if (m->busy) {
+    m->close_req = 1;
+    return 0;
+  }
   stop(m, 1);
   return 0;
 }
@@ -935,9 +1026,7 @@ static void progress(lua_State *L, Map *m, int finished) {
   else
     lua_pushnil(L);
   lua_pushboolean(L, finished);
-  m->in_call = 1;
   lua_call(L, 3, 0);
-  m->in_call = 0;
 }
 
 /* The slot whose next record may be consumed now, or NULL. */
@@ -967,17 +1056,15 @@ static int failed(lua_State *L, Map *m, lua_Integer index, int base, int n) {
   int k;
   if (n != 5 || lua_type(L, base + 1) != LUA_TSTRING ||
       lua_type(L, base + 3) != LUA_TSTRING) {
-    stop(m, 1);
     return luaL_error(L, "parmap: corrupt error record for item %I",
                       (LUAI_UACINT)index);
   }
+  /* raising stops the map: step does, once out of the engine */
   lua_getiuservalue(L, m->self, U_FAIL);
   lua_pushinteger(L, index);
   for (k = 1; k <= 5; k++) lua_pushvalue(L, base + k);
-  if (lua_pcall(L, 6, 1, 0) != LUA_OK) { /* raised: the map ends here */
-    stop(m, 1);
-    return lua_error(L);
-  }
+  lua_call(L, 6, 1); /* fail(index, kind, err, message, tb, pid): raises,
+                        or returns the error object */
   lua_pushinteger(L, index);
   lua_insert(L, -2);
   return 2;
@@ -990,7 +1077,6 @@ static int emit(lua_State *L, Map *m, Slot *s) {
   int status, n, base;
   const char *err = NULL;
   if (s->rpos >= s->out.len) { /* a frame announced more than it carried */
-    stop(m, 1);
     return luaL_error(L, "parmap: corrupt result for item %I: no record",
                       (LUAI_UACINT)index);
   }
@@ -1004,7 +1090,6 @@ static int emit(lua_State *L, Map *m, Slot *s) {
     lua_remove(L, base + 1);
   }
   if (n < 0) {
-    stop(m, 1);
     return luaL_error(L, "parmap: corrupt result for item %I: %s",
                       (LUAI_UACINT)index, err);
   }
@@ -1023,37 +1108,24 @@ static int finished(Map *m) {
                                          : m->slots_used == 0);
 }
 
-static int advance(lua_State *L, Map *m);
-
-/* Push the next item's index and values and return their count, or 0
-   when the map is over. */
-static int step(lua_State *L, Map *m) {
-  int n;
-  if (m->in_call || m->stepping) {
-    /* a callback of ours raised, or the engine did half-way through an
-       update (out of memory, a protocol error, an interrupt): the map
-       cannot go on, it would lose or garble items */
-    stop(m, 1);
-    m->in_call = m->stepping = 0;
-  }
-  if (m->state != M_RUNNING) {
-    if (m->state == M_CLOSED && !finished(m))
-      return luaL_error(L, "parmap: the map was stopped");
-    return 0;
-  }
-  m->stepping = 1;
-  n = advance(L, m);
-  m->stepping = 0;
-  return n;
-}
-
+/* The body of a step, run under lua_pcall by step(): push the next
+   item's index and values and return their count, or 0 when the map is
+   over (then the items iterator's error, if it raised, is raised). */
 static int advance(lua_State *L, Map *m) {
   for (;;) {
-    Slot *s = ready(m);
+    Slot *s;
+    if (m->close_req) return 0; /* closed from a callback: step stops it */
+    s = ready(m);
     if (s) return emit(L, m, s);
     if (finished(m)) {
-      progress(L, m, 1);
+      if (!m->ierr) progress(L, m, 1);
+      if (m->close_req) return 0;
       stop(m, 0);
+      if (m->ierr) { /* every item pulled is delivered: now the error */
+        m->ierr = 2;   /* and the map counts as stopped, not as over */
+        lua_getiuservalue(L, m->self, U_IERR);
+        return lua_error(L);
+      }
       m->state = M_DONE;
       return 0;
     }
@@ -1062,34 +1134,116 @@ static int advance(lua_State *L, Map *m) {
   }
 }
 
-/* next(map): the iterator of a generic for. */
+/* Interrupts: lua.c's Ctrl-C sets a hook that runs at the next Lua call;
+   collect runs no Lua while results stream in, so it calls one every so
+   many items. */
+#define HOOK_EVERY 1024
+
+/* step_body(map[, table]): advance once, or with a table collect into it
+   (collect's loop, all under one protected call). */
+static int step_body(lua_State *L) {
+  Map *m = (Map *)lua_touserdata(L, 1);
+  unsigned k = 0;
+  m->self = 1;
+  if (lua_gettop(L) < 2) return advance(L, m);
+  for (;;) {
+    lua_Integer i;
+    int n;
+    lua_settop(L, 2);
+    if (++k % HOOK_EVERY == 0) parmap_run_hooks(L);
+    if ((n = advance(L, m)) == 0) break;
+    i = lua_tointeger(L, -n); /* the top n values: index, results... */
+    if (n > 1) {
+      lua_settop(L, lua_gettop(L) - n + 2);
+      lua_rawseti(L, 2, i);
+    }
+    if (i > m->last) m->last = i;
+  }
+  lua_settop(L, 2);
+  lua_pushinteger(L, m->last);
+  return 2;
+}
+
+/* Run step_body for the map at index 1 (and collect's table at 2). The
+   engine runs protected, with the map busy: a callback (progress, the
+   items iterator, make_error), a finalizer or a hook that steps this map
+   again gets an error, and one that closes it is obeyed once the step is
+   out. An error stops the map (reaping its workers) and goes on up. */
+static int step(lua_State *L, Map *m, int nargs) {
+  int top, status;
+  if (m->busy)
+    return luaL_error(L, "parmap: map is busy (stepped from inside its own "
+                         "step: a progress callback, the items iterator, a "
+                         "finalizer or a hook)");
+  if (m->state != M_RUNNING) {
+    if (m->state == M_CLOSED && (!finished(m) || m->ierr))
+      return luaL_error(L, "parmap: the map was stopped");
+    if (nargs == 2) { /* collect on a map that is over: nothing more */
+      lua_settop(L, 2);
+      lua_pushinteger(L, m->last);
+      return 2;
+    }
+    return 0;
+  }
+  top = lua_gettop(L) - nargs; /* below the map */
+  lua_pushcfunction(L, step_body);
+  lua_rotate(L, top + 1, 1);
+  m->busy = 1;
+  status = lua_pcall(L, nargs, LUA_MULTRET, 0);
+  m->busy = 0;
+  if (m->close_req) { /* closed from inside: the map ends here */
+    m->close_req = 0;
+    stop(m, 1);
+    m->state = M_DONE;
+    lua_settop(L, top);
+    if (nargs == 2) { /* collect: the table (below the call) so far */
+      lua_pushvalue(L, 2);
+      lua_pushinteger(L, m->last);
+      return 2;
+    }
+    return 0;
+  }
+  if (status != LUA_OK) {
+    stop(m, 1); /* the map cannot go on: it would lose or garble items */
+    return lua_error(L);
+  }
+  return lua_gettop(L) - top;
+}
+
+/* next(map): the iterator of a generic for. The most common record, a
+   number (or boolean, nil) not last in its slot, is taken without a
+   protected call: decoding it allocates nothing, so no user code (a
+   finalizer) can run meanwhile and nothing can raise. */
 static int map_next(lua_State *L) {
   Map *m = checkmap(L, 1);
-  return step(L, m); /* the control value below does no harm */
+  Slot *s;
+  if (!m->busy && m->state == M_RUNNING && !m->close_req &&
+      (s = ready(m)) != NULL && s->consumed + 1 < s->count &&
+      s->rpos < s->out.len && s->out.p[s->rpos] == (char)REC_OK) {
+    size_t pos = s->rpos + 1;
+    lua_pushinteger(L, s->start + s->consumed);
+    if (parmap_decode_plain(L, s->out.p, s->out.len, &pos)) {
+      s->rpos = pos;
+      s->consumed++;
+      m->taken++; /* as emit does */
+      return 2;
+    }
+    lua_pop(L, 1);
+  }
+  lua_settop(L, 1); /* the control value goes */
+  return step(L, m, 1);
 }
 
 /* collect(map): a table t with t[i] = the first value of item i, and the
    highest index. parmap.map without a Lua loop per item. */
 static int map_collect(lua_State *L) {
   Map *m = checkmap(L, 1);
-  lua_Integer last = 0, total = m->cfg.total;
+  lua_Integer total = m->cfg.total;
   lua_settop(L, 1);
   lua_createtable(L, total > 0 && total < (1 << 26) ? (int)total : 0, 0);
-  for (;;) {
-    lua_Integer i;
-    int n;
-    lua_settop(L, 2);
-    if ((n = step(L, m)) == 0) break;
-    i = lua_tointeger(L, -n); /* the top n values: index, results... */
-    if (n > 1) {
-      lua_settop(L, lua_gettop(L) - n + 2);
-      lua_rawseti(L, 2, i);
-    }
-    if (i > last) last = i;
-  }
-  lua_settop(L, 2);
-  lua_pushinteger(L, last);
-  return 2;
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, 2);
+  return step(L, m, 2); /* map, t | map, t: step_body's arguments */
 }
 
 /* ---------------------------------------------------------------- start */
@@ -1182,7 +1336,9 @@ static void uvfield(lua_State *L, int ud, const char *k, int u) {
 /* The first dispatch of start, run protected: nothing holds the map yet,
    so workers forked before the iterator raised must be stopped here. */
 static int first_dispatch(lua_State *L) {
-  dispatch(L, checkmap(L, 1));
+  Map *m = checkmap(L, 1);
+  m->self = 1;
+  dispatch(L, m);
   return 0;
 }
 
@@ -1230,9 +1386,17 @@ static int map_start(lua_State *L) {
   if (m->cfg.from_table && m->cfg.total == 0) m->exhausted = 1;
   lua_pushcfunction(L, first_dispatch);
   lua_pushvalue(L, ud);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) { /* the error value, unchanged */
+  m->busy = 1;
+  i = lua_pcall(L, 1, 0, 0);
+  m->busy = 0;
+  if (i != LUA_OK) { /* the error value, unchanged */
     stop(m, 1);
     return lua_error(L);
+  }
+  if (m->close_req) { /* closed by a callback already: it ends at once */
+    m->close_req = 0;
+    stop(m, 1);
+    m->state = M_DONE;
   }
   m->self = ud;
   lua_settop(L, ud);

@@ -50,6 +50,7 @@ typedef struct Proc {
   int state, result;
   int reaped, status, lost; /* lost: someone else reaped it */
   int has_kw, nargs;
+  int settling; /* settle runs: it reads `in`, and may run finalizers */
   parmap_buf in;
 } Proc;
 
@@ -148,6 +149,7 @@ static int child_main(lua_State *L) {
 
 static void run_child(lua_State *L, Proc *p, int ud, int fd) {
   int code = 70;
+  parmap_clear_interrupt(L); /* a Ctrl-C pending in the parent is its own */
   if (lua_checkstack(L, 8)) {
     lua_pushcfunction(L, child_main);
     lua_pushlightuserdata(L, p);
@@ -227,6 +229,7 @@ static int reap(lua_State *L, Proc *p, int64_t deadline_ns) {
     if (deadline_ns >= 0 && (int64_t)parmap_now_ns() >= deadline_ns)
       return 0;
     parmap_run_hooks(L);
+    if (p->state == P_SETTLED) return 1; /* a hook closed it */
   }
 }
 
@@ -254,6 +257,7 @@ static void settle(lua_State *L, Proc *p, int ud) {
   uint64_t len = 0;
   size_t pos = sizeof len + 1;
   int top = lua_gettop(L);
+  p->settling = 1; /* decoding allocates: a finalizer may call p:close() */
   if (p->in.len >= sizeof len) memcpy(&len, p->in.p, sizeof len);
   if (p->in.len < sizeof len || len == 0 || len != p->in.len - sizeof len) {
     push_died(L, p, ud, "before it returned");
@@ -295,13 +299,16 @@ static void settle(lua_State *L, Proc *p, int ud) {
   lua_settop(L, top);
   parmap_buf_free(&p->in);
   p->state = P_SETTLED;
+  p->settling = 0;
 }
 
 /* Wait until the result is in, or until the deadline (ns, negative: none).
    Returns 1 when settled, 0 on timeout. */
 static int finish(lua_State *L, Proc *p, int ud, int64_t deadline) {
+  /* Lua code runs in here (hooks, finalizers): it may close p, or join it
+     (settle it) before we do, so look again after each wait */
   if (p->state == P_SETTLED) return 1;
-  while (p->fd >= 0) {
+  while (p->fd >= 0 && p->state != P_SETTLED) {
     struct pollfd pfd;
     int ms = 100, r;
     if (deadline >= 0) {
@@ -328,8 +335,9 @@ static int finish(lua_State *L, Proc *p, int ud, int64_t deadline) {
         return 0;
     }
   }
+  if (p->state == P_SETTLED) return 1;
   if (!reap(L, p, deadline)) return 0;
-  settle(L, p, ud);
+  if (p->state != P_SETTLED) settle(L, p, ud);
   return 1;
 }
 
@@ -385,6 +393,7 @@ static int p_start(lua_State *L) {
   if (p->state != P_NEW)
     return luaL_error(L, "parmap: ReturnProcess: already started");
   lua_settop(L, 1);
+  parmap_run_hooks(L); /* a pending Ctrl-C raises here, not in the child */
   if (parmap_socketpair(sv))
     return luaL_error(L, "parmap: ReturnProcess: socketpair: %s",
                       strerror(errno));
@@ -508,6 +517,7 @@ static int p_close(lua_State *L) {
   Proc *p = checkproc(L, 1);
   lua_settop(L, 1);
   if (p->state != P_RUNNING || p->owner != getpid()) return 0;
+  if (p->settling) return 0; /* reaped already; its result is on the way */
   drain(p);
   stop(p);
   settle(L, p, 1);

@@ -482,7 +482,11 @@ static void run_segment(WState *w, const TaskHdr *h) {
       item_done(w);
     }
   }
-  __atomic_store_n(&w->shm->cur, 0, __ATOMIC_RELAXED);
+  /* the segment's end, for the parent's deadline of the next one: start
+     before cur, as for an item */
+  if (w->cfg->timeout > 0)
+    __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELEASE);
+  __atomic_store_n(&w->shm->cur, 0, __ATOMIC_RELEASE);
   flush(w, w->pending, parmap_now_ns() - t0, FLAG_END);
   /* Collect only once the worker's own garbage outweighs the inherited
      heap: a collection walks (and so copies) every inherited page, while
@@ -680,6 +684,13 @@ void parmap_run_hooks(lua_State *L) {
   lua_call(L, 0, 0);
 }
 
+void parmap_clear_interrupt(lua_State *L) {
+  const int lstop = LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT;
+  if (lua_gethook(L) != NULL && lua_gethookmask(L) == lstop &&
+      lua_gethookcount(L) == 1)
+    lua_sethook(L, NULL, 0, 0);
+}
+
 void parmap_child_prepare(lua_State *L) {
   tb_floor = stack_depth(L); /* the calling C function and all below it */
   worker_id = worker_n = 0;  /* a ReturnProcess child is no map's worker */
@@ -692,6 +703,7 @@ void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
                         Shm *shm, int fd, int id, int n) {
   WState w;
   memset(&w, 0, sizeof w);
+  parmap_clear_interrupt(L);
   worker_id = id;
   worker_n = n;
   lua_gc(L, LUA_GCSTOP, 0);
