@@ -42,7 +42,7 @@ build = {
       ["parmap.returnprocess"] = "lua/parmap/returnprocess.lua",
       ["parmap.core"] = {
          sources = {
-            "src/buf.c", "src/codec.c", "src/proc.c", "src/worker.c",
+            "src/buf.c", "src/codec.c", "src/proc.c", "src/child.c", "src/worker.c",
             "src/map.c", "src/process.c", "src/core.c",
          },
       },

@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "child.h"
 #include "engine.h"
 #include "map.h"
 #include "parmap.h"

@@ -107,43 +107,9 @@ typedef struct CallSpec {
 int parmap_push_call(lua_State *L, const CallSpec *cs, int item,
                      lua_Integer index);
 
-/* Message handler: boxes an error with its string form and traceback. */
-int parmap_msgh(lua_State *L);
-/* Replace the error value at idx (and all above it) by three values:
-   err, message, traceback. Returns 3. */
-int parmap_unbox(lua_State *L, int idx);
-
 /* Run the worker side in a forked child as worker `id` of `n`; never
    returns. */
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
                         Shm *shm, int fd, int id, int n);
-
-/* This process's worker number and its map's worker count (both 0 outside
-   a map's worker). */
-int parmap_worker_id(int *n);
-
-/* Call an empty Lua function: a hook that a signal handler set (lua.c's
-   Ctrl-C) runs at a call, so C code that waits calls this after EINTR, or
-   after a timed wait, lest the interrupt be lost. */
-void parmap_run_hooks(lua_State *L);
-
-/* In a forked child: drop a Ctrl-C inherited from the parent, i.e. the
-   hook lua.c's SIGINT handler sets (all four events, count 1) and the
-   parent had not run yet. The parent is interrupted, not the child. */
-void parmap_clear_interrupt(lua_State *L);
-
-/* In a forked child about to run the caller's Lua code from a C function:
-   tracebacks stop above that function, and os.exit leaves with _exit(). */
-void parmap_child_prepare(lua_State *L);
-
-/* In a forked child: push a to-be-closed guard that leaves with _exit()
-   when the state is closed (os.exit(code, true) by any reference), before
-   any of the caller's __close or __gc can run. */
-void parmap_exit_guard(lua_State *L);
-
-/* Append an REC_ERR record; raises only when out of memory. */
-void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
-                      const char *kind, int err_idx, const char *message,
-                      const char *traceback, pid_t pid);
 
 #endif

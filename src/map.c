@@ -24,6 +24,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "child.h"
 #include "codec.h"
 #include "engine.h"
 #include "map.h"
@@ -39,6 +40,10 @@
 #define BIG_BUF (4u << 20) /* result buffers past this go to the pool */
 #define POOL 2             /* big buffers a map keeps for reuse */
 #define EXIT_CHECK_MS 200  /* how often waitpid checks on workers */
+/* collect preallocates its result table up to this many slots (as the
+   codec does, PARMAP_MAX_PREALLOC): a wrong total cannot make it take
+   gigabytes before the first result */
+#define COLLECT_PREALLOC PARMAP_MAX_PREALLOC
 
 enum { M_RUNNING = 0, M_DONE, M_CLOSED };
 
@@ -436,28 +441,18 @@ static void spawn_failed(lua_State *L, Map *m, int err) {
 /* Fork worker wi. Returns 0, or -1 when the fork failed. */
 static int spawn(lua_State *L, Map *m, int wi) {
   Worker *w = &m->w[wi];
-  int sv[2];
+  int fd;
   pid_t pid;
-  if (parmap_socketpair(sv)) return -1;
-  parmap_fd_register(sv[0]);
   memset(&m->shm[wi], 0, sizeof m->shm[wi]);
-  pid = parmap_fork(sv[1]);
-  if (pid < 0) {
-    int e = errno;
-    parmap_fd_close(sv[0]);
-    close(sv[1]);
-    errno = e;
-    return -1;
-  }
+  pid = parmap_child_spawn(&fd);
+  if (pid < 0) return -1;
   if (pid == 0) {
-    parmap_worker_main(L, m->self, &m->cfg, &m->shm[wi], sv[1], wi + 1,
-                       m->nw);
-    _exit(70); /* not reached */
+    parmap_worker_main(L, m->self, &m->cfg, &m->shm[wi], fd, wi + 1, m->nw);
+    parmap_child_exit(PARMAP_EXIT_INTERNAL); /* not reached */
   }
-  close(sv[1]);
   memset(w, 0, sizeof *w);
   w->pid = pid;
-  w->fd = sv[0];
+  w->fd = fd;
   m->nlive++;
   return 0;
 }
@@ -614,11 +609,7 @@ static void on_death(lua_State *L, Map *m, int wi) {
     kill(w->pid, SIGKILL);
     r = parmap_wait(w->pid, &st, -1);
   }
-  if (r == 1)
-    parmap_status_text(st, how, sizeof how);
-  else
-    strcpy(how, "was reaped by someone else (a waitpid not parmap's took its "
-                "exit status)");
+  parmap_child_how(how, sizeof how, r != 1, st);
   m->nlive--;
   for (k = 0; k < w->qn; k++) {
     lua_Integer open = seg_first_open(m, w, k);
@@ -1240,7 +1231,8 @@ static int map_collect(lua_State *L) {
   Map *m = checkmap(L, 1);
   lua_Integer total = m->cfg.total;
   lua_settop(L, 1);
-  lua_createtable(L, total > 0 && total < (1 << 26) ? (int)total : 0, 0);
+  lua_createtable(L, total > 0 && total < COLLECT_PREALLOC ? (int)total : 0,
+                  0);
   lua_pushvalue(L, 1);
   lua_pushvalue(L, 2);
   return step(L, m, 2); /* map, t | map, t: step_body's arguments */

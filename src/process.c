@@ -21,12 +21,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "child.h"
 #include "codec.h"
 #include "engine.h"
 #include "proc.h"
 #include "process.h"
 
 #define PROC_MT "parmap.ReturnProcess"
+#define POLL_SLICE_MS 100 /* join looks for a vanished child this often */
 
 /* User values of a ReturnProcess userdata. */
 enum {
@@ -60,46 +62,25 @@ static Proc *checkproc(lua_State *L, int idx) {
 
 /* ---------------------------------------------------------------- child */
 
-/* The child stops its collector, so that a short call never walks (and so
-   copies) the whole inherited heap, and resumes collecting once its own
-   garbage outweighs that heap (floor 1 MiB), checked every 2^20
-   instructions by a count hook. A caller's own hook is left alone, and
-   then the collector is too. */
-static int gc_base_kb;
-
-static void gc_hook(lua_State *L, lua_Debug *ar) {
-  int kb = lua_gc(L, LUA_GCCOUNT, 0);
-  int limit = gc_base_kb > 1024 ? gc_base_kb : 1024;
-  (void)ar;
-  if (kb - gc_base_kb > limit) {
-    lua_gc(L, LUA_GCRESTART, 0);
-    lua_sethook(L, NULL, 0, 0);
-  }
-}
-
-static void child_gc(lua_State *L) {
-  if (lua_gethook(L) != NULL) return;
-  gc_base_kb = lua_gc(L, LUA_GCCOUNT, 0);
-  lua_gc(L, LUA_GCSTOP, 0);
-  lua_sethook(L, gc_hook, LUA_MASKCOUNT, 1 << 20);
-}
-
 /* child_main(proc, fd): runs under lua_pcall in the child; never returns. */
 static int child_main(lua_State *L) {
   Proc *p = (Proc *)lua_touserdata(L, 1);
   int fd = (int)lua_tointeger(L, 2);
-  int ud = 3, msgh, fnpos, n, base, scratch;
+  int ud = 3, msgh, fnpos, n, scratch, desc;
   parmap_buf out = PARMAP_BUF_INIT;
   CallSpec cs;
-  const char *what;
   uint64_t len;
-  parmap_child_prepare(L);
-  child_gc(L);
+  /* tracebacks stop above child_main; no map's worker */
+  parmap_child_start(L, 0, 0, 0);
+  /* a count hook checks: the one call may run long */
+  parmap_child_gc_defer(L, 1);
   luaL_checkstack(L, 16, NULL);
   lua_pushcfunction(L, parmap_msgh);
   msgh = lua_gettop(L);
   lua_getiuservalue(L, ud, PV_SCRATCH);
   scratch = lua_gettop(L);
+  lua_getiuservalue(L, ud, PV_DESC);
+  desc = lua_gettop(L);
   lua_getiuservalue(L, ud, PV_TARGET);
   cs.fn = lua_gettop(L);
   lua_getiuservalue(L, ud, PV_ARGS);
@@ -110,28 +91,13 @@ static int child_main(lua_State *L) {
   cs.kwstar = 0;
   cs.has_kw = p->has_kw;
   cs.nargs = p->nargs;
-  base = lua_gettop(L);
   n = parmap_push_call(L, &cs, cs.fn, 0); /* the item is not used */
   if (n < 0) return lua_error(L);
   fnpos = lua_gettop(L) - n;
   if (parmap_buf_reserve(&out, 16)) luaL_error(L, "not enough memory");
   out.len = sizeof len;
   if (lua_pcall(L, n, LUA_MULTRET, msgh) == LUA_OK) {
-    int nres = lua_gettop(L) - fnpos + 1;
-    out.p[out.len++] = (char)REC_OK;
-    if (parmap_encode(L, fnpos, nres, &out, scratch, &what) != PARMAP_OK) {
-      out.len = sizeof len;
-      lua_getiuservalue(L, ud, PV_DESC); /* say where it sits */
-      lua_pushliteral(L, "result");
-      lua_pushnil(L);
-      lua_rotate(L, fnpos, 3);
-      if (lua_pcall(L, nres + 2, 1, 0) != LUA_OK || !lua_isstring(L, -1)) {
-        lua_settop(L, base);
-        lua_pushfstring(L, "result: cannot send a %s", what);
-      }
-      parmap_put_error(L, &out, scratch, "value", lua_gettop(L),
-                       lua_tostring(L, -1), "", getpid());
-    }
+    parmap_put_result(L, &out, fnpos, scratch, desc, 0, getpid());
   } else {
     int box = lua_gettop(L);
     parmap_unbox(L, box); /* err, message, traceback */
@@ -142,13 +108,12 @@ static int child_main(lua_State *L) {
   memcpy(out.p, &len, sizeof len);
   parmap_write_all(fd, out.p, out.len); /* if the parent is gone: no one
                                             wants it */
-  fflush(NULL);
-  _exit(0);
+  parmap_child_exit(0);
   return 0;
 }
 
 static void run_child(lua_State *L, Proc *p, int ud, int fd) {
-  int code = 70;
+  int code = PARMAP_EXIT_INTERNAL;
   parmap_clear_interrupt(L); /* a Ctrl-C pending in the parent is its own */
   if (lua_checkstack(L, 8)) {
     lua_pushcfunction(L, child_main);
@@ -159,8 +124,8 @@ static void run_child(lua_State *L, Proc *p, int ud, int fd) {
       fprintf(stderr, "parmap ReturnProcess %d: %s\n", (int)getpid(),
               lua_isstring(L, -1) ? lua_tostring(L, -1) : "internal error");
   }
-  fflush(NULL);
-  _exit(code); /* child_main never returns when all goes well */
+  parmap_child_exit(code); /* child_main never returns when all goes
+                               well */
 }
 
 /* ---------------------------------------------------------------- parent */
@@ -190,13 +155,13 @@ static void drain(Proc *p) {
   }
 }
 
-/* Reap the child if it has ended, waiting at most ms (negative: until it
-   does). 1 once it is reaped (lost: by someone else, such as a host's
-   SIGCHLD handler), 0 while it runs. */
-static int try_reap(Proc *p, int ms) {
+/* Reap the child if it has ended, by the deadline (ns; negative: wait
+   until it does; 0: only look). 1 once it is reaped (lost: by someone
+   else, such as a host's SIGCHLD handler), 0 while it runs. */
+static int try_reap(lua_State *L, Proc *p, int64_t deadline_ns) {
   int st = 0, r;
   if (p->reaped) return 1;
-  r = parmap_wait(p->pid, &st, ms);
+  r = parmap_child_reap(L, p->pid, &st, deadline_ns);
   if (r == 0) return 0;
   p->reaped = 1;
   p->status = st;
@@ -215,32 +180,10 @@ static void drain_rest(Proc *p) {
   }
 }
 
-/* Reap the child by the deadline (ns, negative: none), in slices so that
-   Ctrl-C is seen. 1 when it is reaped, 0 if not yet. */
-static int reap(lua_State *L, Proc *p, int64_t deadline_ns) {
-  for (;;) {
-    int ms = 50;
-    if (deadline_ns >= 0) {
-      int64_t left = deadline_ns - (int64_t)parmap_now_ns();
-      if (left <= 0) ms = 0;
-      else if (left < 50 * 1000000LL) ms = (int)(left / 1000000) + 1;
-    }
-    if (try_reap(p, ms)) return 1;
-    if (deadline_ns >= 0 && (int64_t)parmap_now_ns() >= deadline_ns)
-      return 0;
-    parmap_run_hooks(L);
-    if (p->state == P_SETTLED) return 1; /* a hook closed it */
-  }
-}
-
 /* The error object for a child that ended without a whole message. */
 static void push_died(lua_State *L, Proc *p, int ud, const char *why) {
   char how[160], msg[400];
-  if (p->lost)
-    snprintf(how, sizeof how, "was reaped by someone else (a waitpid not "
-                              "parmap's took its exit status)");
-  else
-    parmap_status_text(p->status, how, sizeof how);
+  parmap_child_how(how, sizeof how, p->lost, p->status);
   snprintf(msg, sizeof msg, "process %d %s %s", (int)p->pid, how, why);
   lua_getiuservalue(L, ud, PV_MKERR);
   lua_pushnil(L);
@@ -310,12 +253,7 @@ static int finish(lua_State *L, Proc *p, int ud, int64_t deadline) {
   if (p->state == P_SETTLED) return 1;
   while (p->fd >= 0 && p->state != P_SETTLED) {
     struct pollfd pfd;
-    int ms = 100, r;
-    if (deadline >= 0) {
-      int64_t left = deadline - (int64_t)parmap_now_ns();
-      if (left <= 0) ms = 0;
-      else if (left < 100 * 1000000LL) ms = (int)((left + 999999) / 1000000);
-    }
+    int ms = parmap_deadline_ms(deadline, POLL_SLICE_MS), r;
     pfd.fd = p->fd;
     pfd.events = POLLIN;
     pfd.revents = 0;
@@ -329,14 +267,14 @@ static int finish(lua_State *L, Proc *p, int ud, int64_t deadline) {
     if (r > 0) drain(p);
     else parmap_run_hooks(L); /* a signal that came between two polls */
     if (p->fd >= 0) { /* no end of file yet: is the child gone anyway? */
-      if (try_reap(p, 0))
+      if (try_reap(L, p, 0))
         drain_rest(p);
       else if (deadline >= 0 && (int64_t)parmap_now_ns() >= deadline)
         return 0;
     }
   }
   if (p->state == P_SETTLED) return 1;
-  if (!reap(L, p, deadline)) return 0;
+  if (!try_reap(L, p, deadline)) return 0;
   if (p->state != P_SETTLED) settle(L, p, ud);
   return 1;
 }
@@ -388,35 +326,26 @@ static void need_started(lua_State *L, Proc *p, const char *what) {
 /* p:start(): fork; returns p. */
 static int p_start(lua_State *L) {
   Proc *p = checkproc(L, 1);
-  int sv[2];
+  int fd;
   pid_t pid;
   if (p->state != P_NEW)
     return luaL_error(L, "parmap: ReturnProcess: already started");
   lua_settop(L, 1);
   parmap_run_hooks(L); /* a pending Ctrl-C raises here, not in the child */
-  if (parmap_socketpair(sv))
-    return luaL_error(L, "parmap: ReturnProcess: socketpair: %s",
-                      strerror(errno));
-  parmap_fd_register(sv[0]);
-  pid = parmap_fork(sv[1]);
-  if (pid < 0) {
-    int e = errno;
-    parmap_fd_close(sv[0]);
-    close(sv[1]);
+  pid = parmap_child_spawn(&fd);
+  if (pid < 0)
     return luaL_error(L, "parmap: ReturnProcess: cannot fork: %s",
-                      strerror(e));
-  }
+                      strerror(errno));
   if (pid == 0) { /* the child's copy of p reads as started, by its parent */
     p->pid = getpid();
     p->owner = getppid();
     p->fd = -1;
     p->state = P_RUNNING;
-    run_child(L, p, 1, sv[1]); /* never returns */
+    run_child(L, p, 1, fd); /* never returns */
   }
-  close(sv[1]);
   p->pid = pid;
   p->owner = getpid();
-  p->fd = sv[0];
+  p->fd = fd;
   p->state = P_RUNNING;
   return 1;
 }
@@ -459,7 +388,7 @@ static int p_is_alive(lua_State *L) {
   }
   need_started(L, p, "check on");
   drain(p); /* lets a child with a large result finish */
-  if (!try_reap(p, 0)) {
+  if (!try_reap(L, p, 0)) {
     lua_pushboolean(L, 1);
     return 1;
   }
@@ -503,7 +432,7 @@ static void stop(Proc *p) {
   if (p->state != P_RUNNING || p->owner != getpid()) return;
   if (!p->reaped) {
     kill(p->pid, SIGKILL);
-    try_reap(p, -1);
+    try_reap(NULL, p, -1); /* from __gc too: no hooks */
   }
   if (p->fd >= 0) {
     parmap_fd_close(p->fd);

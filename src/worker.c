@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "child.h"
 #include "codec.h"
 #include "engine.h"
 #include "proc.h"
@@ -98,179 +99,6 @@ int parmap_push_call(lua_State *L, const CallSpec *cs, int item,
   return n;
 }
 
-/* ---------------------------------------------------------------- errors */
-
-static const char box_key = 'b'; /* registry key of the error box metatable */
-
-/* Frames from the worker loop down belong to the caller the worker was
-   forked from: a worker's traceback stops above them. 0 in the parent. */
-static int tb_floor = 0;
-
-static int stack_depth(lua_State *L) {
-  lua_Debug ar;
-  int lo = 0, hi = 1;
-  while (lua_getstack(L, hi, &ar)) { /* find an upper bound */
-    lo = hi;
-    hi *= 2;
-  }
-  while (hi - lo > 1) { /* binary search for the last valid level */
-    int mid = (lo + hi) / 2;
-    if (lua_getstack(L, mid, &ar)) lo = mid; else hi = mid;
-  }
-  return lo + 1; /* levels 0..lo exist */
-}
-
-/* Like luaL_traceback, for levels 1..last. */
-static void traceback(lua_State *L, int last) {
-  luaL_Buffer b;
-  lua_Debug ar;
-  int level;
-  luaL_buffinit(L, &b);
-  luaL_addstring(&b, "stack traceback:");
-  for (level = 1; level <= last && lua_getstack(L, level, &ar); level++) {
-    if (last > 22 && level == 11) { /* keep the first 10 and the last 11 */
-      lua_pushfstring(L, "\n\t...\t(skipping %d levels)", last - 21);
-      luaL_addvalue(&b);
-      level = last - 11;
-      continue;
-    }
-    lua_getinfo(L, "Slnt", &ar);
-    if (ar.currentline <= 0)
-      lua_pushfstring(L, "\n\t%s: in ", ar.short_src);
-    else
-      lua_pushfstring(L, "\n\t%s:%d: in ", ar.short_src, ar.currentline);
-    luaL_addvalue(&b);
-    if (*ar.namewhat != '\0')
-      lua_pushfstring(L, "%s '%s'",
-                      strcmp(ar.namewhat, "global") == 0 ? "function"
-                                                         : ar.namewhat,
-                      ar.name);
-    else if (*ar.what == 'm')
-      lua_pushliteral(L, "main chunk");
-    else if (*ar.what != 'C')
-      lua_pushfstring(L, "function <%s:%d>", ar.short_src, ar.linedefined);
-    else
-      lua_pushliteral(L, "?");
-    luaL_addvalue(&b);
-    if (ar.istailcall) luaL_addstring(&b, "\n\t(...tail calls...)");
-  }
-  luaL_pushresult(&b);
-}
-
-int parmap_msgh(lua_State *L) {
-  const char *msg;
-  if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER ||
-      luaL_getmetafield(L, 1, "__tostring") != LUA_TNIL) {
-    lua_settop(L, 1);
-    msg = luaL_tolstring(L, 1, NULL);
-  } else {
-    msg = lua_pushfstring(L, "(error object is a %s value)",
-                          luaL_typename(L, 1));
-  }
-  (void)msg;
-  lua_createtable(L, 3, 0);
-  lua_pushvalue(L, 1);
-  lua_rawseti(L, -2, 1);
-  lua_pushvalue(L, -2);
-  lua_rawseti(L, -2, 2);
-  traceback(L, stack_depth(L) - 1 - tb_floor);
-  lua_rawseti(L, -2, 3);
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &box_key) != LUA_TTABLE) {
-    lua_pop(L, 1);
-    lua_newtable(L);
-    lua_pushvalue(L, -1);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &box_key);
-  }
-  lua_setmetatable(L, -2);
-  return 1;
-}
-
-int parmap_unbox(lua_State *L, int idx) {
-  int boxed = 0;
-  lua_settop(L, idx);
-  if (lua_getmetatable(L, idx)) {
-    lua_rawgetp(L, LUA_REGISTRYINDEX, &box_key);
-    boxed = lua_rawequal(L, -1, -2);
-    lua_pop(L, 2);
-  }
-  if (boxed) {
-    lua_rawgeti(L, idx, 1);
-    lua_rawgeti(L, idx, 2);
-    lua_rawgeti(L, idx, 3);
-  } else { /* a memory error, or an error in the message handler */
-    lua_pushvalue(L, idx);
-    if (lua_type(L, idx) == LUA_TSTRING)
-      lua_pushvalue(L, idx);
-    else
-      lua_pushliteral(L, "error in error handling");
-    lua_pushliteral(L, "");
-  }
-  lua_remove(L, idx);
-  return 3;
-}
-
-void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
-                      const char *kind, int err_idx, const char *message,
-                      const char *traceback, pid_t pid) {
-  int top = lua_gettop(L);
-  const char *what;
-  luaL_checkstack(L, 8, NULL);
-  if (parmap_buf_reserve(b, 1)) luaL_error(L, "parmap: not enough memory");
-  b->p[b->len++] = (char)REC_ERR;
-  lua_pushstring(L, kind);
-  lua_pushvalue(L, err_idx);
-  lua_pushstring(L, message);
-  lua_pushstring(L, traceback);
-  lua_pushinteger(L, (lua_Integer)pid);
-  if (parmap_encode(L, top + 1, 5, b, scratch, &what) != PARMAP_OK) {
-    lua_pushstring(L, message); /* err cannot travel: send its string form */
-    lua_replace(L, top + 2);
-    parmap_encode(L, top + 1, 5, b, scratch, &what);
-  }
-  lua_settop(L, top);
-}
-
-/* ---------------------------------------------------------------- random */
-
-static uint64_t mix64(uint64_t z) { /* splitmix64's finalizer */
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
-  return z ^ (z >> 31);
-}
-
-/* Push package.loaded.math.randomseed (the math library's, even when the
-   global `math` was replaced), or nothing: returns 1 if pushed. */
-static int push_randomseed(lua_State *L) {
-  int top = lua_gettop(L);
-  if (!lua_checkstack(L, 4)) return 0;
-  if (lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE) == LUA_TTABLE &&
-      lua_getfield(L, -1, "math") == LUA_TTABLE &&
-      lua_getfield(L, -1, "randomseed") == LUA_TFUNCTION) {
-    lua_replace(L, top + 1);
-    lua_settop(L, top + 1);
-    return 1;
-  }
-  lua_settop(L, top);
-  return 0;
-}
-
-/* In a forked child: math.random gets a stream of its own, so workers do
-   not replay the caller's stream (nor each other's). The seed mixes the
-   child's pid, the clock and the count of forks so far; nothing is drawn
-   from the caller's stream, which stays as it was in the caller. */
-static void reseed_child(lua_State *L) {
-  uint64_t a, b;
-  int top = lua_gettop(L);
-  if (!push_randomseed(L)) return;
-  a = mix64((uint64_t)getpid() * 0x9e3779b97f4a7c15u ^ parmap_now_ns());
-  b = mix64(a ^ mix64(parmap_fork_count()) ^ (uint64_t)(uintptr_t)L);
-  lua_pushinteger(L, (lua_Integer)a);
-  lua_pushinteger(L, (lua_Integer)b);
-  (void)lua_pcall(L, 2, 0, 0); /* a replaced randomseed may raise: then so
-                                   be it, the child keeps its stream */
-  lua_settop(L, top);
-}
-
 /* ---------------------------------------------------------------- worker */
 
 #define FLUSH_BYTES (256 * 1024)
@@ -282,6 +110,7 @@ typedef struct WState {
   Shm *shm;
   int fd;
   pid_t pid;
+  int id, n; /* this worker's number, of n */
   int map;  /* worker_loop's frame: the map userdata */
   int msgh; /* worker_loop's frame: the message handler */
   int oscratch; /* worker_loop's frame: the codec's scratch table */
@@ -295,8 +124,6 @@ typedef struct WState {
   size_t mark_pos;  /* where item k's own record starts in in */
   size_t pos;       /* next item in `in` (iterator input) */
   uint64_t last;    /* last flush (coarse clock) */
-  int gc_on;
-  int gc_base_kb;
 } WState;
 
 static uint64_t coarse_ns(void) {
@@ -309,11 +136,6 @@ static uint64_t coarse_ns(void) {
   return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void worker_exit(int code) {
-  fflush(NULL);
-  _exit(code);
-}
-
 static void flush(WState *w, uint32_t nitems, uint64_t elapsed,
                   uint64_t flags) {
   ResultHdr h;
@@ -324,34 +146,14 @@ static void flush(WState *w, uint32_t nitems, uint64_t elapsed,
   h.flags = flags;
   memcpy(w->out.p, &h, sizeof h);
   if (parmap_write_all(w->fd, w->out.p, w->out.len))
-    worker_exit(0); /* the parent hung up: nobody wants the result */
+    parmap_child_exit(0); /* the parent hung up: nobody wants the result */
   w->out.len = FRAME_HDR;
 }
 
 /* The result of item `index`: values from `first` to the top. */
 static void put_result(WState *w, lua_Integer index, int first) {
-  lua_State *L = w->L;
-  int n = lua_gettop(L) - first + 1;
-  int scratch = w->base + U_SCRATCH;
-  const char *what;
-  size_t mark = w->out.len;
-  if (parmap_buf_reserve(&w->out, 1)) luaL_error(L, "parmap: not enough memory");
-  w->out.p[w->out.len++] = (char)REC_OK;
-  if (n == 1 && parmap_encode_scalar(L, first, &w->out)) return;
-  if (parmap_encode(L, first, n, &w->out, scratch, &what) == PARMAP_OK) return;
-  w->out.len = mark;
-  /* say where the value that cannot travel sits */
-  lua_pushvalue(L, w->base + U_DESC);
-  lua_pushliteral(L, "result");
-  lua_pushinteger(L, index);
-  lua_rotate(L, first, 3);
-  if (lua_pcall(L, n + 2, 1, 0) != LUA_OK || !lua_isstring(L, -1)) {
-    lua_settop(L, first - 1);
-    lua_pushfstring(L, "result of item %I: cannot send a %s",
-                    (LUAI_UACINT)index, what);
-  }
-  parmap_put_error(L, &w->out, scratch, "value", lua_gettop(L),
-                   lua_tostring(L, -1), "", w->pid);
+  parmap_put_result(w->L, &w->out, first, w->base + U_SCRATCH, w->base + U_DESC,
+                    index, w->pid);
 }
 
 static void put_failure(WState *w, int box) {
@@ -388,7 +190,7 @@ static int run_items(lua_State *L) {
   w->cs.fn = w->base + U_FN;
   w->cs.args = w->base + U_ARGS;
   w->cs.kw = w->base + U_KW;
-  seeder = cfg->has_seed && push_randomseed(L) ? lua_gettop(L) : 0;
+  seeder = cfg->has_seed && parmap_push_randomseed(L) ? lua_gettop(L) : 0;
   top = lua_gettop(L);
   if (!lua_checkstack(L, 8)) luaL_error(L, "parmap: stack overflow");
   for (; w->k < w->h->count; w->k++) {
@@ -416,7 +218,7 @@ static int run_items(lua_State *L) {
                         &err) != 1) {
         fprintf(stderr, "parmap worker: bad item message: %s\n",
                 err ? err : "not one value");
-        worker_exit(70);
+        parmap_child_exit(PARMAP_EXIT_INTERNAL);
       }
     }
     if (simple) {
@@ -473,7 +275,7 @@ static void run_segment(WState *w, const TaskHdr *h) {
          hold entries: drop both, or the next records come out garbled. An
          item whose own record was not read cannot be skipped: leave, and
          the parent reports the item (the rest of the segment runs again). */
-      if (!w->cfg->from_table && w->pos == w->mark_pos) worker_exit(70);
+      if (!w->cfg->from_table && w->pos == w->mark_pos) parmap_child_exit(PARMAP_EXIT_INTERNAL);
       w->out.len = w->mark;
       clear_table(L, w->oscratch);
       put_failure(w, lua_gettop(L));
@@ -491,39 +293,7 @@ static void run_segment(WState *w, const TaskHdr *h) {
   /* Collect only once the worker's own garbage outweighs the inherited
      heap: a collection walks (and so copies) every inherited page, while
      garbage left alone costs a fresh page for every 4 KiB allocated. */
-  if (!w->gc_on) {
-    int kb = lua_gc(L, LUA_GCCOUNT, 0);
-    int limit = w->gc_base_kb > 1024 ? w->gc_base_kb : 1024;
-    if (kb - w->gc_base_kb > limit) {
-      lua_gc(L, LUA_GCRESTART, 0);
-      w->gc_on = 1;
-    }
-  }
-}
-
-/* os.exit in a worker: leave like a worker does, with _exit() after
-   flushing stdio, so the caller's atexit handlers and finalizers never run
-   here (C exit() would run them). Same arguments as os.exit. */
-static int worker_os_exit(lua_State *L) {
-  int code;
-  if (lua_isboolean(L, 1))
-    code = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
-  else
-    code = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
-  worker_exit(code);
-  return 0;
-}
-
-/* ---------------------------------------------------------------- identity */
-
-/* This process's number among its map's workers (1..n), 0 in the caller
-   and in a ReturnProcess child. A process is a worker of one map only, so
-   inside a nested map's worker it is that (innermost) map's number. */
-static int worker_id = 0, worker_n = 0;
-
-int parmap_worker_id(int *n) {
-  if (n) *n = worker_n;
-  return worker_id;
+  parmap_child_gc_check(L);
 }
 
 /* run_user(f, id): f(id). Called under lua_pcall from worker_loop, so it
@@ -545,7 +315,7 @@ static int call_user(WState *w, int u) {
   }
   lua_pushcfunction(L, run_user);
   lua_insert(L, -2);
-  lua_pushinteger(L, worker_id);
+  lua_pushinteger(L, w->id);
   if (lua_pcall(L, 2, 0, w->msgh) == LUA_OK) return 1;
   parmap_unbox(L, lua_gettop(L));
   return 0;
@@ -567,7 +337,7 @@ static void init_failed(WState *w) {
     if (r > 0 || (r < 0 && errno == EINTR)) continue;
     break;
   }
-  worker_exit(1);
+  parmap_child_exit(1);
 }
 
 /* The parent closed the socket: the map ended, or this worker ran its
@@ -577,74 +347,18 @@ static void run_finish(WState *w) {
   lua_State *L = w->L;
   if (call_user(w, U_FINISH)) return;
   fprintf(stderr, "parmap worker %d (pid %d): finish failed: %s\n%s\n",
-          worker_id, (int)w->pid, lua_tostring(L, -2), lua_tostring(L, -1));
-  worker_exit(1);
-}
-
-static void replace_os_exit(lua_State *L) {
-  if (lua_getglobal(L, "os") == LUA_TTABLE) {
-    lua_pushcfunction(L, worker_os_exit);
-    lua_setfield(L, -2, "exit");
-  }
-  lua_pop(L, 1);
-}
-
-/* The exit guard. os.exit(code, true) closes the state before it calls
-   exit(): it runs every pending __close of the main thread and then every
-   __gc, the caller's included. replace_os_exit covers the global os.exit,
-   not a reference taken before the fork (`local exit = os.exit`). So a
-   child keeps a to-be-closed guard in the frame of its outermost C
-   function, above every frame of the caller: lua_close closes the newest
-   first, and finalizes the newest marked first, so the guard runs before
-   any of the caller's __close and __gc, and leaves with _exit(). The code
-   given to os.exit is out of reach by then: the child exits with
-   EXIT_FAILURE. exit() without closing is caught by proc.c's on_exit
-   handler, with its code. On a normal return or an error of that C
-   function the guard does nothing. */
-static int guard_armed = 0;
-
-static int guard_close(lua_State *L) {
-  if (guard_armed && lua_isnoneornil(L, 2)) worker_exit(EXIT_FAILURE);
-  return 0;
-}
-
-static void push_guard(lua_State *L) {
-  lua_newuserdatauv(L, 1, 0);
-  lua_createtable(L, 0, 2);
-  lua_pushcfunction(L, guard_close);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, guard_close); /* lua_close from a coroutine: only
-                                        the main thread's are closed */
-  lua_setfield(L, -2, "__gc");
-  lua_setmetatable(L, -2);
-  lua_toclose(L, -1);
-}
-
-void parmap_exit_guard(lua_State *L) {
-  lua_State *main;
-  luaL_checkstack(L, 4, NULL);
-  push_guard(L);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
-  main = lua_tothread(L, -1);
-  lua_pop(L, 1);
-  /* Run from a coroutine, this child's Lua code is above the main thread's
-     frames, but lua_close closes only the main thread's pending __close:
-     a guard goes on top of them too. The main thread waits in a resume
-     that this child never returns to, so its frame may take the slot. */
-  if (main != NULL && main != L && lua_checkstack(main, 4)) push_guard(main);
-  guard_armed = 1;
+          w->id, (int)w->pid, lua_tostring(L, -2), lua_tostring(L, -1));
+  parmap_child_exit(1);
 }
 
 /* worker_loop(wstate, map): runs under lua_pcall, so every stack index
    below is of this call's frame. */
 static int worker_loop(lua_State *L) {
   WState *w = (WState *)lua_touserdata(L, 1);
-  if (!lua_checkstack(L, U_COUNT + 16)) worker_exit(70);
-  tb_floor = stack_depth(L) + 1; /* + run_items, under which fn runs */
+  if (!lua_checkstack(L, U_COUNT + 16)) parmap_child_exit(PARMAP_EXIT_INTERNAL);
+  /* tracebacks stop above run_items, under which fn runs */
+  parmap_child_start(L, 1, w->id, w->n);
   w->map = 2;
-  replace_os_exit(L);
-  reseed_child(L);
-  parmap_exit_guard(L);
   lua_pushcfunction(L, parmap_msgh);
   w->msgh = lua_gettop(L);
   lua_getiuservalue(L, w->map, U_SCRATCH);
@@ -659,44 +373,19 @@ static int worker_loop(lua_State *L) {
     int r = parmap_read_all(w->fd, &h, sizeof h);
     if (r == 1) { /* the parent closed: done */
       run_finish(w); /* under the exit guard: user code */
-      guard_armed = 0;
+      parmap_child_disarm();
       return 0;
     }
-    if (r < 0 || h.magic != MAGIC_TASK) worker_exit(r < 0 ? 0 : 70);
+    if (r < 0 || h.magic != MAGIC_TASK) parmap_child_exit(r < 0 ? 0 : PARMAP_EXIT_INTERNAL);
     w->in.len = 0;
     if (h.bodylen) {
       if (parmap_buf_reserve(&w->in, (size_t)h.bodylen))
         luaL_error(L, "parmap: not enough memory");
-      if (parmap_read_all(w->fd, w->in.p, (size_t)h.bodylen)) worker_exit(0);
+      if (parmap_read_all(w->fd, w->in.p, (size_t)h.bodylen)) parmap_child_exit(0);
       w->in.len = (size_t)h.bodylen;
     }
     run_segment(w, &h);
   }
-}
-
-static int noop(lua_State *L) {
-  (void)L;
-  return 0;
-}
-
-void parmap_run_hooks(lua_State *L) {
-  lua_pushcfunction(L, noop);
-  lua_call(L, 0, 0);
-}
-
-void parmap_clear_interrupt(lua_State *L) {
-  const int lstop = LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT;
-  if (lua_gethook(L) != NULL && lua_gethookmask(L) == lstop &&
-      lua_gethookcount(L) == 1)
-    lua_sethook(L, NULL, 0, 0);
-}
-
-void parmap_child_prepare(lua_State *L) {
-  tb_floor = stack_depth(L); /* the calling C function and all below it */
-  worker_id = worker_n = 0;  /* a ReturnProcess child is no map's worker */
-  replace_os_exit(L);
-  reseed_child(L);
-  parmap_exit_guard(L);
 }
 
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
@@ -704,25 +393,24 @@ void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
   WState w;
   memset(&w, 0, sizeof w);
   parmap_clear_interrupt(L);
-  worker_id = id;
-  worker_n = n;
-  lua_gc(L, LUA_GCSTOP, 0);
+  w.id = id;
+  w.n = n;
+  parmap_child_gc_defer(L, 0);
   w.L = L;
   w.cfg = cfg;
   w.shm = shm;
   w.fd = fd;
   w.pid = getpid();
-  w.gc_base_kb = lua_gc(L, LUA_GCCOUNT, 0);
-  if (parmap_buf_reserve(&w.out, FRAME_HDR)) worker_exit(70);
+  if (parmap_buf_reserve(&w.out, FRAME_HDR)) parmap_child_exit(PARMAP_EXIT_INTERNAL);
   w.out.len = FRAME_HDR;
-  if (!lua_checkstack(L, 8)) worker_exit(70);
+  if (!lua_checkstack(L, 8)) parmap_child_exit(PARMAP_EXIT_INTERNAL);
   lua_pushcfunction(L, worker_loop);
   lua_pushlightuserdata(L, &w);
   lua_pushvalue(L, map_idx);
   if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
     fprintf(stderr, "parmap worker %d: %s\n", (int)w.pid,
             lua_isstring(L, -1) ? lua_tostring(L, -1) : "internal error");
-    worker_exit(70);
+    parmap_child_exit(PARMAP_EXIT_INTERNAL);
   }
-  worker_exit(0);
+  parmap_child_exit(0);
 }

@@ -1,0 +1,429 @@
+/*
+** child.c: the life of a forked child, shared by a map's workers
+** (worker.c) and a ReturnProcess (process.c). See child.h.
+*/
+#define _GNU_SOURCE
+#include <errno.h>
+#include <lauxlib.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "child.h"
+#include "codec.h"
+#include "engine.h"
+#include "proc.h"
+
+/* ------------------------------------------------------------ the fork */
+
+pid_t parmap_child_spawn(int *fd) {
+  int sv[2];
+  pid_t pid;
+  if (parmap_socketpair(sv)) return -1;
+  parmap_fd_register(sv[0]);
+  pid = parmap_fork(sv[1]);
+  if (pid < 0) {
+    int e = errno;
+    parmap_fd_close(sv[0]);
+    close(sv[1]);
+    errno = e;
+    return -1;
+  }
+  if (pid == 0) {
+    *fd = sv[1];
+    return 0;
+  }
+  close(sv[1]);
+  *fd = sv[0];
+  return pid;
+}
+
+/* ------------------------------------------------------------ errors */
+
+
+static const char box_key = 'b'; /* registry key of the error box metatable */
+
+/* Frames from the worker loop down belong to the caller the worker was
+   forked from: a worker's traceback stops above them. 0 in the parent. */
+static int tb_floor = 0;
+
+static int stack_depth(lua_State *L) {
+  lua_Debug ar;
+  int lo = 0, hi = 1;
+  while (lua_getstack(L, hi, &ar)) { /* find an upper bound */
+    lo = hi;
+    hi *= 2;
+  }
+  while (hi - lo > 1) { /* binary search for the last valid level */
+    int mid = (lo + hi) / 2;
+    if (lua_getstack(L, mid, &ar)) lo = mid; else hi = mid;
+  }
+  return lo + 1; /* levels 0..lo exist */
+}
+
+/* Like luaL_traceback, for levels 1..last; a long one keeps its first
+   TB_HEAD and last TB_TAIL levels (luaL_traceback's LEVELS1, LEVELS2). */
+#define TB_HEAD 10
+#define TB_TAIL 11
+
+static void traceback(lua_State *L, int last) {
+  luaL_Buffer b;
+  lua_Debug ar;
+  int level;
+  luaL_buffinit(L, &b);
+  luaL_addstring(&b, "stack traceback:");
+  for (level = 1; level <= last && lua_getstack(L, level, &ar); level++) {
+    if (last > TB_HEAD + TB_TAIL + 1 && level == TB_HEAD + 1) {
+      lua_pushfstring(L, "\n\t...\t(skipping %d levels)",
+                      last - TB_HEAD - TB_TAIL);
+      luaL_addvalue(&b);
+      level = last - TB_TAIL;
+      continue;
+    }
+    lua_getinfo(L, "Slnt", &ar);
+    if (ar.currentline <= 0)
+      lua_pushfstring(L, "\n\t%s: in ", ar.short_src);
+    else
+      lua_pushfstring(L, "\n\t%s:%d: in ", ar.short_src, ar.currentline);
+    luaL_addvalue(&b);
+    if (*ar.namewhat != '\0')
+      lua_pushfstring(L, "%s '%s'",
+                      strcmp(ar.namewhat, "global") == 0 ? "function"
+                                                         : ar.namewhat,
+                      ar.name);
+    else if (*ar.what == 'm')
+      lua_pushliteral(L, "main chunk");
+    else if (*ar.what != 'C')
+      lua_pushfstring(L, "function <%s:%d>", ar.short_src, ar.linedefined);
+    else
+      lua_pushliteral(L, "?");
+    luaL_addvalue(&b);
+    if (ar.istailcall) luaL_addstring(&b, "\n\t(...tail calls...)");
+  }
+  luaL_pushresult(&b);
+}
+
+int parmap_msgh(lua_State *L) {
+  const char *msg;
+  if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER ||
+      luaL_getmetafield(L, 1, "__tostring") != LUA_TNIL) {
+    lua_settop(L, 1);
+    msg = luaL_tolstring(L, 1, NULL);
+  } else {
+    msg = lua_pushfstring(L, "(error object is a %s value)",
+                          luaL_typename(L, 1));
+  }
+  (void)msg;
+  lua_createtable(L, 3, 0);
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, -2, 1);
+  lua_pushvalue(L, -2);
+  lua_rawseti(L, -2, 2);
+  traceback(L, stack_depth(L) - 1 - tb_floor);
+  lua_rawseti(L, -2, 3);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &box_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &box_key);
+  }
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+int parmap_unbox(lua_State *L, int idx) {
+  int boxed = 0;
+  lua_settop(L, idx);
+  if (lua_getmetatable(L, idx)) {
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &box_key);
+    boxed = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+  }
+  if (boxed) {
+    lua_rawgeti(L, idx, 1);
+    lua_rawgeti(L, idx, 2);
+    lua_rawgeti(L, idx, 3);
+  } else { /* a memory error, or an error in the message handler */
+    lua_pushvalue(L, idx);
+    if (lua_type(L, idx) == LUA_TSTRING)
+      lua_pushvalue(L, idx);
+    else
+      lua_pushliteral(L, "error in error handling");
+    lua_pushliteral(L, "");
+  }
+  lua_remove(L, idx);
+  return 3;
+}
+
+void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
+                      const char *kind, int err_idx, const char *message,
+                      const char *traceback, pid_t pid) {
+  int top = lua_gettop(L);
+  const char *what;
+  luaL_checkstack(L, 8, NULL);
+  if (parmap_buf_reserve(b, 1)) luaL_error(L, "parmap: not enough memory");
+  b->p[b->len++] = (char)REC_ERR;
+  lua_pushstring(L, kind);
+  lua_pushvalue(L, err_idx);
+  lua_pushstring(L, message);
+  lua_pushstring(L, traceback);
+  lua_pushinteger(L, (lua_Integer)pid);
+  if (parmap_encode(L, top + 1, 5, b, scratch, &what) != PARMAP_OK) {
+    lua_pushstring(L, message); /* err cannot travel: send its string form */
+    lua_replace(L, top + 2);
+    parmap_encode(L, top + 1, 5, b, scratch, &what);
+  }
+  lua_settop(L, top);
+}
+
+/* ------------------------------------------------------------ random */
+
+static uint64_t mix64(uint64_t z) { /* splitmix64's finalizer */
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+  return z ^ (z >> 31);
+}
+
+/* Push package.loaded.math.randomseed (the math library's, even when the
+   global `math` was replaced), or nothing: returns 1 if pushed. */
+int parmap_push_randomseed(lua_State *L) {
+  int top = lua_gettop(L);
+  if (!lua_checkstack(L, 4)) return 0;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE) == LUA_TTABLE &&
+      lua_getfield(L, -1, "math") == LUA_TTABLE &&
+      lua_getfield(L, -1, "randomseed") == LUA_TFUNCTION) {
+    lua_replace(L, top + 1);
+    lua_settop(L, top + 1);
+    return 1;
+  }
+  lua_settop(L, top);
+  return 0;
+}
+
+/* In a forked child: math.random gets a stream of its own, so workers do
+   not replay the caller's stream (nor each other's). The seed mixes the
+   child's pid, the clock and the count of forks so far; nothing is drawn
+   from the caller's stream, which stays as it was in the caller. */
+static void reseed_child(lua_State *L) {
+  uint64_t a, b;
+  int top = lua_gettop(L);
+  if (!parmap_push_randomseed(L)) return;
+  a = mix64((uint64_t)getpid() * 0x9e3779b97f4a7c15u ^ parmap_now_ns());
+  b = mix64(a ^ mix64(parmap_fork_count()) ^ (uint64_t)(uintptr_t)L);
+  lua_pushinteger(L, (lua_Integer)a);
+  lua_pushinteger(L, (lua_Integer)b);
+  (void)lua_pcall(L, 2, 0, 0); /* a replaced randomseed may raise: then so
+                                   be it, the child keeps its stream */
+  lua_settop(L, top);
+}
+
+/* ------------------------------------------------------------ exit */
+
+void parmap_child_exit(int code) {
+  fflush(NULL);
+  _exit(code);
+}
+
+/* os.exit in a child: leave like a child does, with _exit() after
+   flushing stdio, so the caller's atexit handlers and finalizers never run
+   here (C exit() would run them). Same arguments as os.exit. */
+static int child_os_exit(lua_State *L) {
+  int code;
+  if (lua_isboolean(L, 1))
+    code = lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE;
+  else
+    code = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
+  parmap_child_exit(code);
+  return 0;
+}
+
+static void replace_os_exit(lua_State *L) {
+  if (lua_getglobal(L, "os") == LUA_TTABLE) {
+    lua_pushcfunction(L, child_os_exit);
+    lua_setfield(L, -2, "exit");
+  }
+  lua_pop(L, 1);
+}
+
+/* The exit guard. os.exit(code, true) closes the state before it calls
+   exit(): it runs every pending __close of the main thread and then every
+   __gc, the caller's included. replace_os_exit covers the global os.exit,
+   not a reference taken before the fork (`local exit = os.exit`). So a
+   child keeps a to-be-closed guard in the frame of its outermost C
+   function, above every frame of the caller: lua_close closes the newest
+   first, and finalizes the newest marked first, so the guard runs before
+   any of the caller's __close and __gc, and leaves with _exit(). The code
+   given to os.exit is out of reach by then: the child exits with
+   EXIT_FAILURE. exit() without closing is caught by proc.c's on_exit
+   handler, with its code. On a normal return or an error of that C
+   function the guard does nothing. */
+static int guard_armed = 0;
+
+static int guard_close(lua_State *L) {
+  if (guard_armed && lua_isnoneornil(L, 2)) parmap_child_exit(EXIT_FAILURE);
+  return 0;
+}
+
+static void push_guard(lua_State *L) {
+  lua_newuserdatauv(L, 1, 0);
+  lua_createtable(L, 0, 2);
+  lua_pushcfunction(L, guard_close);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, guard_close); /* lua_close from a coroutine: only
+                                        the main thread's are closed */
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_toclose(L, -1);
+}
+
+static void exit_guard(lua_State *L) {
+  lua_State *main;
+  luaL_checkstack(L, 4, NULL);
+  push_guard(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  main = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  /* Run from a coroutine, this child's Lua code is above the main thread's
+     frames, but lua_close closes only the main thread's pending __close:
+     a guard goes on top of them too. The main thread waits in a resume
+     that this child never returns to, so its frame may take the slot. */
+  if (main != NULL && main != L && lua_checkstack(main, 4)) push_guard(main);
+  guard_armed = 1;
+}
+
+
+/* ------------------------------------------------------------ identity */
+
+/* This process's number among its map's workers (1..n), 0 in the caller
+   and in a ReturnProcess child. A process is a worker of one map only, so
+   inside a nested map's worker it is that (innermost) map's number. */
+static int worker_id = 0, worker_n = 0;
+
+int parmap_worker_id(int *n) {
+  if (n) *n = worker_n;
+  return worker_id;
+}
+
+void parmap_child_start(lua_State *L, int extra, int id, int n) {
+  tb_floor = stack_depth(L) + extra;
+  worker_id = id;
+  worker_n = n;
+  replace_os_exit(L);
+  reseed_child(L);
+  exit_guard(L);
+}
+
+void parmap_child_disarm(void) { guard_armed = 0; }
+
+/* ------------------------------------------------------------ collector */
+
+#define GC_FLOOR_KB 1024        /* restart once own garbage passes this... */
+#define GC_HOOK_EVERY (1 << 20) /* instructions between two hook checks */
+
+static int gc_base_kb, gc_deferred;
+
+void parmap_child_gc_check(lua_State *L) {
+  int kb, limit;
+  if (!gc_deferred) return;
+  kb = lua_gc(L, LUA_GCCOUNT, 0);
+  limit = gc_base_kb > GC_FLOOR_KB ? gc_base_kb : GC_FLOOR_KB;
+  if (kb - gc_base_kb > limit) {
+    lua_gc(L, LUA_GCRESTART, 0);
+    gc_deferred = 0;
+  }
+}
+
+static void gc_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  parmap_child_gc_check(L);
+  if (!gc_deferred) lua_sethook(L, NULL, 0, 0);
+}
+
+void parmap_child_gc_defer(lua_State *L, int by_hook) {
+  if (by_hook && lua_gethook(L) != NULL) return;
+  lua_gc(L, LUA_GCSTOP, 0);
+  gc_base_kb = lua_gc(L, LUA_GCCOUNT, 0);
+  gc_deferred = 1;
+  if (by_hook) lua_sethook(L, gc_hook, LUA_MASKCOUNT, GC_HOOK_EVERY);
+}
+
+/* ------------------------------------------------------------ results */
+
+void parmap_put_result(lua_State *L, parmap_buf *b, int first, int scratch,
+                       int desc, lua_Integer index, pid_t pid) {
+  int n = lua_gettop(L) - first + 1;
+  const char *what;
+  size_t mark = b->len;
+  if (parmap_buf_reserve(b, 1)) luaL_error(L, "parmap: not enough memory");
+  b->p[b->len++] = (char)REC_OK;
+  if (n == 1 && parmap_encode_scalar(L, first, b)) return;
+  if (parmap_encode(L, first, n, b, scratch, &what) == PARMAP_OK) return;
+  b->len = mark;
+  /* say where the value that cannot travel sits */
+  lua_pushvalue(L, desc);
+  lua_pushliteral(L, "result");
+  if (index > 0) lua_pushinteger(L, index); else lua_pushnil(L);
+  lua_rotate(L, first, 3);
+  if (lua_pcall(L, n + 2, 1, 0) != LUA_OK || !lua_isstring(L, -1)) {
+    lua_settop(L, first - 1);
+    if (index > 0)
+      lua_pushfstring(L, "result of item %I: cannot send a %s",
+                      (LUAI_UACINT)index, what);
+    else
+      lua_pushfstring(L, "result: cannot send a %s", what);
+  }
+  parmap_put_error(L, b, scratch, "value", lua_gettop(L),
+                   lua_tostring(L, -1), "", pid);
+}
+
+/* ------------------------------------------------------------ the parent */
+
+static int noop(lua_State *L) {
+  (void)L;
+  return 0;
+}
+
+void parmap_run_hooks(lua_State *L) {
+  lua_pushcfunction(L, noop);
+  lua_call(L, 0, 0);
+}
+
+void parmap_clear_interrupt(lua_State *L) {
+  const int lstop = LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT;
+  if (lua_gethook(L) != NULL && lua_gethookmask(L) == lstop &&
+      lua_gethookcount(L) == 1)
+    lua_sethook(L, NULL, 0, 0);
+}
+
+#define REAP_SLICE_MS 50 /* a Ctrl-C hook runs at least this often */
+
+int parmap_deadline_ms(int64_t deadline_ns, int cap) {
+  int64_t left;
+  if (deadline_ns < 0) return cap;
+  left = deadline_ns - (int64_t)parmap_now_ns();
+  if (left <= 0) return 0;
+  if (left >= (int64_t)cap * 1000000) return cap;
+  return (int)((left + 999999) / 1000000);
+}
+
+int parmap_child_reap(lua_State *L, pid_t pid, int *status,
+                      int64_t deadline_ns) {
+  for (;;) {
+    int r = parmap_wait(pid, status, parmap_deadline_ms(deadline_ns,
+                                                        REAP_SLICE_MS));
+    if (r != 0) return r;
+    if (deadline_ns >= 0 && (int64_t)parmap_now_ns() >= deadline_ns)
+      return 0;
+    if (L != NULL) parmap_run_hooks(L);
+  }
+}
+
+void parmap_child_how(char *how, size_t n, int lost, int status) {
+  if (lost)
+    snprintf(how, n, "was reaped by someone else (a waitpid not parmap's "
+                     "took its exit status)");
+  else
+    parmap_status_text(status, how, n);
+}
