@@ -36,22 +36,20 @@ Serial.__index = Serial
 function Serial.__close(s) s.closed = true end
 Serial.close = Serial.__close
 
-local call = core.call
+local caller = core.caller
 
 -- init and finish of a serial map, run in the caller as worker 1, with the
 -- same outcomes as in a worker: init's error is raised as an error object
 -- of kind "init"; finish's is written to stderr.
 local function serial_init(init, fail)
-  local status, err, message, traceback = call(init, 1, 0, 0, false, {},
-    0, false, nil, true)
+  local status, err, message, traceback = caller({ fn = init })(1, 0, true)
   if status ~= "ok" then
     fail(nil, "init", err, message, traceback, core.pid(), 1)
   end
 end
 
 local function serial_finish(fin)
-  local status, _, message, traceback = call(fin, 1, 0, 0, false, {},
-    0, false, nil, true)
+  local status, _, message, traceback = caller({ fn = fin })(1, 0, true)
   if status ~= "ok" then
     io.stderr:write(format("parmap worker 1 (pid %d): finish failed: %s\n%s\n",
       core.pid(), message, traceback))
@@ -60,10 +58,8 @@ end
 
 -- N = 1: a plain loop in this process, no fork.
 local function serial(spec)
-  local fn, items, from_table = spec.fn, spec.items, spec.from_table == 1
-  local star, kwstar, args, nargs = spec.star, spec.kwstar == 1, spec.args,
-    spec.nargs
-  local has_kw, kwargs, total = spec.has_kw == 1, spec.kwargs, spec.total
+  local items, from_table, total = spec.items, spec.from_table, spec.total
+  local call = caller(spec) -- fn with the call table's options, built once
   local fail, progress = spec.fail, spec.progress
   local proc = spec.exception == "proc"
   local state = setmetatable({ closed = false }, Serial)
@@ -117,11 +113,9 @@ local function serial(spec)
     end
     i = i + 1
     if proc then -- the policy raises err as raised: no need to catch it
-      return finish(call(fn, item, i, star, kwstar, args, nargs, has_kw,
-        kwargs, false))
+      return finish(call(item, i, false))
     end
-    return outcome(call(fn, item, i, star, kwstar, args, nargs, has_kw,
-      kwargs, true))
+    return outcome(call(item, i, true))
   end
   return step, nil, nil, state
 end

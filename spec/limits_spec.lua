@@ -44,7 +44,8 @@ describe("limits: counts the user gives never overflow a size in C", function()
 
   it("the core itself checks args.n, N, total, chunksize and timeout", function()
     local function spec(t)
-      t.fn, t.items, t.from_table = id, t.items or { 1 }, t.from_table or 1
+      t.fn, t.items = id, t.items or { 1 }
+      if t.from_table == nil then t.from_table = true end
       return t
     end
     local cases = {
@@ -52,7 +53,7 @@ describe("limits: counts the user gives never overflow a size in C", function()
       { spec { N = 2, nargs = -1 }, "bad option 'args.n'" },
       { spec { N = 0 }, "bad option 'N'" },
       { spec { N = -(1 << 40) }, "bad option 'N'" },
-      { spec { N = 2, total = -2, from_table = 0, items = items_fn(1) }, "bad option 'total'" },
+      { spec { N = 2, total = -2, from_table = false, items = items_fn(1) }, "bad option 'total'" },
       { spec { N = 2, chunksize = -1 }, "bad option 'chunksize'" },
       { spec { N = 2, timeout = 0 / 0 }, "bad option 'timeout'" },
       { spec { N = 2, star = 7 }, "star" },
@@ -62,12 +63,42 @@ describe("limits: counts the user gives never overflow a size in C", function()
       assert.is_false(ok)
       assert.matches(c[2], err)
     end
-    local ok, err = pcall(core.call, id, 1, 1, 0, false, {}, (1 << 32) + 1, false, nil, false)
+    local ok, err = pcall(core.caller, { fn = id, args = {}, nargs = (1 << 32) + 1 })
     assert.is_false(ok)
     assert.matches("args.n", err)
     ok, err = pcall(core.process, { target = id, args = {}, nargs = (1 << 31) })
     assert.is_false(ok)
     assert.matches("bad option 'args.n' %(too many arguments", err)
+  end)
+
+  it("the core names a spec field of the wrong type instead of falling back to a default", function()
+    local describe_, fail = function() end, function() end
+    local function spec(t)
+      t.fn, t.items = id, { 1 }
+      if t.from_table == nil then t.from_table = true end
+      t.describe, t.fail = t.describe or describe_, t.fail or fail
+      return t
+    end
+    local cases = {
+      { core.start, spec { N = 2, star = 1 }, "bad spec field 'star' %(string expected, got number%)" },
+      { core.start, spec { N = 2, star = "maybe" }, "bad spec field 'star' %(invalid option 'maybe'%)" },
+      { core.start, spec { N = 2, kwstar = 1 }, "bad spec field 'kwstar' %(boolean expected, got number%)" },
+      { core.start, spec { N = 2, ordered = 0 }, "bad spec field 'ordered' %(boolean expected, got number%)" },
+      { core.start, spec { N = 2, has_kw = "yes" }, "bad spec field 'has_kw' %(boolean expected, got string%)" },
+      { core.start, spec { N = 2, from_table = 1 }, "bad spec field 'from_table' %(boolean expected" },
+      { core.start, spec { N = 2, fail = 0 }, "bad spec field 'fail' %(function expected, got number%)" },
+      { core.start, spec { N = 2, args = 5, nargs = 1 }, "bad spec field 'args' %(table expected, got number%)" },
+      { core.start, spec { N = "2" }, "bad option 'N' %(positive integer expected, got 2%)" },
+      { core.process, { target = id, has_kw = 1 }, "bad spec field 'has_kw' %(boolean expected" },
+      { core.process, { target = id, make_error = fail, describe = describe_ },
+        "bad spec field 'fail' %(function expected, got nil%)" },
+      { core.caller, { fn = id, star = 2 }, "bad spec field 'star' %(string expected, got number%)" },
+    }
+    for _, c in ipairs(cases) do
+      local ok, err = pcall(c[1], c[2])
+      assert.is_false(ok, c[3])
+      assert.matches(c[3], err)
+    end
   end)
 
   it("ReturnProcess: args.n past the limit is an error, never truncated", function()

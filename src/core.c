@@ -19,34 +19,30 @@
 #include "parmap.h"
 #include "proc.h"
 #include "process.h"
+#include "spec.h"
 
-/* call(fn, item, index, star, kwstar, args, nargs, has_kw, kwargs, protect):
-   fn's results for one item, following the call table (N = 1).
-   Unprotected, errors propagate untouched. Protected, returns
-   "ok", results... | "error", err, message, traceback | "shape", message. */
+/* call(item, index, protect), a closure of core.caller: fn's results for
+   one item, following the call table (N = 1). Unprotected, errors
+   propagate untouched. Protected, returns
+   "ok", results... | "error", err, message, traceback | "shape", message.
+   Upvalues: the CallSpec (a userdata), fn, args, kwargs. */
 static int core_call(lua_State *L) {
-  CallSpec cs;
-  int n, base, fnpos, protect = lua_toboolean(L, 10);
-  lua_Integer index = luaL_checkinteger(L, 3);
-  lua_settop(L, 9);
-  cs.fn = 1;
-  lua_Integer star = luaL_checkinteger(L, 4), nargs = luaL_checkinteger(L, 7);
-  luaL_argcheck(L, star >= STAR_FALSE && star <= STAR_NONE, 4,
-                "star mode 0, 1 or 2 expected");
-  luaL_argcheck(L, nargs >= 0 && nargs <= PARMAP_MAX_ARGS, 7,
-                "args.n out of range (too many arguments?)");
-  cs.star = (int)star;
-  cs.kwstar = lua_toboolean(L, 5);
-  cs.args = 6;
-  cs.nargs = (int)nargs;
-  cs.has_kw = lua_toboolean(L, 8);
-  cs.kw = 9;
+  CallSpec cs = *(const CallSpec *)lua_touserdata(L, lua_upvalueindex(1));
+  int n, base, fnpos, protect = lua_toboolean(L, 3);
+  lua_Integer index = luaL_checkinteger(L, 2);
+  lua_settop(L, 1); /* the item */
+  lua_pushvalue(L, lua_upvalueindex(2));
+  lua_pushvalue(L, lua_upvalueindex(3));
+  lua_pushvalue(L, lua_upvalueindex(4));
+  cs.fn = 2;
+  cs.args = 3;
+  cs.kw = 4;
   if (protect) {
     lua_pushliteral(L, "ok");
     lua_pushcfunction(L, parmap_msgh);
   }
   base = lua_gettop(L);
-  n = parmap_push_call(L, &cs, 2, index);
+  n = parmap_push_call(L, &cs, 1, index);
   if (n < 0) {
     if (!protect) return lua_error(L);
     lua_pushliteral(L, "shape");
@@ -68,6 +64,20 @@ static int core_call(lua_State *L) {
   lua_replace(L, base - 1);
   lua_remove(L, base); /* the handler */
   return 4;
+}
+
+/* core.caller(spec): the call function of spec's fn (star, kwstar, args,
+   nargs, has_kw, kwargs as in a map's spec), read and checked once. */
+static int core_caller(lua_State *L) {
+  CallSpec *cs;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  cs = (CallSpec *)lua_newuserdatauv(L, sizeof *cs, 0);
+  parmap_read_call(L, 1, cs);
+  parmap_pushfield(L, 1, "fn", LUA_TNONE, 0); /* a callable: checked in Lua */
+  parmap_pushfield(L, 1, "args", LUA_TTABLE, cs->nargs == 0);
+  parmap_pushfield(L, 1, "kwargs", LUA_TTABLE, 1);
+  lua_pushcclosure(L, core_call, 4);
+  return 1;
 }
 
 static int core_ncpu(lua_State *L) {
@@ -176,7 +186,7 @@ static int core_worker(lua_State *L) {
 }
 
 PARMAP_API int luaopen_parmap_core(lua_State *L) {
-  static const luaL_Reg funcs[] = {{"call", core_call},
+  static const luaL_Reg funcs[] = {{"caller", core_caller},
                                    {"ncpu", core_ncpu},
                                    {"now", core_now},
                                    {"isatty", core_isatty},

@@ -29,6 +29,7 @@
 #include "engine.h"
 #include "map.h"
 #include "proc.h"
+#include "spec.h"
 
 #define MAP_MT "parmap.Map"
 #define DEPTH 2            /* segments a worker may hold */
@@ -1241,69 +1242,33 @@ static int map_collect(lua_State *L) {
 /* ---------------------------------------------------------------- start */
 
 /* A small integer option of the spec (a flag, a mode): d when absent. */
-static int intfield(lua_State *L, const char *k, int d, int hi) {
-  lua_Integer v;
-  int isnum;
-  lua_getfield(L, 1, k);
-  v = lua_tointegerx(L, -1, &isnum);
-  lua_pop(L, 1);
-  if (!isnum) return d;
-  if (v < 0 || v > hi)
-    luaL_error(L, "parmap: bad spec field '%s' (0..%d expected, got %I)", k,
-               hi, (LUAI_UACINT)v);
-  return (int)v;
-}
-
-/* A count the user gave (N, args.n, total, chunksize), checked before any
-   arithmetic: an integer >= lo, or absent (d). `name` is the option the
-   user wrote. Whatever reaches the core directly gets a clear error. */
-static lua_Integer countfield(lua_State *L, const char *k, const char *name,
-                              lua_Integer lo, lua_Integer d) {
-  lua_Integer v;
-  int isnum, t;
-  t = lua_getfield(L, 1, k);
-  v = lua_tointegerx(L, -1, &isnum);
-  if (t == LUA_TNIL) {
-    lua_pop(L, 1);
-    return d;
-  }
-  if (!isnum || v < lo)
-    luaL_error(L, "parmap: bad option '%s' (%s expected, got %s)", name,
-               lo > 0 ? "positive integer" : "non-negative integer",
-               luaL_tolstring(L, -1, NULL));
-  lua_pop(L, 1);
-  return v;
-}
-
 /* The options of a spec, checked and clamped so that no size computation
    can overflow: N to PARMAP_MAX_WORKERS and to the item count of a table
    input, chunksize to PARMAP_MAX_CHUNK, args.n at most PARMAP_MAX_ARGS. */
 static void read_config(lua_State *L, Config *c) {
   lua_Integer n;
-  c->star = intfield(L, "star", 0, STAR_NONE);
-  c->kwstar = intfield(L, "kwstar", 0, 1);
-  c->has_kw = intfield(L, "has_kw", 0, 1);
-  c->from_table = intfield(L, "from_table", 0, 1);
-  c->ordered = intfield(L, "ordered", 1, 1);
-  n = countfield(L, "nargs", "args.n", 0, 0);
-  if (n > PARMAP_MAX_ARGS)
-    luaL_error(L, "parmap: bad option 'args.n' (too many arguments: %I, at "
-               "most %d)", (LUAI_UACINT)n, PARMAP_MAX_ARGS);
-  c->nargs = (int)n;
-  c->total = countfield(L, "total", "total", 0, -1);
+  CallSpec cs;
+  parmap_read_call(L, 1, &cs);
+  c->star = cs.star;
+  c->kwstar = cs.kwstar;
+  c->has_kw = cs.has_kw;
+  c->nargs = cs.nargs;
+  c->from_table = parmap_boolfield(L, 1, "from_table", 0);
+  c->ordered = parmap_boolfield(L, 1, "ordered", 1);
+  c->total = parmap_countfield(L, 1, "total", "total", 0, -1);
   if (c->from_table && c->total < 0) c->total = 0;
-  c->chunksize = countfield(L, "chunksize", "chunksize", 1, 0);
+  c->chunksize = parmap_countfield(L, 1, "chunksize", "chunksize", 1, 0);
   if (c->chunksize > PARMAP_MAX_CHUNK) c->chunksize = PARMAP_MAX_CHUNK;
-  c->maxtasks = countfield(L, "maxtasks", "maxtasks", 1, 0);
-  n = countfield(L, "N", "N", 1, 1);
+  c->maxtasks = parmap_countfield(L, 1, "maxtasks", "maxtasks", 1, 0);
+  n = parmap_countfield(L, 1, "N", "N", 1, 1);
   if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
   if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;
   c->N = (int)n;
-  c->buffersize = countfield(L, "buffersize", "buffersize", 1, 0);
+  c->buffersize = parmap_countfield(L, 1, "buffersize", "buffersize", 1, 0);
   if (c->buffersize == 0) c->buffersize = (lua_Integer)BUFFER_PER_WORKER * c->N;
   if (lua_getfield(L, 1, "timeout") != LUA_TNIL) {
     lua_Number t = lua_tonumber(L, -1);
-    if (!lua_isnumber(L, -1) || !(t > 0))
+    if (lua_type(L, -1) != LUA_TNUMBER || !(t > 0))
       luaL_error(L, "parmap: bad option 'timeout' (positive number of "
                  "seconds expected, got %s)", luaL_tolstring(L, -1, NULL));
     c->timeout = t > 1e9 ? 0 : (double)t; /* past 30 years: none */
@@ -1312,7 +1277,7 @@ static void read_config(lua_State *L, Config *c) {
   if (lua_getfield(L, 1, "seed") != LUA_TNIL) {
     int isnum;
     c->seed = lua_tointegerx(L, -1, &isnum);
-    if (!isnum)
+    if (!isnum || lua_type(L, -1) != LUA_TNUMBER)
       luaL_error(L, "parmap: bad option 'seed' (integer expected, got %s)",
                  luaL_tolstring(L, -1, NULL));
     c->has_seed = 1;
@@ -1320,8 +1285,11 @@ static void read_config(lua_State *L, Config *c) {
   lua_pop(L, 1);
 }
 
-static void uvfield(lua_State *L, int ud, const char *k, int u) {
-  lua_getfield(L, 1, k);
+/* Spec field k as user value u: of Lua type `type` (LUA_TNONE: any), or
+   nil too when optional. */
+static void uvfield(lua_State *L, int ud, const char *k, int u, int type,
+                    int optional) {
+  parmap_pushfield(L, 1, k, type, optional);
   lua_setiuservalue(L, ud, u);
 }
 
@@ -1349,15 +1317,17 @@ static int map_start(lua_State *L) {
   m->owner = getpid();
   m->cur = -1;
   read_config(L, &m->cfg);
-  uvfield(L, ud, "fn", U_FN);
-  uvfield(L, ud, "items", U_ITEMS);
-  uvfield(L, ud, "args", U_ARGS);
-  uvfield(L, ud, "kwargs", U_KW);
-  uvfield(L, ud, "progress", U_PROGRESS);
-  uvfield(L, ud, "fail", U_FAIL);
-  uvfield(L, ud, "describe", U_DESC);
-  uvfield(L, ud, "init", U_INIT);
-  uvfield(L, ud, "finish", U_FINISH);
+  /* callables (fn, items, progress, init, finish) are checked in Lua */
+  uvfield(L, ud, "fn", U_FN, LUA_TNONE, 0);
+  uvfield(L, ud, "items", U_ITEMS,
+          m->cfg.from_table ? LUA_TTABLE : LUA_TNONE, 0);
+  uvfield(L, ud, "args", U_ARGS, LUA_TTABLE, m->cfg.nargs == 0);
+  uvfield(L, ud, "kwargs", U_KW, LUA_TTABLE, 1);
+  uvfield(L, ud, "progress", U_PROGRESS, LUA_TNONE, 0);
+  uvfield(L, ud, "fail", U_FAIL, LUA_TFUNCTION, 0);
+  uvfield(L, ud, "describe", U_DESC, LUA_TFUNCTION, 0);
+  uvfield(L, ud, "init", U_INIT, LUA_TNONE, 0);
+  uvfield(L, ud, "finish", U_FINISH, LUA_TNONE, 0);
   lua_newtable(L);
   lua_setiuservalue(L, ud, U_SCRATCH);
   m->nw = m->cfg.N;

@@ -25,6 +25,7 @@
 #include "codec.h"
 #include "engine.h"
 #include "proc.h"
+#include "spec.h"
 #include "process.h"
 
 #define PROC_MT "parmap.ReturnProcess"
@@ -470,8 +471,9 @@ static int p_tostring(lua_State *L) {
   return 1;
 }
 
-static void uvfield(lua_State *L, int ud, const char *name, int uv) {
-  lua_getfield(L, 1, name);
+static void uvfield(lua_State *L, int ud, const char *name, int uv,
+                    int type, int optional) {
+  parmap_pushfield(L, 1, name, type, optional);
   lua_setiuservalue(L, ud, uv);
 }
 
@@ -479,8 +481,8 @@ static void uvfield(lua_State *L, int ud, const char *name, int uv) {
    nargs, kwargs, has_kw, make_error, describe, fail. */
 static int p_new(lua_State *L) {
   Proc *p;
-  int ud, isnum;
-  lua_Integer nargs;
+  int ud;
+  CallSpec cs;
   luaL_checktype(L, 1, LUA_TTABLE);
   p = (Proc *)lua_newuserdatauv(L, sizeof(Proc), PV_COUNT);
   memset(p, 0, sizeof *p);
@@ -488,25 +490,15 @@ static int p_new(lua_State *L) {
   p->state = P_NEW;
   luaL_setmetatable(L, PROC_MT);
   ud = lua_gettop(L);
-  lua_getfield(L, 1, "nargs");
-  nargs = lua_tointegerx(L, -1, &isnum);
-  if (!isnum || nargs < 0)
-    luaL_error(L, "parmap: ReturnProcess: bad option 'args.n' (non-negative "
-               "integer expected, got %s)", luaL_tolstring(L, -1, NULL));
-  if (nargs > PARMAP_MAX_ARGS)
-    luaL_error(L, "parmap: ReturnProcess: bad option 'args.n' (too many "
-               "arguments: %I, at most %d)", (LUAI_UACINT)nargs,
-               PARMAP_MAX_ARGS);
-  p->nargs = (int)nargs;
-  lua_getfield(L, 1, "has_kw");
-  p->has_kw = lua_toboolean(L, -1);
-  lua_settop(L, ud);
-  uvfield(L, ud, "target", PV_TARGET);
-  uvfield(L, ud, "args", PV_ARGS);
-  uvfield(L, ud, "kwargs", PV_KW);
-  uvfield(L, ud, "make_error", PV_MKERR);
-  uvfield(L, ud, "describe", PV_DESC);
-  uvfield(L, ud, "fail", PV_FAIL);
+  parmap_read_call(L, 1, &cs);
+  p->nargs = cs.nargs;
+  p->has_kw = cs.has_kw;
+  uvfield(L, ud, "target", PV_TARGET, LUA_TNONE, 0); /* checked in Lua */
+  uvfield(L, ud, "args", PV_ARGS, LUA_TTABLE, p->nargs == 0);
+  uvfield(L, ud, "kwargs", PV_KW, LUA_TTABLE, 1);
+  uvfield(L, ud, "make_error", PV_MKERR, LUA_TFUNCTION, 0);
+  uvfield(L, ud, "describe", PV_DESC, LUA_TFUNCTION, 0);
+  uvfield(L, ud, "fail", PV_FAIL, LUA_TFUNCTION, 0);
   lua_newtable(L);
   lua_setiuservalue(L, ud, PV_SCRATCH);
   return 1;

@@ -273,7 +273,7 @@ function C.map_spec(level, fn, items, opts, extra)
   for k in next, opts do
     if not OPTIONS[k] then error("parmap: " .. unknown(k, OPTIONS), level) end
   end
-  local spec = { fn = fn, items = items, from_table = it == "table" and 1 or 0,
+  local spec = { fn = fn, items = items, from_table = it == "table",
     describe = Errors.describe }
 
   local N = opts.N
@@ -288,11 +288,11 @@ function C.map_spec(level, fn, items, opts, extra)
 
   local star = opts.star
   if star == nil or star == false then
-    spec.star = 0
+    spec.star = "false"
   elseif star == true then
-    spec.star = 1
+    spec.star = "true"
   elseif star == C.None then
-    spec.star = 2
+    spec.star = "none"
   else
     bad(level, "star", "true, false or parmap.None", star)
   end
@@ -300,11 +300,11 @@ function C.map_spec(level, fn, items, opts, extra)
   if kwstar ~= nil and type(kwstar) ~= "boolean" then
     bad(level, "kwstar", "boolean", kwstar)
   end
-  spec.kwstar = kwstar and 1 or 0
+  spec.kwstar = kwstar == true
 
   spec.args, spec.nargs = C.args(level, "parmap", opts.args)
   spec.kwargs = C.kwargs(level, "parmap", opts.kwargs)
-  spec.has_kw = (spec.kwargs ~= nil or kwstar) and 1 or 0
+  spec.has_kw = spec.kwargs ~= nil or kwstar == true
 
   local total = opts.total
   if total ~= nil then
@@ -344,7 +344,7 @@ function C.map_spec(level, fn, items, opts, extra)
   if ordered ~= nil and type(ordered) ~= "boolean" then
     bad(level, "ordered", "boolean", ordered)
   end
-  spec.ordered = ordered == false and 0 or 1
+  spec.ordered = ordered ~= false
 
   local exception = C.exception(level, "parmap", opts.exception,
     N > 1 and "raise" or "proc")
