@@ -56,6 +56,10 @@ all: $(BUILD)/parmap/core.so $(BUILD)/libparmap.a
 $(BUILD)/%.o: src/%.c $(HEADERS) | $(BUILD)
 	$(CC) $(ALLFLAGS) -c -o $@ $<
 
+# src/map.c is one compilation unit of the rooms under src/map/ (it
+# includes them), so the per-item path stays inlined across them
+$(BUILD)/map.o: $(wildcard src/map/*.c src/map/*.h)
+
 $(BUILD)/parmap_lua.h: lua/parmap.lua src/bin2c.lua | $(BUILD)
 	$(LUA) src/bin2c.lua parmap_lua < lua/parmap.lua > $@.tmp && mv $@.tmp $@
 

@@ -1,0 +1,147 @@
+/*
+** map/internal.h: what the three rooms of a map share: its types, its
+** limits, and the calls that cross from one room to another. Private to
+** src/map.c, which compiles the rooms as one unit (so these static calls
+** stay inlinable, as luv compiles src/luv.c).
+*/
+#ifndef PARMAP_MAP_INTERNAL_H
+#define PARMAP_MAP_INTERNAL_H
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <lauxlib.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../child.h"
+#include "../codec.h"
+#include "../engine.h"
+#include "../map.h"
+#include "../proc.h"
+#include "../spec.h"
+
+#define MAP_MT "parmap.Map"
+#define DEPTH 2            /* segments a worker may hold */
+#define WINDOW_PER_WORKER 16 /* at most, chunks in the window per worker */
+#define WINDOW_BASE 4 /* ... while the chunk the loop waits for is done */
+#define TARGET_NS 2000000.0 /* aim for chunks of about 2 ms of work */
+#define MAX_CHUNK PARMAP_MAX_CHUNK
+#define BUFFER_PER_WORKER 8192 /* default buffersize: this many items a worker */
+#define BIG_BUF (4u << 20) /* result buffers past this go to the pool */
+#define POOL 2             /* big buffers a map keeps for reuse */
+#define EXIT_CHECK_MS 200  /* how often waitpid checks on workers */
+/* collect preallocates its result table up to this many slots (as the
+   codec does, PARMAP_MAX_PREALLOC): a wrong total cannot make it take
+   gigabytes before the first result */
+#define COLLECT_PREALLOC PARMAP_MAX_PREALLOC
+
+enum { M_RUNNING = 0, M_DONE, M_CLOSED };
+
+typedef struct Seg {
+  int slot;
+  lua_Integer from, to; /* items from..to-1 */
+} Seg;
+
+typedef struct Worker {
+  pid_t pid; /* 0: no process */
+  int fd;
+  int qn, nsent; /* segments held; of those, fully sent */
+  size_t sent;   /* bytes of segment nsent's message sent */
+  TaskHdr shdr;
+  ResultHdr rhdr;
+  size_t rhave;   /* header bytes read */
+  uint64_t rleft; /* body bytes still to come */
+  int timed_out;
+  int delivered;  /* it sent results: it started fine */
+  uint64_t due;   /* when q[0] became its to run (0: not sent yet), or
+                     when it last sent us bytes (timeouts) */
+  int exited, status; /* reaped while its socket was still open */
+  int lost;           /* ... by someone else's waitpid */
+  lua_Integer handed; /* items handed to this process in all (maxtasks) */
+  Seg q[DEPTH];
+} Worker;
+
+typedef struct Slot {
+  int used, busy; /* busy: a segment is out with a worker */
+  uint64_t seq;
+  uint64_t freed; /* when it was last released: the newest is reused first */
+  lua_Integer start, count;
+  lua_Integer next;     /* first index not handed out */
+  lua_Integer recv;     /* items with a record in out */
+  lua_Integer consumed; /* items the loop has taken */
+  size_t rpos;          /* next record in out */
+  parmap_buf out;       /* result records */
+  parmap_buf in;        /* serialized items (iterator input) */
+  size_t *offs;         /* offs[k]: item start+k in `in`; count+1 of them */
+  size_t offs_cap;
+  parmap_buf fail; /* error records for items not to run: index, len, bytes */
+} Slot;
+
+#define MAP_MAGIC 0x70617261706d6170ull /* "parapmap" */
+
+typedef struct Map {
+  uint64_t magic;
+  pid_t owner; /* the process that may stop the workers */
+  int state;
+  int busy;      /* the engine runs (a protected call): no re-entry */
+  int close_req; /* close() came while busy: stop once the step returns */
+  int ierr;      /* the items iterator raised: its error is in U_IERR
+                    (1), and was raised after the last item (2) */
+  int stillborn; /* workers dead in a row before sending any result */
+  lua_Integer last; /* collect: the highest index so far */
+  uint64_t exit_check; /* when check_exits last ran */
+  int self;     /* stack index of this userdata in the current call */
+  Config cfg;
+  Worker *w;
+  int nw;    /* size of w: the N asked for */
+  int nlive; /* at most cfg.N (lowered if a fork fails) */
+  Shm *shm;
+  size_t shm_size;
+  Slot *slots;
+  int nslots, slots_used;
+  uint64_t seq_new, seq_take; /* next chunk to make; to consume (ordered) */
+  uint64_t nfreed;            /* releases so far */
+  int *ring;                  /* ordered: ring[seq % nslots] = its slot */
+  int cur;                    /* unordered: slot being drained */
+  lua_Integer next_index;     /* first item not in a chunk */
+  int exhausted;
+  lua_Integer done, reported;
+  lua_Integer taken;          /* items the loop has consumed */
+  double item_ns;
+  lua_Integer last_size;
+  struct pollfd *pfd;
+  int *pfd_w;
+  parmap_buf pool[POOL]; /* big result buffers of released slots */
+  pid_t *retired; /* recycled workers (maxtasks) not reaped yet */
+  int nretired, retired_cap;
+} Map;
+
+/* The window (window.c): chunks and their slots, the items pulled from an
+   iterator, the failure list of each slot, which record is next. */
+static void add_failure(lua_State *L, Map *m, Slot *s, lua_Integer index,
+                        const char *kind, const char *message, pid_t pid);
+static int finished(Map *m);
+static lua_Integer next_failure(const Slot *s, lua_Integer from, size_t *at);
+static void nomem(lua_State *L);
+static Slot *ready(Map *m);
+static void release(Map *m);
+static void release_slot(Map *m, Slot *s);
+static void reserve(lua_State *L, parmap_buf *b, size_t n);
+static lua_Integer seg_first_open(Map *m, const Worker *w, int k);
+static int seg_len(const Seg *g);
+static void unbusy(Map *m, Slot *s);
+static Slot *work_slot(lua_State *L, Map *m);
+
+/* The pool (pool.c): forking, feeding and reaping workers, the transport
+   (pump: dispatch, sends, reads, deaths, timeouts), stopping them. */
+static void dispatch(lua_State *L, Map *m);
+static void pump(lua_State *L, Map *m, int block);
+static void stop(Map *m, int kill_them);
+
+#endif

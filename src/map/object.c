@@ -1,0 +1,400 @@
+/*
+** map/object.c: the Lua object of a map: core.start, core.next,
+** core.collect, close and __gc, progress, and the hand-over of a failure to
+** the policy. Part of src/map.c (one compilation unit).
+*/
+#include "internal.h"
+
+/* The map at idx. Called once per item: a size-and-magic test instead of
+   luaL_checkudata's registry lookup by name. It does not touch m->self:
+   a call that re-enters a busy map must leave the running step's alone. */
+static Map *checkmap(lua_State *L, int idx) {
+  Map *m = (Map *)lua_touserdata(L, idx);
+  /* a light userdata has no length, so it fails the size test */
+  if (m == NULL || lua_rawlen(L, idx) != sizeof(Map) || m->magic != MAP_MAGIC)
+    luaL_typeerror(L, idx, MAP_MT);
+  return m;
+}
+
+/* ---------------------------------------------------------------- closing */
+
+static int map_gc(lua_State *L) {
+  Map *m = (Map *)luaL_checkudata(L, 1, MAP_MT);
+  stop(m, 1);
+  release(m);
+  return 0;
+}
+
+/* close(map), __close. While the engine runs a step (close() from a
+   progress callback, the items iterator, a finalizer, a hook), the workers
+   and slots are in use: the stop waits until the step returns, and the map
+   then ends as if it were over. */
+static int map_close(lua_State *L) {
+  Map *m = checkmap(L, 1);
+  if (m->busy) {
+    m->close_req = 1;
+    return 0;
+  }
+  stop(m, 1);
+  return 0;
+}
+
+/* ---------------------------------------------------------------- results */
+
+static void progress(lua_State *L, Map *m, int finished) {
+  if (m->done == m->reported && !finished) return;
+  if (lua_getiuservalue(L, m->self, U_PROGRESS) == LUA_TNIL) {
+    lua_pop(L, 1);
+    return;
+  }
+  m->reported = m->done;
+  lua_pushinteger(L, m->done);
+  if (m->cfg.total >= 0)
+    lua_pushinteger(L, m->cfg.total);
+  else
+    lua_pushnil(L);
+  lua_pushboolean(L, finished);
+  lua_call(L, 3, 0);
+}
+
+/* An error record (kind, err, message, traceback, pid) at base + 1..5 for
+   item `index`: the policy (U_FAIL) decides. When it raises, the map is
+   stopped first; else index and the error object it returns. */
+static int failed(lua_State *L, Map *m, lua_Integer index, int base, int n) {
+  int k;
+  if (n != 5 || lua_type(L, base + 1) != LUA_TSTRING ||
+      lua_type(L, base + 3) != LUA_TSTRING) {
+    return luaL_error(L, "parmap: corrupt error record for item %I",
+                      (LUAI_UACINT)index);
+  }
+  /* raising stops the map: step does, once out of the engine */
+  lua_getiuservalue(L, m->self, U_FAIL);
+  lua_pushinteger(L, index);
+  for (k = 1; k <= 5; k++) lua_pushvalue(L, base + k);
+  lua_call(L, 6, 1); /* fail(index, kind, err, message, tb, pid): raises,
+                        or returns the error object */
+  lua_pushinteger(L, index);
+  lua_insert(L, -2);
+  return 2;
+}
+
+/* Push index and values of the next record of s; returns the count. */
+static int emit(lua_State *L, Map *m, Slot *s) {
+  lua_Integer index = s->start + s->consumed;
+  size_t pos = s->rpos + 1;
+  int status, n, base;
+  const char *err = NULL;
+  if (s->rpos >= s->out.len) { /* a frame announced more than it carried */
+    return luaL_error(L, "parmap: corrupt result for item %I: no record",
+                      (LUAI_UACINT)index);
+  }
+  status = (unsigned char)s->out.p[s->rpos];
+  lua_pushinteger(L, index);
+  base = lua_gettop(L);
+  n = parmap_decode_scalar(L, s->out.p, s->out.len, &pos);
+  if (n == 0) { /* not one scalar: the general decoder, with its scratch */
+    lua_getiuservalue(L, m->self, U_SCRATCH);
+    n = parmap_decode(L, s->out.p, s->out.len, &pos, base + 1, &err);
+    lua_remove(L, base + 1);
+  }
+  if (n < 0) {
+    return luaL_error(L, "parmap: corrupt result for item %I: %s",
+                      (LUAI_UACINT)index, err);
+  }
+  s->rpos = pos;
+  m->taken++;
+  if (++s->consumed == s->count) {
+    if (m->cfg.ordered) m->seq_take++;
+    if (!s->busy) release_slot(m, s); /* else when its segment ends */
+    pump(L, m, 0); /* workers may be waiting for this room */
+  }
+  return status == REC_OK ? n + 1 : failed(L, m, index, base, n);
+}
+
+/* The body of a step, run under lua_pcall by step(): push the next
+   item's index and values and return their count, or 0 when the map is
+   over (then the items iterator's error, if it raised, is raised). */
+static int advance(lua_State *L, Map *m) {
+  for (;;) {
+    Slot *s;
+    if (m->close_req) return 0; /* closed from a callback: step stops it */
+    s = ready(m);
+    if (s) return emit(L, m, s);
+    if (finished(m)) {
+      if (!m->ierr) progress(L, m, 1);
+      if (m->close_req) return 0;
+      stop(m, 0);
+      if (m->ierr) { /* every item pulled is delivered: now the error */
+        m->ierr = 2;   /* and the map counts as stopped, not as over */
+        lua_getiuservalue(L, m->self, U_IERR);
+        return lua_error(L);
+      }
+      m->state = M_DONE;
+      return 0;
+    }
+    pump(L, m, 1);
+    progress(L, m, 0);
+  }
+}
+
+/* Interrupts: lua.c's Ctrl-C sets a hook that runs at the next Lua call;
+   collect runs no Lua while results stream in, so it calls one every so
+   many items. */
+#define HOOK_EVERY 1024
+
+/* step_body(map[, table]): advance once, or with a table collect into it
+   (collect's loop, all under one protected call). */
+static int step_body(lua_State *L) {
+  Map *m = (Map *)lua_touserdata(L, 1);
+  unsigned k = 0;
+  m->self = 1;
+  if (lua_gettop(L) < 2) return advance(L, m);
+  for (;;) {
+    lua_Integer i;
+    int n;
+    lua_settop(L, 2);
+    if (++k % HOOK_EVERY == 0) parmap_run_hooks(L);
+    if ((n = advance(L, m)) == 0) break;
+    i = lua_tointeger(L, -n); /* the top n values: index, results... */
+    if (n > 1) {
+      lua_settop(L, lua_gettop(L) - n + 2);
+      lua_rawseti(L, 2, i);
+    }
+    if (i > m->last) m->last = i;
+  }
+  lua_settop(L, 2);
+  lua_pushinteger(L, m->last);
+  return 2;
+}
+
+/* Run step_body for the map at index 1 (and collect's table at 2). The
+   engine runs protected, with the map busy: a callback (progress, the
+   items iterator, make_error), a finalizer or a hook that steps this map
+   again gets an error, and one that closes it is obeyed once the step is
+   out. An error stops the map (reaping its workers) and goes on up. */
+static int step(lua_State *L, Map *m, int nargs) {
+  int top, status;
+  if (m->busy)
+    return luaL_error(L, "parmap: map is busy (stepped from inside its own "
+                         "step: a progress callback, the items iterator, a "
+                         "finalizer or a hook)");
+  if (m->state != M_RUNNING) {
+    if (m->state == M_CLOSED && (!finished(m) || m->ierr))
+      return luaL_error(L, "parmap: the map was stopped");
+    if (nargs == 2) { /* collect on a map that is over: nothing more */
+      lua_settop(L, 2);
+      lua_pushinteger(L, m->last);
+      return 2;
+    }
+    return 0;
+  }
+  top = lua_gettop(L) - nargs; /* below the map */
+  lua_pushcfunction(L, step_body);
+  lua_rotate(L, top + 1, 1);
+  m->busy = 1;
+  status = lua_pcall(L, nargs, LUA_MULTRET, 0);
+  m->busy = 0;
+  if (m->close_req) { /* closed from inside: the map ends here */
+    m->close_req = 0;
+    stop(m, 1);
+    m->state = M_DONE;
+    lua_settop(L, top);
+    if (nargs == 2) { /* collect: the table (below the call) so far */
+      lua_pushvalue(L, 2);
+      lua_pushinteger(L, m->last);
+      return 2;
+    }
+    return 0;
+  }
+  if (status != LUA_OK) {
+    stop(m, 1); /* the map cannot go on: it would lose or garble items */
+    return lua_error(L);
+  }
+  return lua_gettop(L) - top;
+}
+
+/* next(map): the iterator of a generic for. The most common record, a
+   number (or boolean, nil) not last in its slot, is taken without a
+   protected call: decoding it allocates nothing, so no user code (a
+   finalizer) can run meanwhile and nothing can raise. */
+static int map_next(lua_State *L) {
+  Map *m = checkmap(L, 1);
+  Slot *s;
+  if (!m->busy && m->state == M_RUNNING && !m->close_req &&
+      (s = ready(m)) != NULL && s->consumed + 1 < s->count &&
+      s->rpos < s->out.len && s->out.p[s->rpos] == (char)REC_OK) {
+    size_t pos = s->rpos + 1;
+    lua_pushinteger(L, s->start + s->consumed);
+    if (parmap_decode_plain(L, s->out.p, s->out.len, &pos)) {
+      s->rpos = pos;
+      s->consumed++;
+      m->taken++; /* as emit does */
+      return 2;
+    }
+    lua_pop(L, 1);
+  }
+  lua_settop(L, 1); /* the control value goes */
+  return step(L, m, 1);
+}
+
+/* collect(map): a table t with t[i] = the first value of item i, and the
+   highest index. parmap.map without a Lua loop per item. */
+static int map_collect(lua_State *L) {
+  Map *m = checkmap(L, 1);
+  lua_Integer total = m->cfg.total;
+  lua_settop(L, 1);
+  lua_createtable(L, total > 0 && total < COLLECT_PREALLOC ? (int)total : 0,
+                  0);
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, 2);
+  return step(L, m, 2); /* map, t | map, t: step_body's arguments */
+}
+
+/* ---------------------------------------------------------------- start */
+
+/* A small integer option of the spec (a flag, a mode): d when absent. */
+/* The options of a spec, checked and clamped so that no size computation
+   can overflow: N to PARMAP_MAX_WORKERS and to the item count of a table
+   input, chunksize to PARMAP_MAX_CHUNK, args.n at most PARMAP_MAX_ARGS. */
+static void read_config(lua_State *L, Config *c) {
+  lua_Integer n;
+  CallSpec cs;
+  parmap_read_call(L, 1, &cs);
+  c->star = cs.star;
+  c->kwstar = cs.kwstar;
+  c->has_kw = cs.has_kw;
+  c->nargs = cs.nargs;
+  c->from_table = parmap_boolfield(L, 1, "from_table", 0);
+  c->ordered = parmap_boolfield(L, 1, "ordered", 1);
+  c->total = parmap_countfield(L, 1, "total", "total", 0, -1);
+  if (c->from_table && c->total < 0) c->total = 0;
+  c->chunksize = parmap_countfield(L, 1, "chunksize", "chunksize", 1, 0);
+  if (c->chunksize > PARMAP_MAX_CHUNK) c->chunksize = PARMAP_MAX_CHUNK;
+  c->maxtasks = parmap_countfield(L, 1, "maxtasks", "maxtasks", 1, 0);
+  n = parmap_countfield(L, 1, "N", "N", 1, 1);
+  if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
+  if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;
+  c->N = (int)n;
+  c->buffersize = parmap_countfield(L, 1, "buffersize", "buffersize", 1, 0);
+  if (c->buffersize == 0) c->buffersize = (lua_Integer)BUFFER_PER_WORKER * c->N;
+  if (lua_getfield(L, 1, "timeout") != LUA_TNIL) {
+    lua_Number t = lua_tonumber(L, -1);
+    if (lua_type(L, -1) != LUA_TNUMBER || !(t > 0))
+      luaL_error(L, "parmap: bad option 'timeout' (positive number of "
+                 "seconds expected, got %s)", luaL_tolstring(L, -1, NULL));
+    c->timeout = t > 1e9 ? 0 : (double)t; /* past 30 years: none */
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, 1, "seed") != LUA_TNIL) {
+    int isnum;
+    c->seed = lua_tointegerx(L, -1, &isnum);
+    if (!isnum || lua_type(L, -1) != LUA_TNUMBER)
+      luaL_error(L, "parmap: bad option 'seed' (integer expected, got %s)",
+                 luaL_tolstring(L, -1, NULL));
+    c->has_seed = 1;
+  }
+  lua_pop(L, 1);
+}
+
+/* Spec field k as user value u: of Lua type `type` (LUA_TNONE: any), or
+   nil too when optional. */
+static void uvfield(lua_State *L, int ud, const char *k, int u, int type,
+                    int optional) {
+  parmap_pushfield(L, 1, k, type, optional);
+  lua_setiuservalue(L, ud, u);
+}
+
+/* The first dispatch of start, run protected: nothing holds the map yet,
+   so workers forked before the iterator raised must be stopped here. */
+static int first_dispatch(lua_State *L) {
+  Map *m = checkmap(L, 1);
+  m->self = 1;
+  dispatch(L, m);
+  return 0;
+}
+
+/* core.start(spec): fork and hand out the first work; returns the map. */
+static int map_start(lua_State *L) {
+  Map *m;
+  int ud, i;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  m = (Map *)lua_newuserdatauv(L, sizeof(Map), U_COUNT);
+  memset(m, 0, sizeof *m);
+  m->magic = MAP_MAGIC;
+  m->state = M_CLOSED; /* until it is whole: __gc is then harmless */
+  luaL_setmetatable(L, MAP_MT);
+  ud = lua_gettop(L);
+  m->self = ud;
+  m->owner = getpid();
+  m->cur = -1;
+  read_config(L, &m->cfg);
+  /* callables (fn, items, progress, init, finish) are checked in Lua */
+  uvfield(L, ud, "fn", U_FN, LUA_TNONE, 0);
+  uvfield(L, ud, "items", U_ITEMS,
+          m->cfg.from_table ? LUA_TTABLE : LUA_TNONE, 0);
+  uvfield(L, ud, "args", U_ARGS, LUA_TTABLE, m->cfg.nargs == 0);
+  uvfield(L, ud, "kwargs", U_KW, LUA_TTABLE, 1);
+  uvfield(L, ud, "progress", U_PROGRESS, LUA_TNONE, 0);
+  uvfield(L, ud, "fail", U_FAIL, LUA_TFUNCTION, 0);
+  uvfield(L, ud, "describe", U_DESC, LUA_TFUNCTION, 0);
+  uvfield(L, ud, "init", U_INIT, LUA_TNONE, 0);
+  uvfield(L, ud, "finish", U_FINISH, LUA_TNONE, 0);
+  lua_newtable(L);
+  lua_setiuservalue(L, ud, U_SCRATCH);
+  m->nw = m->cfg.N;
+  m->nslots = m->cfg.N * WINDOW_PER_WORKER;
+  m->w = (Worker *)calloc((size_t)m->cfg.N, sizeof *m->w);
+  m->slots = (Slot *)calloc((size_t)m->nslots, sizeof *m->slots);
+  m->ring = (int *)calloc((size_t)m->nslots, sizeof *m->ring);
+  m->pfd = (struct pollfd *)calloc((size_t)m->cfg.N, sizeof *m->pfd);
+  m->pfd_w = (int *)calloc((size_t)m->cfg.N, sizeof *m->pfd_w);
+  m->shm_size = sizeof(Shm) * (size_t)m->cfg.N;
+  m->shm = (Shm *)mmap(NULL, m->shm_size, PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (m->shm == MAP_FAILED) m->shm = NULL;
+  if (!m->w || !m->slots || !m->ring || !m->pfd || !m->pfd_w || !m->shm) nomem(L);
+  for (i = 0; i < m->cfg.N; i++) m->w[i].fd = -1;
+  m->next_index = 1;
+  m->state = M_RUNNING;
+  if (m->cfg.from_table && m->cfg.total == 0) m->exhausted = 1;
+  lua_pushcfunction(L, first_dispatch);
+  lua_pushvalue(L, ud);
+  m->busy = 1;
+  i = lua_pcall(L, 1, 0, 0);
+  m->busy = 0;
+  if (i != LUA_OK) { /* the error value, unchanged */
+    stop(m, 1);
+    return lua_error(L);
+  }
+  if (m->close_req) { /* closed by a callback already: it ends at once */
+    m->close_req = 0;
+    stop(m, 1);
+    m->state = M_DONE;
+  }
+  m->self = ud;
+  lua_settop(L, ud);
+  return 1;
+}
+
+/* ---------------------------------------------------------------- module */
+
+void parmap_map_register(lua_State *L) {
+  static const luaL_Reg meta[] = {
+      {"__gc", map_gc}, {"__close", map_close}, {NULL, NULL}};
+  static const luaL_Reg methods[] = {
+      {"close", map_close}, {NULL, NULL}};
+  if (luaL_newmetatable(L, MAP_MT)) {
+    luaL_setfuncs(L, meta, 0);
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushliteral(L, "parmap map");
+    lua_setfield(L, -2, "__name");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, map_start);
+  lua_setfield(L, -2, "start");
+  lua_pushcfunction(L, map_next);
+  lua_setfield(L, -2, "next");
+  lua_pushcfunction(L, map_collect);
+  lua_setfield(L, -2, "collect");
+}

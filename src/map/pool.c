@@ -1,0 +1,523 @@
+/*
+** map/pool.c: the workers of a map and their transport: forking, handing
+** out segments (dispatch), pump (poll, sends, reads), deaths, timeouts,
+** recycling (maxtasks), stopping. Part of src/map.c (one compilation unit).
+*/
+#include "internal.h"
+
+/* used before they are defined */
+static int send_more(Map *m, Worker *w);
+static void on_death(lua_State *L, Map *m, int wi);
+
+/* ---------------------------------------------------------------- workers */
+
+static void spawn_failed(lua_State *L, Map *m, int err) {
+  if (m->nlive > 0) { /* carry on with the workers we have */
+    m->cfg.N = m->nlive;
+    return;
+  }
+  luaL_error(L, "parmap: cannot start a worker: %s", strerror(err));
+}
+
+/* Fork worker wi. Returns 0, or -1 when the fork failed. */
+static int spawn(lua_State *L, Map *m, int wi) {
+  Worker *w = &m->w[wi];
+  int fd;
+  pid_t pid;
+  memset(&m->shm[wi], 0, sizeof m->shm[wi]);
+  pid = parmap_child_spawn(&fd);
+  if (pid < 0) return -1;
+  if (pid == 0) {
+    parmap_worker_main(L, m->self, &m->cfg, &m->shm[wi], fd, wi + 1, m->nw);
+    parmap_child_exit(PARMAP_EXIT_INTERNAL); /* not reached */
+  }
+  memset(w, 0, sizeof *w);
+  w->pid = pid;
+  w->fd = fd;
+  m->nlive++;
+  return 0;
+}
+
+static int depth(Map *m) {
+  /* long chunks gain nothing from a queue, and strand work at the end */
+  return (m->item_ns * (double)m->last_size > 4 * TARGET_NS) ? 1 : DEPTH;
+}
+
+/* maxtasks: w was handed all the items it may run. */
+static int spent(const Map *m, const Worker *w) {
+  return m->cfg.maxtasks > 0 && w->handed >= m->cfg.maxtasks;
+}
+
+/* maxtasks: a worker that was handed its last item and sent its result
+   goes (its socket closed: it runs finish and exits); dispatch forks a
+   fresh process in its place, under the same number, for further work. */
+static void recycle(Map *m) {
+  int i, k = 0, st;
+  if (m->cfg.maxtasks <= 0) return;
+  for (i = 0; i < m->nretired; i++) /* reap those that are gone */
+    if (parmap_wait(m->retired[i], &st, 0) == 0)
+      m->retired[k++] = m->retired[i];
+  m->nretired = k;
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    if (w->fd >= 0 && w->qn == 0 && spent(m, w)) {
+      parmap_fd_close(w->fd);
+      w->fd = -1;
+      m->nlive--;
+      if (m->nretired == m->retired_cap) { /* else free_entry reaps it */
+        int cap = m->retired_cap ? 2 * m->retired_cap : 8;
+        pid_t *p = (pid_t *)realloc(m->retired, (size_t)cap * sizeof *p);
+        if (p == NULL) continue;
+        m->retired = p;
+        m->retired_cap = cap;
+      }
+      /* its entry is free at once: the replacement need not wait for its
+         finish; stop reaps it */
+      m->retired[m->nretired++] = w->pid;
+      w->pid = 0;
+    }
+  }
+}
+
+/* A worker to give a segment to: an idle one, a new one, or one with room.
+   Returns its index, -2 when one must be forked, -1 when none can take. */
+static int pick_worker(Map *m) {
+  int i, best = -1, d = depth(m);
+  for (i = 0; i < m->nw; i++)
+    if (m->w[i].fd >= 0 && m->w[i].qn == 0 && !spent(m, &m->w[i])) return i;
+  if (m->nlive < m->cfg.N) return -2;
+  for (i = 0; i < m->nw; i++)
+    if (m->w[i].fd >= 0 && m->w[i].qn < d && !spent(m, &m->w[i]) &&
+        (best < 0 || m->w[i].qn < m->w[best].qn))
+      best = i;
+  return best;
+}
+
+static void assign(Map *m, int wi, Slot *s) {
+  Worker *w = &m->w[wi];
+  Seg *g = &w->q[w->qn++];
+  lua_Integer end = s->start + s->count, stop = next_failure(s, s->next, NULL);
+  g->slot = (int)(s - m->slots);
+  g->from = s->next;
+  g->to = (stop > 0 && stop < end) ? stop : end;
+  if (m->cfg.maxtasks > 0 && g->to - g->from > m->cfg.maxtasks - w->handed)
+    g->to = g->from + (m->cfg.maxtasks - w->handed); /* its last items */
+  w->handed += g->to - g->from;
+  s->next = g->to;
+  s->busy = 1;
+}
+
+/* An entry for a new worker (nlive < N <= nw, so one exists): a free one,
+   else one whose retired worker is reaped now (it is exiting anyway). */
+static int free_entry(Map *m) {
+  int i, st;
+  for (i = 0; i < m->nw; i++)
+    if (!m->w[i].pid) return i;
+  for (i = 0; m->w[i].fd >= 0; i++) {
+  }
+  parmap_wait(m->w[i].pid, &st, -1);
+  m->w[i].pid = 0;
+  return i;
+}
+
+/* With nothing left to hand out, let idle workers go: they exit while the
+   loop still consumes results, instead of in its last call. A worker is
+   live while its fd is open; retired ones keep their pid until reaped. */
+static void retire_idle(Map *m) {
+  int i;
+  if (!m->exhausted) return;
+  for (i = 0; i < m->nslots; i++) {
+    const Slot *s = &m->slots[i];
+    if (s->used && s->next < s->start + s->count) return;
+  }
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    if (w->fd >= 0 && w->qn == 0) {
+      parmap_fd_close(w->fd);
+      w->fd = -1;
+      m->nlive--;
+    }
+  }
+}
+
+static void dispatch(lua_State *L, Map *m) {
+  recycle(m);
+  for (;;) {
+    Slot *s;
+    int wi = pick_worker(m);
+    if (wi == -1) return;
+    if ((s = work_slot(L, m)) == NULL) return;
+    if (wi == -2) {
+      int i;
+      /* a pending Ctrl-C (lua.c's hook) raises here, not in the child */
+      parmap_run_hooks(L);
+      i = free_entry(m);
+      if (spawn(L, m, i)) {
+        spawn_failed(L, m, errno);
+        if ((wi = pick_worker(m)) < 0) return; /* s waits, unassigned */
+      } else {
+        wi = i;
+      }
+    }
+    assign(m, wi, s);
+    /* send now: a socket with room needs no poll first */
+    if (m->w[wi].nsent == m->w[wi].qn - 1 && send_more(m, &m->w[wi]) < 0)
+      on_death(L, m, wi);
+  }
+}
+
+/* ---------------------------------------------------------------- deaths */
+
+static void on_death(lua_State *L, Map *m, int wi) {
+  Worker *w = &m->w[wi];
+  char how[160], msg[400];
+  int st = 0, r, k;
+  int64_t cur = __atomic_load_n(&m->shm[wi].cur, __ATOMIC_ACQUIRE);
+  lua_Integer bad = 0;
+  pid_t pid = w->pid;
+  parmap_fd_close(w->fd);
+  w->fd = -1;
+  if (w->exited) {
+    r = w->lost ? -1 : 1;
+    st = w->status;
+  } else {
+    r = parmap_wait(w->pid, &st, 1000);
+  }
+  if (r == 0) { /* it closed its socket but lives on: stop it */
+    kill(w->pid, SIGKILL);
+    r = parmap_wait(w->pid, &st, -1);
+  }
+  parmap_child_how(how, sizeof how, r != 1, st);
+  m->nlive--;
+  for (k = 0; k < w->qn; k++) {
+    lua_Integer open = seg_first_open(m, w, k);
+    if (cur >= open && cur < w->q[k].to) bad = (lua_Integer)cur;
+  }
+  if (w->qn > 0 && bad == 0) bad = seg_first_open(m, w, 0);
+  for (k = 0; k < w->qn; k++) {
+    Slot *s = &m->slots[w->q[k].slot];
+    lua_Integer open = seg_first_open(m, w, k);
+    s->next = open;
+    unbusy(m, s);
+    if (bad >= open && bad < w->q[k].to) {
+      if (w->timed_out)
+        snprintf(msg, sizeof msg,
+                 "item %lld timed out after %g s (worker %d was killed)",
+                 (long long)bad, m->cfg.timeout, (int)w->pid);
+      else
+        snprintf(msg, sizeof msg, "worker %d %s while running item %lld",
+                 (int)w->pid, how, (long long)bad);
+      lua_pushstring(L, msg);
+      add_failure(L, m, s, bad, w->timed_out ? "timeout" : "died", msg,
+                  w->pid);
+    }
+  }
+  {
+    int intr = r == 1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGINT &&
+               !w->timed_out;
+    /* a worker that never got to run an item: the next would fare alike */
+    if (!w->delivered && cur == 0 && !w->timed_out)
+      m->stillborn++;
+    else
+      m->stillborn = 0;
+    memset(w, 0, sizeof *w);
+    w->fd = -1;
+    if (intr) { /* Ctrl-C on the process group: not a reason to fork again */
+      parmap_run_hooks(L); /* lua.c's hook raises "interrupted!" here */
+      luaL_error(L, "parmap: worker %d was interrupted (SIGINT)", (int)pid);
+    }
+    if (m->stillborn > m->nw + 2)
+      luaL_error(L, "parmap: %d workers in a row died before running any "
+                    "item (the last one %s)", m->stillborn, how);
+  }
+}
+
+/* ---------------------------------------------------------------- i/o */
+
+/* Send what can be sent. Returns -1 if the worker is gone. */
+static int send_more(Map *m, Worker *w) {
+  while (w->nsent < w->qn) {
+    Seg *g = &w->q[w->nsent];
+    Slot *s = &m->slots[g->slot];
+    const char *body = NULL;
+    size_t blen = 0, total;
+    ssize_t r;
+    if (!m->cfg.from_table) {
+      body = s->in.p + s->offs[g->from - s->start];
+      blen = s->offs[g->to - s->start] - s->offs[g->from - s->start];
+    }
+    if (w->sent == 0) {
+      w->shdr.magic = MAGIC_TASK;
+      w->shdr.count = (uint32_t)seg_len(g);
+      w->shdr.from = (int64_t)g->from;
+      w->shdr.bodylen = blen;
+      w->shdr.reserved = 0;
+    }
+    total = FRAME_HDR + blen;
+    if (w->sent < FRAME_HDR)
+      r = parmap_send_some(w->fd, (char *)&w->shdr + w->sent,
+                           FRAME_HDR - w->sent, body, blen);
+    else
+      r = parmap_send_some(w->fd, NULL, 0, body + (w->sent - FRAME_HDR),
+                           total - w->sent);
+    if (r < 0) return -1;
+    if (r == 0) return 0;
+    if (w->nsent == 0 && w->due == 0 && m->cfg.timeout > 0)
+      w->due = parmap_now_ns(); /* timeouts: due from its first bytes */
+    w->sent += (size_t)r;
+    if (w->sent == total) {
+      w->nsent++;
+      w->sent = 0;
+    }
+  }
+  return 0;
+}
+
+static void protocol_error(lua_State *L, Worker *w, const char *what) {
+  luaL_error(L, "parmap: protocol error from worker %d: %s", (int)w->pid,
+             what);
+}
+
+/* A FLAG_INIT frame: w's init raised. Its record (REC_ERR, then kind, err,
+   message, traceback, pid) is p[0..len). No item ran there, so the map
+   cannot go on as asked: stop it, and hand the record with the worker's
+   number to the policy (which raises an error object of kind "init"). */
+static void init_error(lua_State *L, Map *m, Worker *w, const char *p,
+                       size_t len) {
+  int base = lua_gettop(L), id = (int)(w - m->w) + 1, n, k;
+  size_t pos = 1;
+  const char *err = NULL;
+  if (len < 1 || p[0] != (char)REC_ERR)
+    protocol_error(L, w, "bad init error record");
+  luaL_checkstack(L, 12, NULL);
+  lua_getiuservalue(L, m->self, U_SCRATCH);
+  n = parmap_decode(L, p, len, &pos, base + 1, &err);
+  if (n != 5 || lua_type(L, base + 2) != LUA_TSTRING ||
+      lua_type(L, base + 4) != LUA_TSTRING)
+    protocol_error(L, w, "bad init error record");
+  stop(m, 1);
+  lua_getiuservalue(L, m->self, U_FAIL);
+  lua_pushnil(L); /* no item */
+  for (k = 2; k <= 6; k++) lua_pushvalue(L, base + k);
+  lua_pushinteger(L, id);
+  lua_call(L, 7, 1); /* fail(nil, "init", err, message, tb, pid, id) */
+  lua_error(L);
+}
+
+static void segment_done(Map *m, Worker *w, uint64_t elapsed) {
+  Seg *g = &w->q[0];
+  double per = (double)elapsed / (double)(seg_len(g) > 0 ? seg_len(g) : 1);
+  unbusy(m, &m->slots[g->slot]);
+  if (seg_len(g) > 0) m->item_ns = m->item_ns > 0 ? (m->item_ns + per) / 2 : per;
+  memmove(&w->q[0], &w->q[1], sizeof(Seg) * (size_t)(w->qn - 1));
+  w->qn--;
+  w->nsent--;
+  /* the next segment is due from now if it is (partly) sent already */
+  w->due = (m->cfg.timeout > 0 && w->qn > 0 && (w->nsent > 0 || w->sent > 0))
+               ? parmap_now_ns() : 0;
+}
+
+/* Read what has arrived. Returns 1 at end of file (the worker is gone). */
+static int recv_more(lua_State *L, Map *m, Worker *w) {
+  for (;;) {
+    Slot *s;
+    ssize_t r;
+    if (w->rhave < FRAME_HDR) {
+      r = parmap_recv_some(w->fd, (char *)&w->rhdr + w->rhave,
+                           FRAME_HDR - w->rhave);
+      if (r == -2) return 0;
+      if (r <= 0) return 1;
+      w->rhave += (size_t)r;
+      if (w->due) w->due = parmap_now_ns(); /* it delivers: not stuck */
+      if (w->rhave < FRAME_HDR) continue;
+      if (w->rhdr.magic != MAGIC_RESULT) protocol_error(L, w, "bad magic");
+      if (w->qn == 0 || (w->nsent == 0 && !(w->rhdr.flags & FLAG_INIT)))
+        protocol_error(L, w, "unasked result");
+      s = &m->slots[w->q[0].slot];
+      if ((lua_Integer)w->rhdr.nitems > w->q[0].to - (s->start + s->recv))
+        protocol_error(L, w, "too many results");
+      reserve(L, &s->out, (size_t)w->rhdr.bodylen);
+      w->rleft = w->rhdr.bodylen;
+    }
+    s = &m->slots[w->q[0].slot];
+    if (w->rleft > 0) {
+      size_t have = (size_t)(w->rhdr.bodylen - w->rleft);
+      r = parmap_recv_some(w->fd, s->out.p + s->out.len + have,
+                           (size_t)w->rleft);
+      if (r == -2) return 0;
+      if (r <= 0) return 1;
+      w->rleft -= (uint64_t)r;
+      if (w->due) w->due = parmap_now_ns();
+      if (w->rleft > 0) continue;
+    }
+    if (w->rhdr.flags & FLAG_INIT)
+      init_error(L, m, w, s->out.p + s->out.len, (size_t)w->rhdr.bodylen);
+    s->out.len += (size_t)w->rhdr.bodylen;
+    s->recv += w->rhdr.nitems;
+    if (w->rhdr.nitems > 0) {
+      w->delivered = 1;
+      m->stillborn = 0;
+    }
+    m->done += w->rhdr.nitems;
+    w->rhave = 0;
+    if (w->rhdr.flags & FLAG_END) {
+      if (s->start + s->recv != w->q[0].to)
+        protocol_error(L, w, "segment ended early");
+      segment_done(m, w, w->rhdr.elapsed_ns);
+    }
+  }
+}
+
+/* Timeouts watch the work a worker owes from the moment it is handed
+   over, not only while an item runs: the item running has its own start;
+   between items (cur = 0), the segment at the head of its queue is due
+   from the later of when its first bytes were sent (w->due) and when the
+   worker's previous segment ended (the worker writes that time to start
+   before clearing cur). A worker stopped while idle, or one whose queued
+   segment was read by fn off its socket, is thus killed in time too.
+   Kill (when `kill_them`) workers past their deadline; return ms to the
+   next deadline (-1: none). Only kill after reading what the sockets
+   hold: a segment's end frame may be waiting there. */
+static int check_timeouts(Map *m, int kill_them) {
+  uint64_t now = parmap_now_ns(), lim, next = 0;
+  int i;
+  if (m->cfg.timeout <= 0) return -1;
+  lim = (uint64_t)(m->cfg.timeout * 1e9); /* <= 1e18: map_start clamps */
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    int64_t c1, c2;
+    uint64_t start, base, left;
+    if (w->fd < 0 || w->qn == 0 || w->timed_out) continue;
+    c1 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
+    start = __atomic_load_n(&m->shm[i].start, __ATOMIC_ACQUIRE);
+    c2 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
+    if (c1 != c2 || start > now) {
+      base = now; /* it moves: look again later */
+    } else if (c1 != 0) {
+      base = start; /* an item runs */
+    } else if (w->due) {
+      base = w->due > start ? w->due : start; /* work it has not begun */
+    } else {
+      continue; /* nothing sent yet: it owes nothing */
+    }
+    if (now - base >= lim) {
+      if (kill_them) {
+        kill(w->pid, SIGKILL); /* still our unreaped child: safe */
+        w->timed_out = 1;
+        continue;
+      }
+      left = 0;
+    } else {
+      left = lim - (now - base);
+    }
+    if (next == 0 || left < next) next = left ? left : 1;
+  }
+  if (next == 0) return -1;
+  next = next / 1000000u + 1;
+  return next > EXIT_CHECK_MS ? EXIT_CHECK_MS : (int)next;
+}
+
+/* A worker's death shows as end of file on its socket, unless a process
+   that fn forked (without exec) holds the socket open: then the worker is
+   found by waitpid, every so often while the parent waits. All it sent is
+   in the socket by then: read it, then report the death. */
+
+static void check_exits(lua_State *L, Map *m) {
+  int i;
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    int st = 0, r;
+    if (w->fd < 0 || w->pid <= 0) continue;
+    r = parmap_wait(w->pid, &st, 0);
+    if (r == 0) continue;
+    w->exited = 1;
+    w->status = st;
+    w->lost = r < 0;
+    recv_more(L, m, w);
+    on_death(L, m, i);
+  }
+}
+
+/* One round: hand out work, wait for sockets (or not), move bytes. */
+static void pump(lua_State *L, Map *m, int block) {
+  int i, n = 0, r, timeout;
+  if (m->owner != getpid()) /* a forked copy: the workers and fds are not
+                               ours (the fd numbers may name other files) */
+    luaL_error(L, "parmap: a map cannot be stepped from a worker or child "
+               "process (it belongs to process %d)", (int)m->owner);
+  dispatch(L, m);
+  if (block && (ready(m) || finished(m))) block = 0; /* dispatch made some */
+  if (m->close_req) return; /* closed from a callback: step stops it */
+  timeout = block ? check_timeouts(m, 0) : 0;
+  if (block && (timeout < 0 || timeout > EXIT_CHECK_MS)) timeout = EXIT_CHECK_MS;
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    if (w->fd < 0) continue;
+    m->pfd[n].fd = w->fd;
+    m->pfd[n].events = POLLIN | (w->nsent < w->qn ? POLLOUT : 0);
+    m->pfd[n].revents = 0;
+    m->pfd_w[n++] = i;
+  }
+  if (n == 0) { /* fine while records wait to be consumed */
+    if (block) luaL_error(L, "parmap: no worker left and none can be started");
+    return;
+  }
+  if (block) { /* waiting with nothing out would hang: say so instead */
+    int out = 0;
+    for (i = 0; i < m->nw; i++) out += m->w[i].qn;
+    if (out == 0) luaL_error(L, "parmap: internal error: the map stalled");
+  }
+  r = poll(m->pfd, (nfds_t)n, timeout);
+  if (r < 0) {
+    if (errno != EINTR) luaL_error(L, "parmap: poll: %s", strerror(errno));
+    parmap_run_hooks(L); /* a signal: lua.c's Ctrl-C hook runs now */
+    return;
+  }
+  for (i = 0; i < n; i++) {
+    Worker *w = &m->w[m->pfd_w[i]];
+    int dead = 0;
+    if (m->pfd[i].revents & POLLOUT) dead = send_more(m, w) < 0;
+    if (m->pfd[i].revents & (POLLIN | POLLHUP | POLLERR))
+      dead = recv_more(L, m, w) || dead;
+    if (dead) on_death(L, m, m->pfd_w[i]);
+  }
+  if (m->cfg.timeout > 0) check_timeouts(m, 1);
+  /* a signal that came between two polls (no EINTR), or while results
+     stream in (poll never waits): lua.c's Ctrl-C hook runs now */
+  if (block) parmap_run_hooks(L);
+  if (block) {
+    uint64_t now = parmap_now_ns();
+    if (now - m->exit_check >= (uint64_t)EXIT_CHECK_MS * 1000000u) {
+      m->exit_check = now;
+      check_exits(L, m);
+    }
+  }
+  retire_idle(m);
+}
+
+static void stop(Map *m, int kill_them) {
+  int i, st;
+  if (m->state == M_CLOSED) return;
+  if (m->state != M_DONE) m->state = M_CLOSED; /* an ended map stays so */
+  if (m->owner != getpid()) return; /* a worker's copy: not its children */
+  if (m->w == NULL) return;
+  for (i = 0; i < m->nw; i++) {
+    parmap_fd_close(m->w[i].fd);
+    m->w[i].fd = -1;
+  }
+  for (i = 0; i < m->nw; i++) {
+    pid_t pid = m->w[i].pid;
+    if (!pid) continue;
+    if (kill_them && parmap_wait(pid, &st, 0) == 0) kill(pid, SIGKILL);
+    parmap_wait(pid, &st, -1);
+    m->w[i].pid = 0;
+  }
+  for (i = 0; i < m->nretired; i++) { /* recycled: running finish, or gone */
+    if (kill_them && parmap_wait(m->retired[i], &st, 0) == 0)
+      kill(m->retired[i], SIGKILL);
+    parmap_wait(m->retired[i], &st, -1);
+  }
+  m->nretired = 0;
+  m->nlive = 0;
+  release(m); /* nothing reads the slots once stopped */
+}
