@@ -73,9 +73,7 @@ static int core_caller(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   cs = (CallSpec *)lua_newuserdatauv(L, sizeof *cs, 0);
   parmap_read_call(L, 1, cs);
-  parmap_pushfield(L, 1, "fn", LUA_TNONE, 0); /* a callable: checked in Lua */
-  parmap_pushfield(L, 1, "args", LUA_TTABLE, cs->nargs == 0);
-  parmap_pushfield(L, 1, "kwargs", LUA_TTABLE, 1);
+  parmap_push_callvalues(L, 1, "fn", cs->nargs);
   lua_pushcclosure(L, core_call, 4);
   return 1;
 }

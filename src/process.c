@@ -471,11 +471,12 @@ static int p_tostring(lua_State *L) {
   return 1;
 }
 
-static void uvfield(lua_State *L, int ud, const char *name, int uv,
-                    int type, int optional) {
-  parmap_pushfield(L, 1, name, type, optional);
-  lua_setiuservalue(L, ud, uv);
-}
+/* A spec's fields kept as user values (besides the call's). */
+static const int CALL_UV[3] = {PV_TARGET, PV_ARGS, PV_KW};
+static const ParmapField FIELDS[] = {{"make_error", PV_MKERR, LUA_TFUNCTION, 0},
+                                     {"describe", PV_DESC, LUA_TFUNCTION, 0},
+                                     {"fail", PV_FAIL, LUA_TFUNCTION, 0},
+                                     {NULL, 0, 0, 0}};
 
 /* core.process(spec): a ReturnProcess, not started. spec: target, args,
    nargs, kwargs, has_kw, make_error, describe, fail. */
@@ -493,14 +494,8 @@ static int p_new(lua_State *L) {
   parmap_read_call(L, 1, &cs);
   p->nargs = cs.nargs;
   p->has_kw = cs.has_kw;
-  uvfield(L, ud, "target", PV_TARGET, LUA_TNONE, 0); /* checked in Lua */
-  uvfield(L, ud, "args", PV_ARGS, LUA_TTABLE, p->nargs == 0);
-  uvfield(L, ud, "kwargs", PV_KW, LUA_TTABLE, 1);
-  uvfield(L, ud, "make_error", PV_MKERR, LUA_TFUNCTION, 0);
-  uvfield(L, ud, "describe", PV_DESC, LUA_TFUNCTION, 0);
-  uvfield(L, ud, "fail", PV_FAIL, LUA_TFUNCTION, 0);
-  lua_newtable(L);
-  lua_setiuservalue(L, ud, PV_SCRATCH);
+  parmap_setfields(L, 1, ud, "target", p->nargs, CALL_UV, FIELDS,
+                   PV_SCRATCH);
   return 1;
 }
 

@@ -78,6 +78,44 @@ static inline void parmap_pushfield(lua_State *L, int t, const char *k,
                lua_typename(L, type), luaL_typename(L, -1));
 }
 
+/* A spec field kept as a user value of the object being built. */
+typedef struct ParmapField {
+  const char *name;
+  int uv;       /* user value number */
+  int type;     /* its Lua type; LUA_TNONE: any (callables are checked
+                   in Lua) */
+  int optional; /* nil is fine too */
+} ParmapField;
+
+/* Push the three values of a call from the table at t: the function
+   (field fname; a callable, checked in Lua), args (a table; nil too when
+   nargs is 0) and kwargs (a table or nil). */
+static inline void parmap_push_callvalues(lua_State *L, int t,
+                                          const char *fname, int nargs) {
+  parmap_pushfield(L, t, fname, LUA_TNONE, 0);
+  parmap_pushfield(L, t, "args", LUA_TTABLE, nargs == 0);
+  parmap_pushfield(L, t, "kwargs", LUA_TTABLE, 1);
+}
+
+/* The user values of an object built from the spec at t (at ud): the
+   call's values (parmap_push_callvalues) as user values call_uv[0..2],
+   each field of `rest` (up to a NULL name) checked, and a fresh scratch
+   table for the codec as user value scratch_uv. */
+static inline void parmap_setfields(lua_State *L, int t, int ud,
+                                    const char *fname, int nargs,
+                                    const int call_uv[3],
+                                    const ParmapField *rest, int scratch_uv) {
+  int k;
+  parmap_push_callvalues(L, t, fname, nargs);
+  for (k = 2; k >= 0; k--) lua_setiuservalue(L, ud, call_uv[k]);
+  for (; rest->name != NULL; rest++) {
+    parmap_pushfield(L, t, rest->name, rest->type, rest->optional);
+    lua_setiuservalue(L, ud, rest->uv);
+  }
+  lua_newtable(L);
+  lua_setiuservalue(L, ud, scratch_uv);
+}
+
 /* The star modes, as they cross (STAR_FALSE, STAR_TRUE, STAR_NONE). */
 static const char *const parmap_star_modes[] = {"false", "true", "none", NULL};
 

@@ -250,6 +250,17 @@ function C.constructor(level, who, fname, f, opts)
   end
 end
 
+-- spec[name] = opts[name], a positive integer when given (for map_spec, at
+-- its level).
+local function positive(level, spec, opts, name)
+  local v = opts[name]
+  if v == nil then return end
+  spec[name] = integer(v)
+  if not spec[name] or spec[name] < 1 then
+    bad(level + 1, name, "positive integer", v)
+  end
+end
+
 -- Check a map's arguments; return the spec core.start takes. extra: how
 -- many arguments came after opts.
 function C.map_spec(level, fn, items, opts, extra)
@@ -332,13 +343,7 @@ function C.map_spec(level, fn, items, opts, extra)
     spec.chunksize = c
   end
 
-  local buffersize = opts.buffersize
-  if buffersize ~= nil then
-    spec.buffersize = integer(buffersize)
-    if not spec.buffersize or spec.buffersize < 1 then
-      bad(level, "buffersize", "positive integer", buffersize)
-    end
-  end -- nil: the engine's default
+  positive(level, spec, opts, "buffersize") -- nil: the engine's default
 
   local ordered = opts.ordered
   if ordered ~= nil and type(ordered) ~= "boolean" then
@@ -386,13 +391,7 @@ function C.map_spec(level, fn, items, opts, extra)
     spec[name] = f
   end
 
-  local maxtasks = opts.maxtasks
-  if maxtasks ~= nil then
-    spec.maxtasks = integer(maxtasks)
-    if not spec.maxtasks or spec.maxtasks < 1 then
-      bad(level, "maxtasks", "positive integer", maxtasks)
-    end
-  end
+  positive(level, spec, opts, "maxtasks")
   return spec
 end
 

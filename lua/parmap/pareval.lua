@@ -2,15 +2,15 @@
 -- parallel chunks of its array. Private to parmap: lua/parmap.lua requires
 -- it and passes its parmap function.
 
-local core = require "parmap.core"
 local Check = require "parmap.check"
 local Errors = require "parmap.errors"
+local integer, shown, typename = Check.integer, Check.shown, Check.typename
+local ncpu = require("parmap.core").ncpu
 Errors.own()
 
 local error, type, next, setmetatable, tostring, select =
   error, type, next, setmetatable, tostring, select
 local format, move = string.format, table.move
-local integer, shown, typename = Check.integer, Check.shown, Check.typename
 
 local WHO = "parmap.ParEval"
 local OWN = { n_chunks = true, n_eval = true, n_min = true }
@@ -68,7 +68,7 @@ return function(parmap)
     if self.n_chunks and self.n_eval then
       bad("give n_chunks or n_eval, not both")
     end
-    if not self.n_chunks and not self.n_eval then self.n_chunks = core.ncpu() end
+    if not self.n_chunks and not self.n_eval then self.n_chunks = ncpu() end
     self.n_min = self.n_min or 0
     Check.map_spec(2, fun, {}, popts) -- the parmap options, checked now
     popts.chunksize = 1

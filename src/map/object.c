@@ -296,13 +296,15 @@ static void read_config(lua_State *L, Config *c) {
   lua_pop(L, 1);
 }
 
-/* Spec field k as user value u: of Lua type `type` (LUA_TNONE: any), or
-   nil too when optional. */
-static void uvfield(lua_State *L, int ud, const char *k, int u, int type,
-                    int optional) {
-  parmap_pushfield(L, 1, k, type, optional);
-  lua_setiuservalue(L, ud, u);
-}
+/* A spec's fields kept as user values (besides items and the call's). */
+static const int CALL_UV[3] = {U_FN, U_ARGS, U_KW};
+static const ParmapField FIELDS[] = {
+    {"progress", U_PROGRESS, LUA_TNONE, 0}, /* callables: checked in Lua */
+    {"fail", U_FAIL, LUA_TFUNCTION, 0},
+    {"describe", U_DESC, LUA_TFUNCTION, 0},
+    {"init", U_INIT, LUA_TNONE, 0},
+    {"finish", U_FINISH, LUA_TNONE, 0},
+    {NULL, 0, 0, 0}};
 
 /* The first dispatch of start, run protected: nothing holds the map yet,
    so workers forked before the iterator raised must be stopped here. */
@@ -328,19 +330,10 @@ static int map_start(lua_State *L) {
   m->owner = getpid();
   m->cur = -1;
   read_config(L, &m->cfg);
-  /* callables (fn, items, progress, init, finish) are checked in Lua */
-  uvfield(L, ud, "fn", U_FN, LUA_TNONE, 0);
-  uvfield(L, ud, "items", U_ITEMS,
-          m->cfg.from_table ? LUA_TTABLE : LUA_TNONE, 0);
-  uvfield(L, ud, "args", U_ARGS, LUA_TTABLE, m->cfg.nargs == 0);
-  uvfield(L, ud, "kwargs", U_KW, LUA_TTABLE, 1);
-  uvfield(L, ud, "progress", U_PROGRESS, LUA_TNONE, 0);
-  uvfield(L, ud, "fail", U_FAIL, LUA_TFUNCTION, 0);
-  uvfield(L, ud, "describe", U_DESC, LUA_TFUNCTION, 0);
-  uvfield(L, ud, "init", U_INIT, LUA_TNONE, 0);
-  uvfield(L, ud, "finish", U_FINISH, LUA_TNONE, 0);
-  lua_newtable(L);
-  lua_setiuservalue(L, ud, U_SCRATCH);
+  parmap_pushfield(L, 1, "items", m->cfg.from_table ? LUA_TTABLE : LUA_TNONE,
+                   0);
+  lua_setiuservalue(L, ud, U_ITEMS);
+  parmap_setfields(L, 1, ud, "fn", m->cfg.nargs, CALL_UV, FIELDS, U_SCRATCH);
   m->nw = m->cfg.N;
   m->nslots = m->cfg.N * WINDOW_PER_WORKER;
   m->w = (Worker *)calloc((size_t)m->cfg.N, sizeof *m->w);
