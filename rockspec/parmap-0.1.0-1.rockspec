@@ -41,7 +41,8 @@ build = {
       ["parmap.returnprocess"] = "lua/parmap/returnprocess.lua",
       ["parmap.core"] = {
          sources = {
-            "src/buf.c", "src/codec.c", "src/proc.c", "src/child.c", "src/worker.c",
+            "src/buf.c", "src/codec.c", "src/proc.c", "src/child.c", "src/call.c",
+            "src/worker.c",
             "src/map.c", "src/process.c", "src/core.c",
          },
       },

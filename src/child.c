@@ -398,14 +398,15 @@ void parmap_clear_interrupt(lua_State *L) {
 }
 
 #define REAP_SLICE_MS 50 /* a Ctrl-C hook runs at least this often */
+#define NS_PER_MS 1000000
 
 int parmap_deadline_ms(int64_t deadline_ns, int cap) {
   int64_t left;
   if (deadline_ns < 0) return cap;
   left = deadline_ns - (int64_t)parmap_now_ns();
   if (left <= 0) return 0;
-  if (left >= (int64_t)cap * 1000000) return cap;
-  return (int)((left + 999999) / 1000000);
+  if (left >= (int64_t)cap * NS_PER_MS) return cap;
+  return (int)((left + NS_PER_MS - 1) / NS_PER_MS);
 }
 
 int parmap_child_reap(lua_State *L, pid_t pid, int *status,
