@@ -193,6 +193,7 @@ local OPTIONS = {
   init = true,
   finish = true,
   maxtasks = true,
+  buffersize = true,
 }
 local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
 -- The most extra arguments (args.n) a call may get: they sit on Lua's
@@ -439,6 +440,14 @@ local function check(level, fn, items, opts, extra)
     end
     spec.chunksize = c
   end
+
+  local buffersize = opts.buffersize
+  if buffersize ~= nil then
+    spec.buffersize = integer(buffersize)
+    if not spec.buffersize or spec.buffersize < 1 then
+      bad(level, "buffersize", "positive integer", buffersize)
+    end
+  end -- nil: the engine's default
 
   local ordered = opts.ordered
   if ordered ~= nil and type(ordered) ~= "boolean" then
