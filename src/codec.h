@@ -52,6 +52,10 @@ int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
 */
 int parmap_decode_scalar(lua_State *L, const char *p, size_t len, size_t *pos);
 
+/* parmap_decode_scalar for a number, a boolean or nil only: it allocates
+   nothing, so it runs no finalizer and raises no error. */
+int parmap_decode_plain(lua_State *L, const char *p, size_t len, size_t *pos);
+
 /* Limits of the decoder, stated in its errors. */
 #define PARMAP_MAX_VALUES 1000000 /* values in one record (Lua's stack) */
 #define PARMAP_MAX_PREALLOC 0x4000000 /* array slots preallocated for a
@@ -78,10 +82,6 @@ static inline unsigned long long parmap_zigzag(lua_Integer i) {
 static inline lua_Integer parmap_unzigzag(unsigned long long v) {
   return (lua_Integer)((v >> 1) ^ (0ULL - (v & 1)));
 }
-
-/* parmap_decode_scalar for a number, a boolean or nil only: it allocates
-   nothing, so it runs no finalizer and raises no error. */
-int parmap_decode_plain(lua_State *L, const char *p, size_t len, size_t *pos);
 
 /* Append v to b; 0, or -1 when out of memory. */
 int parmap_put_varint(parmap_buf *b, unsigned long long v);
