@@ -46,8 +46,6 @@ local OPTIONS = C.OPTIONS
 
 -- What to do with an item's error (errors.lua's `apply` does it).
 local EXCEPTION = { raise = true, ["return"] = true, proc = true }
-C.EXCEPTION = EXCEPTION
-C.EXCEPTION_EXPECTED = "'raise', 'return' or 'proc'"
 
 -- The most extra arguments (args.n) a call may get: they sit on Lua's
 -- stack, which holds at most 1,000,000 slots (LUAI_MAXSTACK).
@@ -225,7 +223,7 @@ end
 function C.exception(level, who, exception, dflt)
   if exception == nil then return dflt end
   if not EXCEPTION[exception] then
-    bad(level + 1, "exception", C.EXCEPTION_EXPECTED, exception, who)
+    bad(level + 1, "exception", "'raise', 'return' or 'proc'", exception, who)
   end
   return exception
 end
