@@ -39,7 +39,8 @@ DESTDIR ?=
 LUA_SHARE := $(PREFIX)/share/lua/$(LUA_VERSION)
 LUA_LIB   := $(PREFIX)/lib/lua/$(LUA_VERSION)
 
-CORE_SRC := src/buf.c src/codec.c src/proc.c src/worker.c src/map.c src/process.c src/core.c
+CORE_SRC := src/buf.c src/codec.c src/proc.c src/worker.c src/map.c src/process.c src/core.c \
+            src/fnenc.c
 CORE_OBJ := $(CORE_SRC:src/%.c=$(BUILD)/%.o)
 HEADERS  := $(wildcard src/*.h)
 
