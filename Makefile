@@ -191,6 +191,28 @@ bench: all
 	LUA_PATH='lua/?.lua;;' LUA_CPATH='$(BUILD)/?.so;;' $(LUA) bench/run.lua
 # --- end bench (issue 6) ---
 
+# --- mpi (issue 13) ---
+# `make mpi` builds $(BUILD)/parmap-mpi (the MPI launcher, node agents and
+# the coordinator of rank 0) with $(MPICC), e.g. `make mpi
+# MPICC=mpicc.mpich BUILD=build-mpich` for MPICH. `make check-mpi` runs
+# spec/mpi/*.sh under $(MPIRUN) (not part of `make test`).
+MPICC    ?= mpicc
+MPIRUN   ?= mpirun
+MPI_BIN  := $(BUILD)/parmap-mpi
+MPI_SRC  := src/mpi/mpi_main.c src/mpi/mpi_agent.c src/mpi/mpi_coord.c \
+            src/mpi/mpi_proto.c
+.PHONY: mpi check-mpi
+mpi: $(MPI_BIN)
+$(MPI_BIN): $(MPI_SRC) src/mpi/parmap_mpi.h $(HEADERS) $(BUILD)/libparmap.a
+	@command -v $(MPICC) >/dev/null 2>&1 || { echo "make mpi: $(MPICC) not found: install openmpi-bin libopenmpi-dev (sh .ci/apt-install openmpi-bin libopenmpi-dev), or name another with MPICC=" >&2; exit 1; }
+	$(MPICC) $(WARN) $(CFLAGS) $(LUA_CFLAGS) -Isrc $(LDFLAGS) -o $@ \
+	  $(MPI_SRC) $(BUILD)/libparmap.a $(HOST_LIBS)
+check-mpi: deps
+	@$(MAKE) --no-print-directory WERROR=-Werror all mpi
+	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) PARMAP_SPECS=spec/mpi_backend_spec.lua \
+	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
+# --- end mpi (issue 13) ---
+
 install: all
 	install -d $(DESTDIR)$(LUA_SHARE) $(DESTDIR)$(LUA_LIB)/parmap \
 	  $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include

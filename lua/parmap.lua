@@ -7,6 +7,21 @@
 
 local core = ...
 if type(core) ~= "table" then core = require "parmap.core" end
+
+-- No accidental SPMD (issue 13): in an MPI job of several processes that
+-- parmap-mpi did not start, every rank would run the whole script.
+do
+  local function n(var) return tonumber(os.getenv(var) or "") or 0 end
+  local size = math.max(n("OMPI_COMM_WORLD_SIZE"), n("PMI_SIZE"),
+    n("PMIX_SIZE"), n("SLURM_STEP_NUM_TASKS"))
+  if size > 1 and os.getenv("PARMAP_MPI") == nil then
+    error(string.format("parmap: this script runs as one of %d processes of an "
+      .. "MPI job (or srun step), so each would run all of it; start it "
+      .. "through parmap-mpi, which runs it once and the maps on every node: "
+      .. "mpirun -n K parmap-mpi script.lua (or srun ... parmap-mpi "
+      .. "script.lua)", size), 2)
+  end
+end
 local Progress = require "parmap.progress"
 
 local error, type, select, tostring, setmetatable, getmetatable, next =
@@ -34,6 +49,9 @@ function Error.__tostring(e)
   local s
   if e.index == nil then -- a ReturnProcess
     s = format("parmap: process %d failed: %s", e.pid, e.message)
+  elseif e.rank then -- the MPI backend: a worker of a node agent
+    s = format("parmap: item %d failed in worker %d on %s (rank %d): %s",
+      e.index, e.pid, tostring(e.host), e.rank, e.message)
   else
     s = format("parmap: item %d failed in %s %d: %s", e.index,
       e.pid == core.pid() and "process" or "worker", e.pid, e.message)
@@ -173,7 +191,8 @@ M._describe = describe -- for tests
 
 local OPTIONS = { N = true, star = true, kwstar = true, args = true,
   kwargs = true, chunksize = true, ordered = true, progress = true,
-  total = true, exception = true, timeout = true }
+  total = true, exception = true, timeout = true, backend = true }
+local BACKEND = { auto = true, fork = true, mpi = true }
 local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
 
 local function callable(f)
@@ -336,6 +355,13 @@ local function check(level, fn, items, opts)
     end
     spec.timeout = timeout -- with N = 1 too: then one worker process runs
   end
+
+  local backend = opts.backend
+  if backend == nil then backend = "auto" end
+  if not BACKEND[backend] then
+    bad(level, "backend", "'auto', 'fork' or 'mpi'", tostring(backend))
+  end
+  spec.backend, spec.user_N = backend, opts.N
   return spec
 end
 
@@ -426,7 +452,22 @@ local function start(level, fn, items, opts)
   local spec = check(level + 1, fn, items, opts)
   if spec.exception_name == "raise" then spec.make_error = make_raised_error end
   local f, s, c, closer
-  if spec.N == 1 and not spec.timeout then
+  local mpi = spec.backend ~= "fork" and package.loaded["parmap.mpi"]
+  if spec.backend == "mpi" and not mpi then
+    error("parmap: backend 'mpi' needs the script to run under parmap-mpi "
+      .. "(mpirun -n K parmap-mpi script.lua)", level + 1)
+  end
+  if mpi and (spec.backend == "mpi" or (mpi.size() > 1 and not mpi.busy())) then
+    -- issue 13: fn travels by value to the node agents (lua/../src/fnenc.c)
+    local f0 = fn
+    if type(f0) ~= "function" then f0 = function(...) return fn(...) end end
+    local ok, rec = pcall(core.dumpfn, f0)
+    if not ok then error("parmap: " .. tostring(rec), level + 1) end
+    local m = mpi.start(spec, rec, { N = spec.user_N, star = spec.star,
+      kwstar = spec.kwstar, args = spec.args, nargs = spec.nargs,
+      has_kw = spec.has_kw, kwargs = spec.kwargs, timeout = spec.timeout })
+    f, s, c, closer = mpi.next, m, nil, m
+  elseif spec.N == 1 and not spec.timeout then
     f, s, c, closer = serial(spec)
   else
     local m = core.start(spec)

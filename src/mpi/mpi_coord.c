@@ -1,0 +1,550 @@
+/*
+** mpi_coord.c: the coordinator on rank 0 (module "parmap.mpi", only in
+** parmap-mpi; see parmap_mpi.h for the protocol).
+**
+** A map sends fn (once per agent: an fnenc record) and the options, then
+** cuts the items into segments: two in flight per agent, one more on each
+** CREDIT. Segment sizes aim at ~25 ms of an agent's work, from the rate at
+** which its results came so far (at first: one item per worker), and no
+** more than a share of what remains of a known total, so agents finish
+** together. Results arrive in batches from any agent; each waits as a
+** string (rank, record) until the loop takes it, in order or as they
+** came. Ordered, at most WINDOW results wait: past that, CREDITs are held
+** back until the loop catches up.
+*/
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lauxlib.h>
+
+#include "codec.h"
+#include "engine.h"
+#include "parmap_mpi.h"
+#include "proc.h"
+
+#define SEG_BYTES ((size_t)4 << 20)
+#define SEG_MAX 65536
+#define SEG_NS 25000000.0 /* 25 ms */
+#define WINDOW 65536
+#define MAP_META "parmap.MpiMap"
+
+typedef struct AgentInfo {
+  int ncpu;
+  char host[256];
+} AgentInfo;
+
+static struct {
+  int size;
+  AgentInfo *ag; /* by rank; ag[0] is rank 0 */
+  Outbox out;
+  uint32_t nextmap;
+  int nopen; /* maps open (one at a time) */
+  int quit;
+} C;
+
+typedef struct PerAgent {
+  int ended, done, held; /* held: CREDITs not answered yet */
+  lua_Integer got;
+} PerAgent;
+
+/* user values */
+enum {
+  M_ITEMS = 1, M_PENDING, M_READY, M_MKERR, M_SCRATCH, M_PROGRESS, M_FAIL,
+  M_DESC, M_NUV = M_DESC
+};
+
+typedef struct MMap {
+  uint32_t id;
+  int from_table, ordered, exception, closed, finished, exhausted, nw;
+  int failrank;
+  lua_Integer total, pulled, received, emitted, want;
+  lua_Integer rhead, rtail; /* unordered: ready[rhead..rtail) */
+  uint64_t t0;
+  PerAgent *as;
+  parmap_buf seg;
+} MMap;
+
+static void nomem(lua_State *L) { luaL_error(L, "parmap: not enough memory"); }
+
+/* ------------------------------------------------------------ segments */
+
+static int seg_size(MMap *m, int r) {
+  double k = m->nw > 0 ? m->nw : C.ag[r].ncpu;
+  double el = (double)(parmap_now_ns() - m->t0);
+  if (m->as[r].got > 0 && el > 0) {
+    double rate = (double)m->as[r].got / el; /* items per ns */
+    double want = rate * SEG_NS;
+    if (want > k) k = want;
+  }
+  if (k > SEG_MAX) k = SEG_MAX;
+  if (m->total >= 0) {
+    double share = (double)(m->total - m->pulled) / (2.0 * (C.size - 1));
+    if (share < 1) share = 1;
+    if (k > share) k = share;
+  }
+  return k < 1 ? 1 : (int)k;
+}
+
+/* Push the next item, or return 0 when the input has ended. */
+static int pull(lua_State *L, MMap *m, int items) {
+  if (m->exhausted) return 0;
+  if (m->from_table) {
+    if (m->pulled >= m->total) {
+      m->exhausted = 1;
+      return 0;
+    }
+    lua_geti(L, items, m->pulled + 1);
+  } else {
+    lua_pushvalue(L, items);
+    lua_call(L, 0, 1);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      m->exhausted = 1;
+      return 0;
+    }
+  }
+  m->pulled++;
+  if (m->from_table && m->pulled >= m->total) m->exhausted = 1;
+  return 1;
+}
+
+/* Send agent r its next segment, or TAG_END when the input has ended.
+   The map userdata is at index 1. */
+static void send_segment(lua_State *L, MMap *m, int r) {
+  int k, count = 0, items, scratch, top = lua_gettop(L);
+  lua_Integer first = m->pulled + 1;
+  if (m->as[r].ended) return;
+  lua_getiuservalue(L, 1, M_ITEMS);
+  items = lua_gettop(L);
+  lua_getiuservalue(L, 1, M_SCRATCH);
+  scratch = lua_gettop(L);
+  k = seg_size(m, r);
+  if (mpi_begin(&m->seg, m->id, 0, first, 0)) nomem(L);
+  while (count < k && m->seg.len < SEG_BYTES && pull(L, m, items)) {
+    const char *what = NULL;
+    if (!parmap_encode_scalar(L, -1, &m->seg) &&
+        parmap_encode(L, lua_gettop(L), 1, &m->seg, scratch, &what) !=
+            PARMAP_OK) {
+      lua_getiuservalue(L, 1, M_DESC);
+      lua_pushliteral(L, "item");
+      lua_pushinteger(L, m->pulled);
+      lua_pushvalue(L, -4);
+      lua_call(L, 3, 1);
+      lua_error(L);
+    }
+    lua_pop(L, 1);
+    count++;
+  }
+  if (count > 0) {
+    MsgHdr h;
+    memcpy(&h, m->seg.p, sizeof h);
+    h.count = (uint32_t)count;
+    memcpy(m->seg.p, &h, sizeof h);
+    if (mpi_send(&C.out, &m->seg, r, TAG_SEG)) nomem(L);
+  }
+  if (m->exhausted) {
+    if (mpi_send_hdr(&C.out, r, TAG_END, m->id, 0)) nomem(L);
+    m->as[r].ended = 1;
+  }
+  lua_settop(L, top);
+}
+
+/* ------------------------------------------------------------ messages */
+
+static void handle(lua_State *L, MMap *m, parmap_buf *b, int tag, int from) {
+  MsgHdr h = mpi_hdr(b);
+  if (m == NULL || h.mapid != m->id || from < 1 || from >= C.size) return;
+  if (m->closed && tag != TAG_DONE && tag != TAG_FAIL) return;
+  switch (tag) {
+    case TAG_CREDIT:
+      if (m->ordered && m->received - m->emitted > WINDOW)
+        m->as[from].held++;
+      else
+        send_segment(L, m, from);
+      break;
+    case TAG_RES: {
+      size_t pos = sizeof h;
+      uint32_t i;
+      int top = lua_gettop(L);
+      lua_getiuservalue(L, 1, M_PENDING);
+      lua_getiuservalue(L, 1, M_READY);
+      for (i = 0; i < h.count; i++) {
+        unsigned long long g, len;
+        char rk[16];
+        int rl = snprintf(rk, sizeof rk, "%d:", from);
+        if (parmap_get_varint(b->p, b->len, &pos, &g) ||
+            parmap_get_varint(b->p, b->len, &pos, &len) || len > b->len - pos ||
+            g < 1 || (lua_Integer)g > m->pulled)
+          luaL_error(L, "parmap: bad results from rank %d", from);
+        lua_pushlstring(L, rk, (size_t)rl);
+        lua_pushlstring(L, b->p + pos, (size_t)len);
+        lua_concat(L, 2);
+        lua_rawseti(L, top + 1, (lua_Integer)g);
+        pos += (size_t)len;
+        m->received++;
+        m->as[from].got++;
+        if (!m->ordered) {
+          lua_pushinteger(L, (lua_Integer)g);
+          lua_rawseti(L, top + 2, m->rtail++);
+        }
+      }
+      lua_settop(L, top);
+      break;
+    }
+    case TAG_DONE:
+      m->as[from].done = 1;
+      break;
+    case TAG_FAIL:
+      m->as[from].done = 1;
+      if (m->failrank == 0) {
+        m->failrank = from;
+        lua_pushlstring(L, b->p + sizeof h, b->len - sizeof h);
+        lua_setiuservalue(L, 1, M_FAIL);
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+/* Wait for one message from any agent and handle it. */
+static void wait_one(lua_State *L, MMap *m) {
+  parmap_buf b = PARMAP_BUF_INIT;
+  int tag, from, r;
+  mpi_poll(&C.out);
+  r = mpi_recv(MPI_ANY_SOURCE, 1, &b, &tag, &from);
+  if (r < 0) {
+    parmap_buf_free(&b);
+    nomem(L);
+  }
+  /* handle() may raise: the message's memory goes first into a string */
+  lua_pushlstring(L, b.p, b.len);
+  parmap_buf_free(&b);
+  {
+    parmap_buf view;
+    size_t n;
+    view.p = (char *)lua_tolstring(L, -1, &n);
+    view.len = view.cap = n;
+    view.mapped = 0;
+    handle(L, m, &view, tag, from);
+  }
+  lua_pop(L, 1);
+}
+
+/* ------------------------------------------------------------ the map */
+
+static void stop(lua_State *L, MMap *m) {
+  int r;
+  if (m->closed) return;
+  m->closed = 1;
+  C.nopen--;
+  if (m->finished || C.quit) return;
+  for (r = 1; r < C.size; r++)
+    if (mpi_send_hdr(&C.out, r, TAG_ABORT, m->id, 0)) nomem(L);
+  for (;;) {
+    int all = 1;
+    for (r = 1; r < C.size; r++) all = all && m->as[r].done;
+    if (all) break;
+    wait_one(L, m);
+  }
+}
+
+static int map_close(lua_State *L) {
+  MMap *m = (MMap *)luaL_checkudata(L, 1, MAP_META);
+  stop(L, m);
+  return 0;
+}
+
+static int map_gc(lua_State *L) {
+  MMap *m = (MMap *)luaL_checkudata(L, 1, MAP_META);
+  if (!m->closed && !C.quit) stop(L, m);
+  parmap_buf_free(&m->seg);
+  free(m->as);
+  m->as = NULL;
+  return 0;
+}
+
+static void call_progress(lua_State *L, MMap *m, int finished) {
+  if (lua_getiuservalue(L, 1, M_PROGRESS) == LUA_TNIL) {
+    lua_pop(L, 1);
+    return;
+  }
+  lua_pushinteger(L, m->emitted);
+  if (m->total >= 0) lua_pushinteger(L, m->total);
+  else lua_pushnil(L);
+  lua_pushboolean(L, finished);
+  lua_call(L, 3, 0);
+}
+
+/* Push item g's results (the map at 1); returns the count with g first. */
+static int emit(lua_State *L, MMap *m, lua_Integer g) {
+  size_t len, pos;
+  const char *s, *err = NULL;
+  int rank, n, base;
+  lua_getiuservalue(L, 1, M_PENDING);
+  lua_rawgeti(L, -1, g);
+  s = lua_tolstring(L, -1, &len);
+  lua_pushnil(L);
+  lua_rawseti(L, -3, g);
+  lua_remove(L, -2); /* the record string stays on the stack */
+  m->emitted++;
+  rank = atoi(s);
+  pos = (size_t)(strchr(s, ':') - s) + 1;
+  if (m->ordered) {
+    int r;
+    for (r = 1; r < C.size; r++)
+      while (m->as[r].held > 0 && m->received - m->emitted <= WINDOW / 2) {
+        m->as[r].held--;
+        send_segment(L, m, r);
+      }
+  }
+  call_progress(L, m, 0);
+  base = lua_gettop(L); /* the record string */
+  lua_getiuservalue(L, 1, M_SCRATCH); /* base + 1 */
+  if (s[pos] == REC_OK) {
+    pos++;
+    lua_pushinteger(L, g);
+    n = parmap_decode(L, s, len, &pos, base + 1, &err);
+    if (n < 0) luaL_error(L, "parmap: bad result of item %d (%s)", (int)g, err);
+    lua_remove(L, base + 1);
+    lua_remove(L, base);
+    return n + 1;
+  }
+  pos++;
+  lua_getiuservalue(L, 1, M_MKERR); /* base + 2 */
+  lua_pushinteger(L, g);
+  n = parmap_decode(L, s, len, &pos, base + 1, &err);
+  if (n != 5) luaL_error(L, "parmap: bad error of item %d", (int)g);
+  lua_call(L, 6, 1); /* make_error(index, kind, err, message, tb, pid) */
+  lua_pushstring(L, C.ag[rank].host);
+  lua_setfield(L, -2, "host");
+  lua_pushinteger(L, rank);
+  lua_setfield(L, -2, "rank");
+  if (m->exception == EXC_RETURN) {
+    lua_pushinteger(L, g);
+    lua_insert(L, -2);
+    lua_remove(L, base + 1);
+    lua_remove(L, base);
+    return 2;
+  }
+  stop(L, m);
+  if (m->exception == EXC_PROC) lua_getfield(L, -1, "err");
+  return lua_error(L);
+}
+
+static int map_next(lua_State *L) {
+  MMap *m = (MMap *)luaL_checkudata(L, 1, MAP_META);
+  lua_settop(L, 1);
+  if (m->closed) return 0;
+  for (;;) {
+    if (m->failrank) {
+      lua_getiuservalue(L, 1, M_FAIL);
+      stop(L, m);
+      return luaL_error(L, "parmap: the map failed on rank %d (%s): %s",
+                        m->failrank, C.ag[m->failrank].host,
+                        lua_tostring(L, -1));
+    }
+    if (m->ordered) {
+      lua_getiuservalue(L, 1, M_PENDING);
+      if (lua_rawgeti(L, -1, m->want) != LUA_TNIL) {
+        lua_settop(L, 1);
+        return emit(L, m, m->want++);
+      }
+      lua_settop(L, 1);
+    } else if (m->rhead < m->rtail) {
+      lua_Integer g;
+      lua_getiuservalue(L, 1, M_READY);
+      lua_rawgeti(L, -1, m->rhead);
+      g = lua_tointeger(L, -1);
+      lua_pushnil(L);
+      lua_rawseti(L, -3, m->rhead++);
+      lua_settop(L, 1);
+      return emit(L, m, g);
+    }
+    if (m->exhausted && m->emitted == m->pulled) {
+      m->finished = 1;
+      stop(L, m);
+      call_progress(L, m, 1);
+      return 0;
+    }
+    wait_one(L, m);
+  }
+}
+
+/* start(spec, fnrecord, agent_opts) -> map: spec as lua/parmap.lua's check
+   makes it; agent_opts what the agents' engines get. */
+static int mpi_start(lua_State *L) {
+  MMap *m;
+  parmap_buf msg = PARMAP_BUF_INIT;
+  size_t fnlen;
+  const char *fnrec = luaL_checklstring(L, 2, &fnlen), *what = NULL;
+  int r, rc;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  if (C.size < 2) return luaL_error(L, "parmap: backend 'mpi' needs 2 ranks or more");
+  if (C.nopen > 0)
+    return luaL_error(L, "parmap: backend 'mpi' runs one map at a time "
+                      "(close the other map first)");
+  lua_settop(L, 3);
+  m = (MMap *)lua_newuserdatauv(L, sizeof *m, M_NUV); /* 4 */
+  memset(m, 0, sizeof *m);
+  m->closed = 1; /* until started */
+  luaL_setmetatable(L, MAP_META);
+  m->as = (PerAgent *)calloc((size_t)C.size, sizeof *m->as);
+  if (m->as == NULL) nomem(L);
+  m->id = ++C.nextmap;
+  lua_getfield(L, 1, "items");
+  lua_setiuservalue(L, 4, M_ITEMS);
+  lua_newtable(L);
+  lua_setiuservalue(L, 4, M_PENDING);
+  lua_newtable(L);
+  lua_setiuservalue(L, 4, M_READY);
+  lua_getfield(L, 1, "make_error");
+  lua_setiuservalue(L, 4, M_MKERR);
+  lua_newtable(L);
+  lua_setiuservalue(L, 4, M_SCRATCH);
+  lua_getfield(L, 1, "progress");
+  lua_setiuservalue(L, 4, M_PROGRESS);
+  lua_getfield(L, 1, "describe");
+  lua_setiuservalue(L, 4, M_DESC);
+  lua_getfield(L, 1, "from_table");
+  m->from_table = (int)lua_tointeger(L, -1) == 1;
+  lua_getfield(L, 1, "total");
+  m->total = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : -1;
+  if (!m->from_table) m->total = -1; /* the iterator decides */
+  lua_getfield(L, 1, "ordered");
+  m->ordered = (int)lua_tointeger(L, -1) == 1;
+  lua_getfield(L, 1, "exception");
+  m->exception = (int)lua_tointeger(L, -1);
+  lua_getfield(L, 3, "N");
+  m->nw = (int)lua_tointeger(L, -1);
+  lua_settop(L, 4);
+  m->want = 1;
+  m->rhead = m->rtail = 1;
+  m->t0 = parmap_now_ns();
+  if (m->from_table && m->total == 0) m->exhausted = 1;
+
+  /* the map message: fn's record, then the agents' options */
+  if (mpi_begin(&msg, m->id, 0, 0, 0) || parmap_put_varint(&msg, fnlen) ||
+      parmap_buf_reserve(&msg, fnlen)) {
+    parmap_buf_free(&msg);
+    nomem(L);
+  }
+  memcpy(msg.p + msg.len, fnrec, fnlen);
+  msg.len += fnlen;
+  lua_newtable(L); /* 5: scratch */
+  rc = parmap_encode(L, 3, 1, &msg, 5, &what);
+  lua_pop(L, 1);
+  if (rc != PARMAP_OK) {
+    parmap_buf_free(&msg);
+    return luaL_error(L, "parmap: options 'args' and 'kwargs' must hold only "
+                      "values that travel (found a %s)", what);
+  }
+  m->closed = 0;
+  C.nopen++;
+  for (r = 1; r < C.size; r++) {
+    parmap_buf copy = PARMAP_BUF_INIT;
+    if (parmap_buf_reserve(&copy, msg.len)) {
+      parmap_buf_free(&msg);
+      nomem(L);
+    }
+    memcpy(copy.p, msg.p, msg.len);
+    copy.len = msg.len;
+    if (mpi_send(&C.out, &copy, r, TAG_MAP)) {
+      parmap_buf_free(&copy);
+      parmap_buf_free(&msg);
+      nomem(L);
+    }
+  }
+  parmap_buf_free(&msg);
+  lua_replace(L, 1); /* the map at index 1, as send_segment expects */
+  lua_settop(L, 1);
+  for (r = 1; r < C.size; r++) {
+    send_segment(L, m, r);
+    send_segment(L, m, r);
+  }
+  return 1;
+}
+
+static int mpi_size(lua_State *L) {
+  lua_pushinteger(L, C.size);
+  return 1;
+}
+
+/* hosts() -> {[rank] = {host = ..., ncpu = ...}} for the agents */
+static int mpi_hosts(lua_State *L) {
+  int r;
+  lua_createtable(L, C.size, 0);
+  for (r = 1; r < C.size; r++) {
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, C.ag[r].host);
+    lua_setfield(L, -2, "host");
+    lua_pushinteger(L, C.ag[r].ncpu);
+    lua_setfield(L, -2, "ncpu");
+    lua_rawseti(L, -2, r);
+  }
+  return 1;
+}
+
+static int mpi_busy(lua_State *L) {
+  lua_pushboolean(L, C.nopen > 0);
+  return 1;
+}
+
+int parmap_mpi_coord_open(lua_State *L) {
+  static const luaL_Reg funcs[] = {{"start", mpi_start},
+                                   {"next", map_next},
+                                   {"size", mpi_size},
+                                   {"hosts", mpi_hosts},
+                                   {"busy", mpi_busy},
+                                   {NULL, NULL}};
+  static const luaL_Reg meta[] = {{"__close", map_close},
+                                  {"__gc", map_gc},
+                                  {NULL, NULL}};
+  if (luaL_newmetatable(L, MAP_META)) {
+    luaL_setfuncs(L, meta, 0);
+    lua_newtable(L);
+    lua_pushcfunction(L, map_close);
+    lua_setfield(L, -2, "close");
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  luaL_newlib(L, funcs);
+  return 1;
+}
+
+void parmap_mpi_coord_init(int size) {
+  int i;
+  C.size = size;
+  C.ag = (AgentInfo *)calloc((size_t)size, sizeof *C.ag);
+  if (C.ag == NULL) {
+    fprintf(stderr, "parmap-mpi: out of memory\n");
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  for (i = 1; i < size; i++) {
+    parmap_buf b = PARMAP_BUF_INIT;
+    int tag, from;
+    size_t n;
+    if (mpi_recv(MPI_ANY_SOURCE, 1, &b, &tag, &from) != 1 || tag != TAG_HELLO ||
+        from < 1 || from >= size) {
+      fprintf(stderr, "parmap-mpi: unexpected message at start\n");
+      MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    C.ag[from].ncpu = (int)mpi_hdr(&b).a;
+    n = b.len - sizeof(MsgHdr);
+    if (n >= sizeof C.ag[from].host) n = sizeof C.ag[from].host - 1;
+    memcpy(C.ag[from].host, b.p + sizeof(MsgHdr), n);
+    C.ag[from].host[n] = '\0';
+    parmap_buf_free(&b);
+  }
+}
+
+void parmap_mpi_coord_quit(void) {
+  int r;
+  if (C.quit) return;
+  C.quit = 1;
+  for (r = 1; r < C.size; r++) mpi_send_hdr(&C.out, r, TAG_QUIT, 0, 0);
+  mpi_drain(&C.out);
+}

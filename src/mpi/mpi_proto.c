@@ -1,0 +1,104 @@
+/*
+** mpi_proto.c: the message layer of the MPI backend (see parmap_mpi.h).
+*/
+#include <stdlib.h>
+#include <string.h>
+
+#include "parmap_mpi.h"
+
+int mpi_begin(parmap_buf *b, uint32_t mapid, uint32_t count, int64_t a,
+              int64_t b2) {
+  MsgHdr h;
+  b->len = 0;
+  if (parmap_buf_reserve(b, sizeof h)) return -1;
+  h.mapid = mapid;
+  h.count = count;
+  h.a = a;
+  h.b = b2;
+  memcpy(b->p, &h, sizeof h);
+  b->len = sizeof h;
+  return 0;
+}
+
+MsgHdr mpi_hdr(const parmap_buf *b) {
+  MsgHdr h;
+  memset(&h, 0, sizeof h);
+  if (b->len >= sizeof h) memcpy(&h, b->p, sizeof h);
+  return h;
+}
+
+int mpi_send(Outbox *o, parmap_buf *b, int dest, int tag) {
+  struct Pending *p;
+  if (b->len > (size_t)0x7fffffff) return -1; /* not split yet: see DESIGN */
+  if (o->n == o->cap) {
+    int cap = o->cap ? 2 * o->cap : 16;
+    void *v = realloc(o->v, (size_t)cap * sizeof *o->v);
+    if (v == NULL) return -1;
+    o->v = (struct Pending *)v;
+    o->cap = cap;
+  }
+  p = &o->v[o->n];
+  p->buf = *b;
+  memset(b, 0, sizeof *b);
+  if (MPI_Isend(p->buf.p, (int)p->buf.len, MPI_BYTE, dest, tag,
+                MPI_COMM_WORLD, &p->req) != MPI_SUCCESS) {
+    *b = p->buf;
+    return -1;
+  }
+  o->n++;
+  return 0;
+}
+
+int mpi_send_hdr(Outbox *o, int dest, int tag, uint32_t mapid, int64_t a) {
+  parmap_buf b = PARMAP_BUF_INIT;
+  if (mpi_begin(&b, mapid, 0, a, 0) || mpi_send(o, &b, dest, tag)) {
+    parmap_buf_free(&b);
+    return -1;
+  }
+  return 0;
+}
+
+void mpi_poll(Outbox *o) {
+  int i = 0;
+  while (i < o->n) {
+    int done = 0;
+    MPI_Test(&o->v[i].req, &done, MPI_STATUS_IGNORE);
+    if (done) {
+      parmap_buf_free(&o->v[i].buf);
+      o->v[i] = o->v[--o->n];
+    } else {
+      i++;
+    }
+  }
+}
+
+void mpi_drain(Outbox *o) {
+  int i;
+  for (i = 0; i < o->n; i++) {
+    MPI_Wait(&o->v[i].req, MPI_STATUS_IGNORE);
+    parmap_buf_free(&o->v[i].buf);
+  }
+  o->n = 0;
+  free(o->v);
+  o->v = NULL;
+  o->cap = 0;
+}
+
+int mpi_recv(int src, int block, parmap_buf *b, int *tag, int *from) {
+  MPI_Status st;
+  int n = 0, flag = 1;
+  if (block)
+    MPI_Probe(src, MPI_ANY_TAG, MPI_COMM_WORLD, &st);
+  else
+    MPI_Iprobe(src, MPI_ANY_TAG, MPI_COMM_WORLD, &flag, &st);
+  if (!flag) return 0;
+  MPI_Get_count(&st, MPI_BYTE, &n);
+  b->len = 0;
+  if (parmap_buf_reserve(b, (size_t)n + 1)) return -1;
+  MPI_Recv(b->p, n, MPI_BYTE, st.MPI_SOURCE, st.MPI_TAG, MPI_COMM_WORLD,
+           MPI_STATUS_IGNORE);
+  b->len = (size_t)n;
+  *tag = st.MPI_TAG;
+  *from = st.MPI_SOURCE;
+  return 1;
+}
