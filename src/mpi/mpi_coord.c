@@ -9,8 +9,8 @@
 ** more than a share of what remains of a known total, so agents finish
 ** together. Results arrive in batches from any agent; each waits as a
 ** string (rank, record) until the loop takes it, in order or as they
-** came. Ordered, at most WINDOW results wait: past that, CREDITs are held
-** back until the loop catches up.
+** came. A CREDIT is always answered at once (see handle()): so, ordered,
+** the results that wait for a slow item are bounded only by the input.
 */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -27,7 +27,6 @@
 #define SEG_BYTES ((size_t)4 << 20)
 #define SEG_MAX 65536
 #define SEG_NS 25000000.0 /* 25 ms */
-#define WINDOW 65536
 #define MAP_META "parmap.MpiMap"
 
 typedef struct AgentInfo {
@@ -45,8 +44,10 @@ static struct {
 } C;
 
 typedef struct PerAgent {
-  int ended, done, held; /* held: CREDITs not answered yet */
+  int ended, done;
   lua_Integer got;
+  double last;        /* the size of its last segment */
+  uint64_t credit_ns; /* when its last CREDIT came */
 } PerAgent;
 
 /* user values */
@@ -70,18 +71,27 @@ static void nomem(lua_State *L) { luaL_error(L, "parmap: not enough memory"); }
 
 /* ------------------------------------------------------------ segments */
 
+/* The size of agent r's next segment. An agent sends a CREDIT each time
+   it starts a segment, so the time between two CREDITs is how long it took
+   to eat one: faster than half the aim (~25 ms of work), the next segment
+   is twice as large; slower than twice the aim, half as large; never less
+   than one item per worker, nor more than a share of what remains of a
+   known total (so agents finish together). */
 static int seg_size(MMap *m, int r) {
-  double k = m->nw > 0 ? m->nw : C.ag[r].ncpu;
-  double el = (double)(parmap_now_ns() - m->t0);
-  if (m->as[r].got > 0 && el > 0) {
-    double rate = (double)m->as[r].got / el; /* items per ns */
-    double want = rate * SEG_NS;
-    if (want > k) k = want;
+  double k, nw = m->nw > 0 ? m->nw : C.ag[r].ncpu, last = m->as[r].last;
+  uint64_t now = parmap_now_ns(), prev = m->as[r].credit_ns;
+  if (nw < 1) nw = 1;
+  k = last > 0 ? last : nw;
+  if (prev > 0) {
+    double dt = (double)(now - prev);
+    if (dt < SEG_NS / 2) k = 2 * k;
+    else if (dt > 2 * SEG_NS) k = k / 2;
   }
+  if (k < nw) k = nw;
   if (k > SEG_MAX) k = SEG_MAX;
+  m->as[r].last = k;
   if (m->total >= 0) {
     double share = (double)(m->total - m->pulled) / (2.0 * (C.size - 1));
-    if (share < 1) share = 1;
     if (k > share) k = share;
   }
   return k < 1 ? 1 : (int)k;
@@ -159,10 +169,11 @@ static void handle(lua_State *L, MMap *m, parmap_buf *b, int tag, int from) {
   if (m->closed && tag != TAG_DONE && tag != TAG_FAIL) return;
   switch (tag) {
     case TAG_CREDIT:
-      if (m->ordered && m->received - m->emitted > WINDOW)
-        m->as[from].held++;
-      else
-        send_segment(L, m, from);
+      /* answered at once, always: an agent may be waiting for items with
+         some pulled into a chunk its engine has not sent to a worker yet,
+         so holding a CREDIT back (to bound what waits here) can deadlock */
+      send_segment(L, m, from);
+      m->as[from].credit_ns = parmap_now_ns();
       break;
     case TAG_RES: {
       size_t pos = sizeof h;
@@ -292,14 +303,6 @@ static int emit(lua_State *L, MMap *m, lua_Integer g) {
   m->emitted++;
   rank = atoi(s);
   pos = (size_t)(strchr(s, ':') - s) + 1;
-  if (m->ordered) {
-    int r;
-    for (r = 1; r < C.size; r++)
-      while (m->as[r].held > 0 && m->received - m->emitted <= WINDOW / 2) {
-        m->as[r].held--;
-        send_segment(L, m, r);
-      }
-  }
   call_progress(L, m, 0);
   base = lua_gettop(L); /* the record string */
   lua_getiuservalue(L, 1, M_SCRATCH); /* base + 1 */

@@ -1,7 +1,9 @@
 /*
 ** mpi_proto.c: the message layer of the MPI backend (see parmap_mpi.h).
 */
+#define _POSIX_C_SOURCE 200809L
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 
 #include "parmap_mpi.h"
@@ -86,11 +88,22 @@ void mpi_drain(Outbox *o) {
 
 int mpi_recv(int src, int block, parmap_buf *b, int *tag, int *from) {
   MPI_Status st;
-  int n = 0, flag = 1;
-  if (block)
-    MPI_Probe(src, MPI_ANY_TAG, MPI_COMM_WORLD, &st);
-  else
+  int n = 0, flag = 0, spins = 0;
+  long delay = 10000; /* ns */
+  /* MPI_Probe spins on a CPU while it waits (Open MPI, MPICH): rank 0
+     shares its node with an agent's workers, and an agent with its own, so
+     a wait here polls, then sleeps, 10 us doubling up to 0.2 ms */
+  for (;;) {
     MPI_Iprobe(src, MPI_ANY_TAG, MPI_COMM_WORLD, &flag, &st);
+    if (flag || !block) break;
+    if (++spins > 64) {
+      struct timespec ts;
+      ts.tv_sec = 0;
+      ts.tv_nsec = delay;
+      nanosleep(&ts, NULL); /* EINTR: just polls again */
+      if (delay < 200000) delay *= 2;
+    }
+  }
   if (!flag) return 0;
   MPI_Get_count(&st, MPI_BYTE, &n);
   b->len = 0;
