@@ -321,3 +321,51 @@ describe("closure records from outside are checked", function()
     assert.matches("parmap: bad closure record", err)
   end)
 end)
+
+describe("the backend option", function()
+  local parmap = require "parmap"
+
+  it("is 'auto', 'fork' or 'mpi'", function()
+    local ok, err = pcall(parmap.map, function(x) return x end, {1}, { backend = "ssh" })
+    assert.is_false(ok)
+    assert.matches("bad option 'backend' %('auto', 'fork' or 'mpi' expected, got ssh%)", err)
+  end)
+
+  it("'auto' and 'fork' run on forked workers outside parmap-mpi", function()
+    for _, b in ipairs { "auto", "fork" } do
+      local r = parmap.map(function(x) return x * 2 end, {1, 2, 3}, { backend = b, N = 2 })
+      assert.are.same({2, 4, 6}, r)
+    end
+  end)
+
+  it("'mpi' outside parmap-mpi is an error saying how to start the script", function()
+    local ok, err = pcall(parmap.map, function(x) return x end, {1}, { backend = "mpi" })
+    assert.is_false(ok)
+    assert.matches("backend 'mpi' needs the script to run under parmap%-mpi", err)
+  end)
+end)
+
+describe("parmap in an MPI job not started by parmap-mpi", function()
+  local function run(env)
+    local path = H.script('local parmap = require "parmap"; print("ran")\n')
+    local p = io.popen(env .. " " .. H.lua_cmd(path) .. " 2>&1")
+    local out = p:read("a")
+    p:close()
+    os.remove(path)
+    return out
+  end
+
+  it("refuses to load when the job has several processes (no accidental SPMD)", function()
+    for _, var in ipairs { "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS" } do
+      local out = run("env -u PARMAP_MPI " .. var .. "=4")
+      assert.matches("one of 4 processes of an MPI job", out)
+      assert.matches("mpirun %-n K parmap%-mpi script.lua", out)
+      assert.not_matches("ran", out)
+    end
+  end)
+
+  it("loads in a job of one process, and under parmap-mpi", function()
+    assert.are.equal("ran\n", run("env -u PARMAP_MPI OMPI_COMM_WORLD_SIZE=1"))
+    assert.are.equal("ran\n", run("env PARMAP_MPI=1 OMPI_COMM_WORLD_SIZE=4"))
+  end)
+end)
