@@ -35,11 +35,13 @@ describe_mpi("the MPI backend", function()
   it("runs the script once, on rank 0, with arg as lua5.4 sets it", function()
     local out, code = mpirun([[
 local parmap = require "parmap"
+io.write("\n")
 print("script", arg[1], arg[2], select("#", ...), #parmap.map(function(x) return x end, {1, 2, 3}))
 ]] .. "\n")
     assert.are.equal(0, code, out)
-    local n = select(2, out:gsub("script", ""))
+    local n = select(2, out:gsub("\nscript\t", ""))
     assert.are.equal(1, n, out)
+    assert.matches("\nscript\tnil\tnil\t0\t3\n", out, 1, true)
   end)
 
   it("gives the fork backend's results: the call table, both input kinds, "

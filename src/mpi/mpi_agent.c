@@ -361,6 +361,7 @@ int parmap_mpi_agent_main(lua_State *L, int rank) {
             lua_tostring(L, -1));
     status = 1;
   }
+  if (status == 0) mpi_send_hdr(&A.out, 0, TAG_BYE, 0, 0);
   mpi_drain(&A.out);
   parmap_buf_free(&A.seg);
   parmap_buf_free(&A.res);

@@ -549,5 +549,15 @@ void parmap_mpi_coord_quit(void) {
   if (C.quit) return;
   C.quit = 1;
   for (r = 1; r < C.size; r++) mpi_send_hdr(&C.out, r, TAG_QUIT, 0, 0);
+  /* every message still coming (the DONE of a last map) is received:
+     MPI_Finalize with unreceived messages makes some transports warn */
+  for (r = 1; r < C.size;) {
+    parmap_buf b = PARMAP_BUF_INIT;
+    int tag, from;
+    if (mpi_recv(MPI_ANY_SOURCE, 1, &b, &tag, &from) < 0) break;
+    if (tag == TAG_BYE) r++;
+    parmap_buf_free(&b);
+    mpi_poll(&C.out);
+  }
   mpi_drain(&C.out);
 }

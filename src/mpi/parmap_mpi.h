@@ -21,6 +21,7 @@
 **                          codec record (values | kind err msg tb pid)
 **               TAG_DONE   the agent's engine has ended this map
 **               TAG_FAIL   the map could not run on the agent (message)
+**               TAG_BYE    answer to TAG_QUIT: the agent sends no more
 **
 ** Flow control without deadlock: rank 0 sends items on CREDIT, never in
 ** answer to results, and answers every CREDIT with a segment or TAG_END.
@@ -40,7 +41,7 @@
 
 enum {
   TAG_HELLO = 1, TAG_MAP, TAG_SEG, TAG_END, TAG_ABORT, TAG_QUIT,
-  TAG_CREDIT, TAG_RES, TAG_DONE, TAG_FAIL
+  TAG_CREDIT, TAG_RES, TAG_DONE, TAG_FAIL, TAG_BYE
 };
 
 typedef struct MsgHdr {
