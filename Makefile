@@ -195,9 +195,12 @@ bench: all
 # `make mpi` builds $(BUILD)/parmap-mpi (the MPI launcher, node agents and
 # the coordinator of rank 0) with $(MPICC), e.g. `make mpi
 # MPICC=mpicc.mpich BUILD=build-mpich` for MPICH. `make check-mpi` runs
-# spec/mpi/*.sh under $(MPIRUN) (not part of `make test`).
+# spec/mpi_backend_spec.lua, whose scripts run under `$(MPIRUN)
+# $(MPIRUN_FLAGS) -n 3 parmap-mpi` (not part of `make test`); for MPICH:
+# make check-mpi MPICC=mpicc.mpich MPIRUN=mpirun.mpich MPIRUN_FLAGS= BUILD=build-mpich
 MPICC    ?= mpicc
 MPIRUN   ?= mpirun
+MPIRUN_FLAGS ?= --allow-run-as-root --oversubscribe --bind-to none
 MPI_BIN  := $(BUILD)/parmap-mpi
 MPI_SRC  := src/mpi/mpi_main.c src/mpi/mpi_agent.c src/mpi/mpi_coord.c \
             src/mpi/mpi_proto.c
@@ -209,7 +212,7 @@ $(MPI_BIN): $(MPI_SRC) src/mpi/parmap_mpi.h $(HEADERS) $(BUILD)/libparmap.a
 	  $(MPI_SRC) $(BUILD)/libparmap.a $(HOST_LIBS)
 check-mpi: deps
 	@$(MAKE) --no-print-directory WERROR=-Werror all mpi
-	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) PARMAP_SPECS=spec/mpi_backend_spec.lua \
+	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" PARMAP_SPECS=spec/mpi_backend_spec.lua \
 	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 # --- end mpi (issue 13) ---
 
@@ -223,12 +226,15 @@ install: all
 	install -m 755 $(BUILD)/parmap/core.so $(DESTDIR)$(LUA_LIB)/parmap/core.so
 	install -m 644 $(BUILD)/libparmap.a $(DESTDIR)$(PREFIX)/lib/libparmap.a
 	install -m 644 src/parmap.h $(DESTDIR)$(PREFIX)/include/parmap.h
+	if [ -x $(MPI_BIN) ]; then install -d $(DESTDIR)$(PREFIX)/bin && \
+	  install -m 755 $(MPI_BIN) $(DESTDIR)$(PREFIX)/bin/parmap-mpi; fi
 
 uninstall:
 	rm -f $(DESTDIR)$(LUA_SHARE)/parmap.lua $(DESTDIR)$(LUA_SHARE)/parmap/process.lua \
 	  $(DESTDIR)$(LUA_SHARE)/parmap/progress.lua \
 	  $(DESTDIR)$(LUA_LIB)/parmap/core.so \
-	  $(DESTDIR)$(PREFIX)/lib/libparmap.a $(DESTDIR)$(PREFIX)/include/parmap.h
+	  $(DESTDIR)$(PREFIX)/lib/libparmap.a $(DESTDIR)$(PREFIX)/include/parmap.h \
+	  $(DESTDIR)$(PREFIX)/bin/parmap-mpi
 	-rmdir $(DESTDIR)$(LUA_LIB)/parmap $(DESTDIR)$(LUA_SHARE)/parmap 2>/dev/null
 
 clean:

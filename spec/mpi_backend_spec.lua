@@ -192,13 +192,44 @@ for i, r in parmap(function(x)
   if x == 7 then os.execute("kill -9 " .. core.pid()) end
   return x
 end, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, {exception = "return"}) do
-  if parmap.iserror(r) then died = r.kind .. " " .. i else n = n + 1 end
+  if parmap.iserror(r) then died = r.kind .. " " .. i .. " " .. r.message else n = n + 1 end
 end
 print("ok", n, died)
 ]])
       assert.are.equal(0, code, out)
-      assert.matches("ok\t9\tdied 7\n", out, 1, true)
+      -- the message counts the map's items, not the agent's
+      assert.matches("ok\t9\tdied 7 worker %d+ killed by signal 9 %(Killed%) "
+        .. "while running item 7\n", out)
     end)
+
+  it("an agent killed ends the job with a message naming its rank; no "
+    .. "process is left", function()
+    local out, code, path = mpirun([[
+local parmap = require "parmap"
+local items = {}
+for i = 1, 40 do items[i] = i end
+parmap.map(function(x)
+  if x == 20 then os.execute("kill -9 $(ps -o ppid= -p $PPID)") end
+  os.execute("sleep 0.05")
+  return x
+end, items)
+print("finished")
+]])
+    assert.are_not.equal(0, code)
+    assert.not_matches("finished", out)
+    -- the launcher's message: Open MPI names the rank and the node,
+    -- MPICH's hydra the pid and the node
+    assert.is_truthy(out:match("rank [12] with PID %d+ on node")
+      or out:match("PID %d+ RUNNING AT"), out)
+    os.execute("sleep 1") -- the workers of the killed agent die with it
+    local p = io.popen("ps -eo args")
+    local left = 0
+    for line in p:lines() do
+      if line:find(path, 1, true) then left = left + 1 end
+    end
+    p:close()
+    assert.are.equal(0, left)
+  end)
 
   it("leaving a map early stops it on every agent; the next map is right",
     function()

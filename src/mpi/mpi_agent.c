@@ -197,6 +197,12 @@ static int a_items(lua_State *L) {
   }
 }
 
+/* agent.global(i): the map's index of this agent's item i */
+static int a_global(lua_State *L) {
+  lua_rawgeti(L, lua_upvalueindex(1), luaL_checkinteger(L, 1));
+  return 1;
+}
+
 /* Is the value at idx a parmap error object? */
 static int is_error(lua_State *L, int idx) {
   int r = 0;
@@ -316,6 +322,9 @@ static const char *const DRIVER =
     "    if select('#', ...) == 0 and parmap.iserror(r) then\n"
     "      -- the traceback ends at fn, as the fork engine's does\n"
     "      r.traceback = r.traceback:gsub(\"\\n\\t%[C%]: in upvalue 'call'.*$\", '')\n"
+    "      -- the engine's messages count this agent's items: the map's index\n"
+    "      r.message = r.message:gsub('item ' .. i .. '%f[%D]',\n"
+    "        'item ' .. agent.global(i))\n"
     "    end\n"
     "    return agent.result(i, r, ...)\n"
     "  end\n"
@@ -332,6 +341,7 @@ int parmap_mpi_agent_main(lua_State *L, int rank) {
                                    {"items", a_items},
                                    {"result", a_result},
                                    {"finish", a_finish},
+                                   {"global", a_global},
                                    {NULL, NULL}};
   parmap_buf b = PARMAP_BUF_INIT;
   char host[256];
