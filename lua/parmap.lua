@@ -463,9 +463,16 @@ local function start(level, fn, items, opts)
     if type(f0) ~= "function" then f0 = function(...) return fn(...) end end
     local ok, rec = pcall(core.dumpfn, f0)
     if not ok then error("parmap: " .. tostring(rec), level + 1) end
+    local box = false -- a table with nil items: boxed, as nil ends an iterator
+    if spec.from_table == 1 then
+      for i = 1, spec.total do
+        if items[i] == nil then box = true; break end
+      end
+    end
     local m = mpi.start(spec, rec, { N = spec.user_N, star = spec.star,
       kwstar = spec.kwstar, args = spec.args, nargs = spec.nargs,
-      has_kw = spec.has_kw, kwargs = spec.kwargs, timeout = spec.timeout })
+      has_kw = spec.has_kw, kwargs = spec.kwargs, timeout = spec.timeout,
+      box = box })
     f, s, c, closer = mpi.next, m, nil, m
   elseif spec.N == 1 and not spec.timeout then
     f, s, c, closer = serial(spec)

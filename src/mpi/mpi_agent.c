@@ -41,6 +41,7 @@ static struct {
   Inbox in;
   uint32_t mapid;
   int ended, aborted;
+  int box; /* items go as {item, index} (the input has nil items) */
   parmap_buf seg; /* the current segment */
   size_t pos;
   uint32_t left;
@@ -143,13 +144,17 @@ static int a_wait(lua_State *L) {
         luaL_error(L, "parmap-mpi: bad map options (%s)", err ? err : "?");
       }
       parmap_buf_free(&b);
+      lua_getfield(L, -1, "box");
+      A.box = lua_toboolean(L, -1);
+      lua_pop(L, 1);
       return 2;
     }
     /* what is left of an earlier map: dropped */
   }
 }
 
-/* agent.items(): the next item as {item, global index}, or nil. */
+/* agent.items(): the next item (or {item, the map's index} in box mode),
+   or nil at the end. */
 static int a_items(lua_State *L) {
   for (;;) {
     if (A.left > 0) {
@@ -159,11 +164,13 @@ static int a_items(lua_State *L) {
       if (parmap_decode(L, A.seg.p, A.seg.len, &A.pos, lua_upvalueindex(2),
                         &err) != 1)
         luaL_error(L, "parmap-mpi: bad segment (%s)", err ? err : "?");
-      lua_createtable(L, 2, 0);
-      lua_insert(L, -2);
-      lua_rawseti(L, -2, 1);
-      lua_pushinteger(L, (lua_Integer)g);
-      lua_rawseti(L, -2, 2);
+      if (A.box) {
+        lua_createtable(L, 2, 0);
+        lua_insert(L, -2);
+        lua_rawseti(L, -2, 1);
+        lua_pushinteger(L, (lua_Integer)g);
+        lua_rawseti(L, -2, 2);
+      }
       lua_pushinteger(L, (lua_Integer)g);
       lua_rawseti(L, lua_upvalueindex(1), ++A.nlocal);
       return 1;
@@ -216,15 +223,16 @@ static int is_error(lua_State *L, int idx) {
 
 /* Encode item i's outcome (the values at 2..top, or an error object) as
    REC_OK values | REC_ERR kind err message traceback pid into r. */
-static void encode_outcome(lua_State *L, parmap_buf *r, lua_Integer g) {
-  int n = lua_gettop(L) - 1, scratch = lua_upvalueindex(2);
+static void encode_outcome(lua_State *L, parmap_buf *r, lua_Integer g,
+                           int first, int n) {
+  int scratch = lua_upvalueindex(2);
   const char *what = NULL;
   r->len = 0;
   if (parmap_buf_reserve(r, 1)) nomem(L);
-  if (n == 1 && is_error(L, 2)) {
+  if (n == 1 && is_error(L, first)) {
     static const char *const f[] = {"kind", "err", "message", "traceback", "pid"};
     int k, top = lua_gettop(L);
-    for (k = 0; k < 5; k++) lua_getfield(L, 2, f[k]);
+    for (k = 0; k < 5; k++) lua_getfield(L, first, f[k]);
     r->p[r->len++] = REC_ERR;
     if (parmap_encode(L, top + 1, 5, r, scratch, &what) != PARMAP_OK) {
       lua_pushvalue(L, top + 3); /* err cannot travel: its message does */
@@ -236,7 +244,8 @@ static void encode_outcome(lua_State *L, parmap_buf *r, lua_Integer g) {
     return;
   }
   r->p[r->len++] = REC_OK;
-  if (parmap_encode(L, 2, n, r, scratch, &what) != PARMAP_OK) {
+  if (n == 1 && parmap_encode_scalar(L, first, r)) return;
+  if (parmap_encode(L, first, n, r, scratch, &what) != PARMAP_OK) {
     r->len = 1;
     r->p[0] = REC_ERR;
     lua_pushliteral(L, "value");
@@ -249,19 +258,20 @@ static void encode_outcome(lua_State *L, parmap_buf *r, lua_Integer g) {
   }
 }
 
-/* agent.result(i, ...): queue item i's results; false when rank 0 has
-   closed the map (the loop then stops the engine). A batch goes out when
-   it is large, or when the previous one left 5 ms ago or more, so a
-   sparse result never waits (and before the agent waits for items). */
-static int a_result(lua_State *L) {
-  lua_Integer i = luaL_checkinteger(L, 1), g;
+/* Queue the outcome of this agent's item i (at base; its values above):
+   0 when rank 0 has closed the map (the engine is then stopped). A batch
+   goes out when it is large, or when the previous one left 5 ms ago or
+   more, so a sparse result never waits (and before the agent waits for
+   items). */
+static int add_result(lua_State *L, int base) {
+  lua_Integer i = lua_tointeger(L, base), g;
   uint64_t now;
   lua_rawgeti(L, lua_upvalueindex(1), i);
   g = lua_tointeger(L, -1);
   lua_pop(L, 1);
   lua_pushnil(L);
   lua_rawseti(L, lua_upvalueindex(1), i);
-  encode_outcome(L, &A.rec, g);
+  encode_outcome(L, &A.rec, g, base + 1, lua_gettop(L) - base);
   if (A.nres == 0 && mpi_begin(&A.res, A.mapid, 0, 0, 0)) nomem(L);
   if (parmap_put_varint(&A.res, (unsigned long long)g) ||
       parmap_put_varint(&A.res, (unsigned long long)A.rec.len) ||
@@ -270,15 +280,39 @@ static int a_result(lua_State *L) {
   memcpy(A.res.p + A.res.len, A.rec.p, A.rec.len);
   A.res.len += A.rec.len;
   A.nres++;
-  now = parmap_now_ns();
-  if (A.res.len >= FLUSH_BYTES || now - A.last_flush >= FLUSH_NS) {
-    flush(L);
-    A.last_flush = now;
+  if ((A.nres & 63) == 1 || A.res.len >= FLUSH_BYTES) {
+    now = parmap_now_ns();
+    if (A.res.len >= FLUSH_BYTES || now - A.last_flush >= FLUSH_NS) {
+      flush(L);
+      A.last_flush = now;
+    }
   }
-  if ((++A.calls & 15) == 0)
+  if ((++A.calls & 63) == 0)
     while (pump(L, 0)) {}
-  lua_pushboolean(L, !A.aborted);
-  return 1;
+  return !A.aborted;
+}
+
+/* agent.drain(f, s, c, fixup): run the engine's loop (for i, ... in f, s, c)
+   here in C, queueing every result; fixup(i, e) first for an error. */
+static int a_drain(lua_State *L) {
+  luaL_checktype(L, 4, LUA_TFUNCTION);
+  for (;;) {
+    int n;
+    lua_settop(L, 4);
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 3);
+    lua_call(L, 2, LUA_MULTRET);
+    n = lua_gettop(L) - 4;
+    if (n == 0 || lua_isnil(L, 5)) return 0;
+    if (n == 2 && is_error(L, 6)) {
+      lua_pushvalue(L, 4);
+      lua_pushvalue(L, 5);
+      lua_pushvalue(L, 6);
+      lua_call(L, 2, 0);
+    }
+    if (!add_result(L, 5)) return 0;
+  }
 }
 
 /* agent.finish(ok, err): the map has ended here. */
@@ -303,32 +337,36 @@ static const char *const DRIVER =
     "local parmap = require 'parmap'\n"
     "local core = require 'parmap.core'\n"
     "local call = core.call\n"
+    "local STAR = { [0] = false, [1] = true, [2] = parmap.None }\n"
+    "local function fixup(i, e)\n"
+    "  -- the traceback ends at fn, as the fork engine's does\n"
+    "  e.traceback = e.traceback:gsub(\"\\n\\t%[C%]: in upvalue 'call'.*$\", '')\n"
+    "  -- the engine's messages count this agent's items: the map's index\n"
+    "  e.message = e.message:gsub('item ' .. i .. '%f[%D]', 'item ' .. agent.global(i))\n"
+    "end\n"
     "local function run(rec, o)\n"
     "  local fn = core.loadfn(rec)\n"
-    "  local star, kwstar, args, nargs = o.star, o.kwstar == 1, o.args, o.nargs\n"
-    "  local has_kw, kwargs = o.has_kw == 1, o.kwargs\n"
-    "  local function wrapped(box)\n"
-    "    return call(fn, box[1], box[2], star, kwstar, args, nargs, has_kw,\n"
-    "      kwargs, false)\n"
-    "  end\n"
     "  local N = o.N or parmap.ncpu()\n"
     "  local timeout = o.timeout\n"
     "  -- N = 1 would run fn in this process: a worker process instead\n"
     "  if N == 1 and not timeout then timeout = 1e9 end\n"
-    "  local f, s, c, closer <close> = parmap.parmap(wrapped, agent.items,\n"
-    "    { N = N, ordered = false, exception = 'return', timeout = timeout })\n"
-    "  local function step(i, r, ...)\n"
-    "    if i == nil then return false end\n"
-    "    if select('#', ...) == 0 and parmap.iserror(r) then\n"
-    "      -- the traceback ends at fn, as the fork engine's does\n"
-    "      r.traceback = r.traceback:gsub(\"\\n\\t%[C%]: in upvalue 'call'.*$\", '')\n"
-    "      -- the engine's messages count this agent's items: the map's index\n"
-    "      r.message = r.message:gsub('item ' .. i .. '%f[%D]',\n"
-    "        'item ' .. agent.global(i))\n"
+    "  local opts = { N = N, ordered = false, exception = 'return', timeout = timeout }\n"
+    "  local args = o.args or {}\n"
+    "  args.n = o.nargs\n"
+    "  if o.box then -- nil items: the call table applied here\n"
+    "    local star, kwstar, nargs = o.star, o.kwstar == 1, o.nargs\n"
+    "    local has_kw, kwargs = o.has_kw == 1, o.kwargs\n"
+    "    local f0 = fn\n"
+    "    fn = function(box)\n"
+    "      return call(f0, box[1], box[2], star, kwstar, args, nargs, has_kw,\n"
+    "        kwargs, false)\n"
     "    end\n"
-    "    return agent.result(i, r, ...)\n"
+    "  else\n"
+    "    opts.star, opts.kwstar = STAR[o.star], o.kwstar == 1\n"
+    "    opts.args, opts.kwargs = args, o.kwargs\n"
     "  end\n"
-    "  while step(f(s, c)) do end\n"
+    "  local f, s, c, closer <close> = parmap.parmap(fn, agent.items, opts)\n"
+    "  agent.drain(f, s, c, fixup)\n"
     "end\n"
     "while true do\n"
     "  local rec, o = agent.wait()\n"
@@ -339,7 +377,7 @@ static const char *const DRIVER =
 int parmap_mpi_agent_main(lua_State *L, int rank) {
   static const luaL_Reg funcs[] = {{"wait", a_wait},
                                    {"items", a_items},
-                                   {"result", a_result},
+                                   {"drain", a_drain},
                                    {"finish", a_finish},
                                    {"global", a_global},
                                    {NULL, NULL}};

@@ -52,7 +52,7 @@ typedef struct PerAgent {
 
 /* user values */
 enum {
-  M_ITEMS = 1, M_PENDING, M_READY, M_MKERR, M_SCRATCH, M_PROGRESS, M_FAIL,
+  M_ITEMS = 1, M_PENDING, M_MKERR, M_SCRATCH, M_PROGRESS, M_FAIL,
   M_DESC, M_NUV = M_DESC
 };
 
@@ -61,7 +61,20 @@ typedef struct MMap {
   int from_table, ordered, exception, closed, finished, exhausted, nw;
   int failrank;
   lua_Integer total, pulled, received, emitted, want;
-  lua_Integer rhead, rtail; /* unordered: ready[rhead..rtail) */
+  /* Results that wait for the loop stay in their batch (a Lua string in
+     the M_PENDING table, by message number); slot g says where. Slots form
+     a ring over the items [lo, lo + rcap) not yet taken by the loop. */
+  struct Slot {
+    uint64_t off;
+    uint32_t msg, len;
+    int rank; /* 0: not here yet, -1: taken */
+  } *ring;
+  lua_Integer lo;
+  size_t rcap;
+  lua_Integer *fifo; /* unordered: the order results came in */
+  size_t fcap, fhead, ftail;
+  uint32_t *mref; /* results of message k not yet taken */
+  uint32_t nmsg, mcap;
   uint64_t t0;
   PerAgent *as;
   parmap_buf seg;
@@ -163,7 +176,91 @@ static void send_segment(lua_State *L, MMap *m, int r) {
 
 /* ------------------------------------------------------------ messages */
 
-static void handle(lua_State *L, MMap *m, parmap_buf *b, int tag, int from) {
+static struct Slot *slot(MMap *m, lua_Integer g) {
+  return &m->ring[(size_t)g % m->rcap];
+}
+
+/* Make room for item g in the ring. */
+static int ring_fit(MMap *m, lua_Integer g) {
+  while ((size_t)(g - m->lo) >= m->rcap) {
+    size_t cap = m->rcap ? 2 * m->rcap : 1024, k;
+    struct Slot *r = (struct Slot *)calloc(cap, sizeof *r);
+    if (r == NULL) return -1;
+    for (k = 0; k < m->rcap; k++) {
+      lua_Integer h = m->lo + (lua_Integer)k;
+      r[(size_t)h % cap] = m->ring[(size_t)h % m->rcap];
+    }
+    free(m->ring);
+    m->ring = r;
+    m->rcap = cap;
+  }
+  return 0;
+}
+
+static int fifo_push(MMap *m, lua_Integer g) {
+  if (m->ftail == m->fcap) {
+    if (m->fhead > 0) {
+      memmove(m->fifo, m->fifo + m->fhead,
+              (m->ftail - m->fhead) * sizeof *m->fifo);
+      m->ftail -= m->fhead;
+      m->fhead = 0;
+    } else {
+      size_t cap = m->fcap ? 2 * m->fcap : 1024;
+      void *v = realloc(m->fifo, cap * sizeof *m->fifo);
+      if (v == NULL) return -1;
+      m->fifo = (lua_Integer *)v;
+      m->fcap = cap;
+    }
+  }
+  m->fifo[m->ftail++] = g;
+  return 0;
+}
+
+/* A batch of results from rank `from`, the string at index msgi. */
+static void take_results(lua_State *L, MMap *m, int msgi, int from) {
+  size_t blen, pos = sizeof(MsgHdr);
+  const char *b = lua_tolstring(L, msgi, &blen);
+  MsgHdr h;
+  uint32_t i, k;
+  memcpy(&h, b, sizeof h);
+  if (m->nmsg + 1 >= m->mcap) {
+    uint32_t cap = m->mcap ? 2 * m->mcap : 256;
+    void *v = realloc(m->mref, cap * sizeof *m->mref);
+    if (v == NULL) nomem(L);
+    m->mref = (uint32_t *)v;
+    m->mcap = cap;
+  }
+  k = ++m->nmsg;
+  m->mref[k] = 0;
+  for (i = 0; i < h.count; i++) {
+    unsigned long long g, len;
+    struct Slot *sl;
+    if (parmap_get_varint(b, blen, &pos, &g) ||
+        parmap_get_varint(b, blen, &pos, &len) || len > blen - pos ||
+        len < 1 || g < 1 || (lua_Integer)g > m->pulled ||
+        (lua_Integer)g < m->lo)
+      luaL_error(L, "parmap: bad results from rank %d", from);
+    if (ring_fit(m, (lua_Integer)g)) nomem(L);
+    sl = slot(m, (lua_Integer)g);
+    if (sl->rank != 0) luaL_error(L, "parmap: rank %d sent item %d twice", from, (int)g);
+    sl->off = pos;
+    sl->len = (uint32_t)len;
+    sl->msg = k;
+    sl->rank = from;
+    pos += (size_t)len;
+    m->mref[k]++;
+    m->received++;
+    m->as[from].got++;
+    if (!m->ordered && fifo_push(m, (lua_Integer)g)) nomem(L);
+  }
+  lua_getiuservalue(L, 1, M_PENDING);
+  lua_pushvalue(L, msgi);
+  lua_rawseti(L, -2, k);
+  lua_pop(L, 1);
+}
+
+static void handle(lua_State *L, MMap *m, parmap_buf *b, int msgi, int tag,
+                   int from) {
   MsgHdr h = mpi_hdr(b);
   if (m == NULL || h.mapid != m->id || from < 1 || from >= C.size) return;
   if (m->closed && tag != TAG_DONE && tag != TAG_FAIL) return;
@@ -175,35 +272,9 @@ static void handle(lua_State *L, MMap *m, parmap_buf *b, int tag, int from) {
       send_segment(L, m, from);
       m->as[from].credit_ns = parmap_now_ns();
       break;
-    case TAG_RES: {
-      size_t pos = sizeof h;
-      uint32_t i;
-      int top = lua_gettop(L);
-      lua_getiuservalue(L, 1, M_PENDING);
-      lua_getiuservalue(L, 1, M_READY);
-      for (i = 0; i < h.count; i++) {
-        unsigned long long g, len;
-        char rk[16];
-        int rl = snprintf(rk, sizeof rk, "%d:", from);
-        if (parmap_get_varint(b->p, b->len, &pos, &g) ||
-            parmap_get_varint(b->p, b->len, &pos, &len) || len > b->len - pos ||
-            g < 1 || (lua_Integer)g > m->pulled)
-          luaL_error(L, "parmap: bad results from rank %d", from);
-        lua_pushlstring(L, rk, (size_t)rl);
-        lua_pushlstring(L, b->p + pos, (size_t)len);
-        lua_concat(L, 2);
-        lua_rawseti(L, top + 1, (lua_Integer)g);
-        pos += (size_t)len;
-        m->received++;
-        m->as[from].got++;
-        if (!m->ordered) {
-          lua_pushinteger(L, (lua_Integer)g);
-          lua_rawseti(L, top + 2, m->rtail++);
-        }
-      }
-      lua_settop(L, top);
+    case TAG_RES:
+      take_results(L, m, msgi, from);
       break;
-    }
     case TAG_DONE:
       m->as[from].done = 1;
       break;
@@ -239,7 +310,7 @@ static void wait_one(lua_State *L, MMap *m) {
     view.p = (char *)lua_tolstring(L, -1, &n);
     view.len = view.cap = n;
     view.mapped = 0;
-    handle(L, m, &view, tag, from);
+    handle(L, m, &view, lua_gettop(L), tag, from);
   }
   lua_pop(L, 1);
 }
@@ -273,7 +344,13 @@ static int map_gc(lua_State *L) {
   if (!m->closed && !C.quit) stop(L, m);
   parmap_buf_free(&m->seg);
   free(m->as);
+  free(m->ring);
+  free(m->fifo);
+  free(m->mref);
   m->as = NULL;
+  m->ring = NULL;
+  m->fifo = NULL;
+  m->mref = NULL;
   return 0;
 }
 
@@ -291,18 +368,27 @@ static void call_progress(lua_State *L, MMap *m, int finished) {
 
 /* Push item g's results (the map at 1); returns the count with g first. */
 static int emit(lua_State *L, MMap *m, lua_Integer g) {
-  size_t len, pos;
+  size_t len, pos = 0;
   const char *s, *err = NULL;
   int rank, n, base;
+  struct Slot *sl = slot(m, g);
+  uint32_t k = sl->msg;
+  rank = sl->rank;
   lua_getiuservalue(L, 1, M_PENDING);
-  lua_rawgeti(L, -1, g);
-  s = lua_tolstring(L, -1, &len);
-  lua_pushnil(L);
-  lua_rawseti(L, -3, g);
-  lua_remove(L, -2); /* the record string stays on the stack */
+  lua_rawgeti(L, -1, k);
+  s = lua_tostring(L, -1) + sl->off; /* the batch string stays on the stack */
+  len = sl->len;
+  if (--m->mref[k] == 0) {
+    lua_pushnil(L);
+    lua_rawseti(L, -3, k);
+  }
+  lua_remove(L, -2);
+  sl->rank = -1;
+  while (m->lo <= m->pulled && m->rcap > 0 && slot(m, m->lo)->rank == -1) {
+    slot(m, m->lo)->rank = 0;
+    m->lo++;
+  }
   m->emitted++;
-  rank = atoi(s);
-  pos = (size_t)(strchr(s, ':') - s) + 1;
   call_progress(L, m, 0);
   base = lua_gettop(L); /* the record string */
   lua_getiuservalue(L, 1, M_SCRATCH); /* base + 1 */
@@ -350,21 +436,11 @@ static int map_next(lua_State *L) {
                         lua_tostring(L, -1));
     }
     if (m->ordered) {
-      lua_getiuservalue(L, 1, M_PENDING);
-      if (lua_rawgeti(L, -1, m->want) != LUA_TNIL) {
-        lua_settop(L, 1);
+      if (m->rcap > 0 && (size_t)(m->want - m->lo) < m->rcap &&
+          slot(m, m->want)->rank > 0)
         return emit(L, m, m->want++);
-      }
-      lua_settop(L, 1);
-    } else if (m->rhead < m->rtail) {
-      lua_Integer g;
-      lua_getiuservalue(L, 1, M_READY);
-      lua_rawgeti(L, -1, m->rhead);
-      g = lua_tointeger(L, -1);
-      lua_pushnil(L);
-      lua_rawseti(L, -3, m->rhead++);
-      lua_settop(L, 1);
-      return emit(L, m, g);
+    } else if (m->fhead < m->ftail) {
+      return emit(L, m, m->fifo[m->fhead++]);
     }
     if (m->exhausted && m->emitted == m->pulled) {
       m->finished = 1;
@@ -402,8 +478,6 @@ static int mpi_start(lua_State *L) {
   lua_setiuservalue(L, 4, M_ITEMS);
   lua_newtable(L);
   lua_setiuservalue(L, 4, M_PENDING);
-  lua_newtable(L);
-  lua_setiuservalue(L, 4, M_READY);
   lua_getfield(L, 1, "make_error");
   lua_setiuservalue(L, 4, M_MKERR);
   lua_newtable(L);
@@ -425,7 +499,7 @@ static int mpi_start(lua_State *L) {
   m->nw = (int)lua_tointeger(L, -1);
   lua_settop(L, 4);
   m->want = 1;
-  m->rhead = m->rtail = 1;
+  m->lo = 1;
   m->t0 = parmap_now_ns();
   if (m->from_table && m->total == 0) m->exhausted = 1;
 
