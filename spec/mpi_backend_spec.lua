@@ -15,10 +15,10 @@ if have then have:close() end
 
 -- Run src under mpirun with n ranks; returns output (stdout and stderr),
 -- exit status, and the script's path (already removed).
-local function mpirun(src, n, cmd)
+local function mpirun(src, n, cmd, env)
   local path = H.script(src)
-  local p = io.popen(string.format("timeout 120 %s %s -n %d %s %q 2>&1",
-    MPIRUN, FLAGS, n or 3, cmd or BIN, path))
+  local p = io.popen(string.format("%s timeout 120 %s %s -n %d %s %q 2>&1",
+    env or "", MPIRUN, FLAGS, n or 3, cmd or BIN, path))
   local out = p:read("a")
   local _, _, code = p:close()
   os.remove(path)
@@ -262,6 +262,21 @@ print("items", n, s)
     assert.are.equal(0, code, out)
     assert.matches("items\t300000\t45000450000\n", out, 1, true)
   end)
+
+  it("splits a message over the size limit into parts (limit 100 bytes here)",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local items = {}
+for i = 1, 200 do items[i] = string.rep(string.char(65 + i % 26), 1000 + i) end
+local r = parmap.map(function(s) return s .. s:lower(), #s end, items)
+local ok = 0
+for i = 1, 200 do if r[i] == items[i] .. items[i]:lower() then ok = ok + 1 end end
+print("ok", ok)
+]], 3, nil, "env PARMAP_MPI_MAXMSG=100")
+      assert.are.equal(0, code, out)
+      assert.matches("ok\t200\n", out, 1, true)
+    end)
 
   it("calls progress with the final count", function()
     local out, code = mpirun([[

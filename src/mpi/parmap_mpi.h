@@ -22,6 +22,9 @@
 **               TAG_DONE   the agent's engine has ended this map
 **               TAG_FAIL   the map could not run on the agent (message)
 **               TAG_BYE    answer to TAG_QUIT: the agent sends no more
+**   either way  TAG_BIG    a message longer than PARMAP_MPI_MAXMSG bytes
+**                          (1 GiB; the environment may lower it): count =
+**                          its tag, a = its length; TAG_PARTs follow
 **
 ** Flow control without deadlock: rank 0 sends items on CREDIT, never in
 ** answer to results, and answers every CREDIT with a segment or TAG_END.
@@ -41,7 +44,8 @@
 
 enum {
   TAG_HELLO = 1, TAG_MAP, TAG_SEG, TAG_END, TAG_ABORT, TAG_QUIT,
-  TAG_CREDIT, TAG_RES, TAG_DONE, TAG_FAIL, TAG_BYE
+  TAG_CREDIT, TAG_RES, TAG_DONE, TAG_FAIL, TAG_BYE,
+  TAG_BIG, TAG_PART /* a message over PARMAP_MPI_MAXMSG, in parts */
 };
 
 typedef struct MsgHdr {
@@ -49,11 +53,16 @@ typedef struct MsgHdr {
   int64_t a, b;
 } MsgHdr;
 
-/* Sends in flight: each keeps its buffer until MPI_Test says done. */
+/* Sends in flight: each keeps its buffer until MPI_Test says done (the
+   parts of a split message share theirs). */
+typedef struct Shared {
+  parmap_buf buf;
+  int refs;
+} Shared;
 typedef struct Outbox {
   struct Pending {
     MPI_Request req;
-    parmap_buf buf;
+    Shared *sh;
   } *v;
   int n, cap;
 } Outbox;
