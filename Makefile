@@ -214,6 +214,12 @@ check-mpi: deps
 	@$(MAKE) --no-print-directory WERROR=-Werror all mpi
 	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" PARMAP_SPECS=spec/mpi_backend_spec.lua \
 	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
+# `make bench-mpi`: bench/mpi.lua, the MPI backend against the fork backend
+# on this machine (MPI_BENCH_RANKS ranks, default 2: rank 0 and one agent).
+MPI_BENCH_RANKS ?= 2
+.PHONY: bench-mpi
+bench-mpi: all mpi
+	$(MPIRUN) $(MPIRUN_FLAGS) -n $(MPI_BENCH_RANKS) $(MPI_BIN) bench/mpi.lua
 # --- end mpi (issue 13) ---
 
 install: all

@@ -278,6 +278,23 @@ print("ok", ok)
       assert.matches("ok\t200\n", out, 1, true)
     end)
 
+  it("timeout kills a hung worker inside an agent; its item fails with "
+    .. "kind 'timeout'", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local kinds = {}
+for i, r in parmap(function(x)
+  if x == 3 then os.execute("sleep 30") end
+  return x
+end, {1, 2, 3, 4}, {exception = "return", timeout = 1}) do
+  kinds[#kinds + 1] = parmap.iserror(r) and (r.kind .. "@" .. r.index) or tostring(r)
+end
+print("kinds", table.concat(kinds, " "))
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("kinds\t1 2 timeout@3 4\n", out, 1, true)
+  end)
+
   it("calls progress with the final count", function()
     local out, code = mpirun([[
 local parmap = require "parmap"
