@@ -47,7 +47,10 @@ Error.__name = "parmap.Error"
 
 function Error.__tostring(e)
   local s
-  if e.index == nil then -- a ReturnProcess
+  if e.kind == "init" then -- a worker's init raised: no item ran there
+    s = format("parmap: init failed in worker %d (pid %d): %s", e.worker,
+      e.pid, e.message)
+  elseif e.index == nil then -- a ReturnProcess
     s = format("parmap: process %d failed: %s", e.pid, e.message)
   elseif e.rank then -- the MPI backend: a worker of a node agent
     s = format("parmap: item %d failed in worker %d on %s (rank %d): %s",
@@ -62,8 +65,9 @@ function Error.__tostring(e)
 end
 
 -- kind: "error" (fn raised), "value" (a result cannot travel), "died" (the
--- worker ended), "timeout" (the item ran past opts.timeout). index is nil
--- for a ReturnProcess.
+-- worker ended), "timeout" (the item ran past opts.timeout), "init" (the
+-- init option raised; the field worker names the worker). index is nil for
+-- a ReturnProcess and for "init".
 local function make_error(index, kind, err, message, traceback, pid)
   return setmetatable({ index = index, kind = kind, err = err,
     message = message, traceback = traceback or "", pid = pid }, Error)
@@ -189,11 +193,32 @@ M._describe = describe -- for tests
 
 ---------------------------------------------------------------- options
 
-local OPTIONS = { N = true, star = true, kwstar = true, args = true,
-  kwargs = true, chunksize = true, ordered = true, progress = true,
-  total = true, exception = true, timeout = true, backend = true }
+-- The options of a map, one a line (a new option is one more line here
+-- and its check in `check` below).
+local OPTIONS = {
+  N = true,
+  star = true,
+  kwstar = true,
+  args = true,
+  kwargs = true,
+  chunksize = true,
+  ordered = true,
+  progress = true,
+  total = true,
+  exception = true,
+  timeout = true,
+  seed = true,
+  init = true,
+  finish = true,
+  maxtasks = true,
+  backend = true, -- issue 13: "auto", "fork" or "mpi"
+}
 local BACKEND = { auto = true, fork = true, mpi = true }
 local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
+-- The most extra arguments (args.n) a call may get: they sit on Lua's
+-- stack, which holds at most 1,000,000 slots (LUAI_MAXSTACK).
+local MAX_ARGS = 100000
+M.MAX_ARGS = MAX_ARGS
 
 local function callable(f)
   if type(f) == "function" then return true end
@@ -207,24 +232,148 @@ local function typename(v)
     or type(v)
 end
 
-local function bad(level, name, what, got)
+-- A bad value as a message shows it: a number as it is, a string quoted
+-- with its type (so that 4 and "4" differ), anything else by its type.
+local function shown(v)
+  local t = type(v)
+  if t == "number" then
+    if v ~= v then return "nan" end
+    return tostring(v)
+  elseif t == "string" then
+    if #v > 40 then v = v:sub(1, 37) .. "..." end
+    return "string " .. format("%q", v):gsub("\\\n", "\\n")
+  end
+  return typename(v)
+end
+
+-- v as an integer when it is an integer-valued number (3 and 3.0, never
+-- the string "3"), else nil.
+local function integer(v)
+  if type(v) ~= "number" then return nil end
+  return tointeger(v)
+end
+
+local function bad(level, name, what, v)
   error(format("parmap: bad option '%s' (%s expected, got %s)", name, what,
-    got), level + 1)
+    shown(v)), level + 1)
 end
 
-local function posint(v)
-  local i = tointeger(v)
-  return i and i >= 1 and i or nil
+-- The edit distance of two short strings (Levenshtein), for suggestions.
+local function distance(a, b)
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur, ai = { [0] = i }, a:byte(i)
+    for j = 1, #b do
+      local cost = ai == b:byte(j) and 0 or 1
+      local d = prev[j] + 1
+      if cur[j - 1] + 1 < d then d = cur[j - 1] + 1 end
+      if prev[j - 1] + cost < d then d = prev[j - 1] + cost end
+      cur[j] = d
+    end
+    prev = cur
+  end
+  return prev[#b]
 end
 
--- Check parmap's arguments; return the spec core.start takes.
-local function check(level, fn, items, opts)
+-- "unknown option 'k'", with the closest known name when there is one
+-- (same letters in another case, or a typo or two away). known: a set of
+-- names, or a list of sets.
+local function unknown(k, known, ...)
+  if type(k) ~= "string" then
+    return format("unknown option %s (options are named, as in {N = 4})",
+      type(k) == "number" and tostring(k) or shown(k))
+  end
+  local lk, limit, best, bestd = k:lower(), #k <= 3 and 1 or 2, nil, nil
+  local sets = { known, ... }
+  for s = 1, #sets do
+    for name in next, sets[s] do
+      local d = distance(lk, name:lower())
+      if d <= limit and (not best or d < bestd or (d == bestd and name < best)) then
+        best, bestd = name, d
+      end
+    end
+  end
+  if #k > 60 then k = k:sub(1, 57) .. "..." end
+  if best then
+    return format("unknown option '%s' (did you mean '%s'?)", k, best)
+  end
+  return format("unknown option '%s'", k)
+end
+
+-- The length of a sequence argument: t.n when given, else #t; either must
+-- be a non-negative integer (#t may come from a __len metamethod). On a
+-- bad length: nil and why.
+local function seqlen(t, name)
+  local n = t.n
+  if n ~= nil then
+    local i = integer(n)
+    if not i or i < 0 then
+      return nil, format("%s.n must be a non-negative integer, got %s", name,
+        shown(n))
+    end
+    return i
+  end
+  n = #t
+  local i = integer(n)
+  if not i or i < 0 then
+    return nil, format("#%s returned %s (its __len), not a non-negative integer",
+      name, shown(n))
+  end
+  return i
+end
+
+-- Is t a table with keys but no sequence part ({a = 1}, {[2] = x}), whose
+-- length n is 0? Mapping it would silently map nothing. A __len or a t.n
+-- says the length on purpose.
+local function not_sequence(t, n)
+  return n == 0 and t.n == nil and next(t) ~= nil
+    and not (getmetatable(t) or {}).__len
+end
+
+-- ipairs' iterator: items = ipairs(t) passes it, t and 0.
+local ipairs_aux = ipairs({})
+
+local NOT_SEQUENCE = "not a sequence: #t is 0 but it has other keys; to map over its keys or values, collect them into a list first"
+
+-- The hint for a call given an iterator triple instead of items.
+local TRIPLE = "pass the table itself (or an items function), not ipairs(t) or pairs(t)"
+
+local function check_args(level, who, args)
+  if args == nil then return {}, 0 end
+  if type(args) ~= "table" then
+    error(format("%s: bad option 'args' (table expected, got %s)", who,
+      shown(args)), level + 1)
+  end
+  local nargs, why = seqlen(args, "args")
+  if not nargs then
+    if args.n ~= nil then
+      error(format("%s: bad option 'args.n' (non-negative integer expected, got %s)",
+        who, shown(args.n)), level + 1)
+    end
+    error(format("%s: bad option 'args' (%s)", who, why), level + 1)
+  end
+  if nargs > MAX_ARGS then
+    error(format("%s: bad option 'args.n' (at most %d arguments, got %d)",
+      who, MAX_ARGS, nargs), level + 1)
+  end
+  return args, nargs
+end
+
+-- Check parmap's arguments; return the spec core.start takes. extra: how
+-- many arguments came after opts.
+local function check(level, fn, items, opts, extra)
   level = level + 1
   if not callable(fn) then
     error(format("parmap: bad argument #1 'fn' (function expected, got %s)",
       typename(fn)), level)
   end
   local it = type(items)
+  if items == ipairs_aux or items == next
+    or (extra and extra > 0 and it == "function" and type(opts) == "table") then
+    error("parmap: bad argument #2 'items' (an iterator triple: " .. TRIPLE .. ")",
+      level)
+  end
   if it ~= "table" and it ~= "function" then
     error(format("parmap: bad argument #2 'items' (table or function expected, got %s)",
       typename(items)), level)
@@ -235,20 +384,20 @@ local function check(level, fn, items, opts)
       typename(opts)), level)
   end
   for k in next, opts do
-    if not OPTIONS[k] then
-      error(format("parmap: unknown option '%s'", tostring(k)), level)
-    end
+    if not OPTIONS[k] then error("parmap: " .. unknown(k, OPTIONS), level) end
   end
   local spec = { fn = fn, items = items, from_table = it == "table" and 1 or 0,
     make_error = make_error, describe = describe }
 
   local N = opts.N
   if N == nil then
-    N = core.ncpu()
-  elseif not posint(N) then
-    bad(level, "N", "positive integer", tostring(N))
+    -- a map inside a worker would otherwise fork N workers per worker
+    N = core.worker() and 1 or core.ncpu()
+  else
+    N = integer(N)
+    if not N or N < 1 then bad(level, "N", "positive integer", opts.N) end
   end
-  spec.N = posint(N)
+  spec.N = N
 
   local star = opts.star
   if star == nil or star == false then
@@ -258,52 +407,38 @@ local function check(level, fn, items, opts)
   elseif star == M.None then
     spec.star = 2
   else
-    bad(level, "star", "true, false or parmap.None", tostring(star))
+    bad(level, "star", "true, false or parmap.None", star)
   end
   local kwstar = opts.kwstar
   if kwstar ~= nil and type(kwstar) ~= "boolean" then
-    bad(level, "kwstar", "boolean", typename(kwstar))
+    bad(level, "kwstar", "boolean", kwstar)
   end
   spec.kwstar = kwstar and 1 or 0
 
-  local args = opts.args
-  if args == nil then
-    args = {}
-  elseif type(args) ~= "table" then
-    bad(level, "args", "table", typename(args))
-  end
-  local nargs = args.n
-  if nargs == nil then
-    nargs = #args
-  elseif not tointeger(nargs) or nargs < 0 then
-    bad(level, "args.n", "non-negative integer", tostring(nargs))
-  end
-  spec.args, spec.nargs = args, tointeger(nargs)
+  spec.args, spec.nargs = check_args(level, "parmap", opts.args)
 
   local kwargs = opts.kwargs
   if kwargs ~= nil and type(kwargs) ~= "table" then
-    bad(level, "kwargs", "table", typename(kwargs))
+    bad(level, "kwargs", "table", kwargs)
   end
   spec.kwargs = kwargs
   spec.has_kw = (kwargs ~= nil or kwstar) and 1 or 0
 
   local total = opts.total
   if total ~= nil then
-    total = tointeger(total)
+    total = integer(total)
     if not total or total < 0 then
-      bad(level, "total", "non-negative integer", tostring(opts.total))
+      bad(level, "total", "non-negative integer", opts.total)
     end
   end
   if it == "table" then
-    local n = items.n
-    if n ~= nil then
-      n = tointeger(n)
-      if not n or n < 0 then
-        error(format("parmap: bad argument #2 'items' (items.n must be a non-negative integer, got %s)",
-          tostring(items.n)), level)
-      end
-    else
-      n = #items
+    local n, why = seqlen(items, "items")
+    if not n then
+      error(format("parmap: bad argument #2 'items' (%s)", why), level)
+    end
+    if not_sequence(items, n) then
+      error("parmap: bad argument #2 'items' (" .. NOT_SEQUENCE:gsub("#t", "#items") .. ")",
+        level)
     end
     total = n
   end
@@ -311,30 +446,31 @@ local function check(level, fn, items, opts)
 
   local chunksize = opts.chunksize
   if chunksize ~= nil then
-    if chunksize == -1 then
-      if not total then
-        error("parmap: chunksize = -1 needs a known total (a table, or the 'total' option)",
-          level)
+    local c = integer(chunksize)
+    if c == -1 then
+      if total then
+        c = total > 0 and (total - 1) // N + 1 or 1 -- ceil, no overflow
+      else
+        io.stderr:write("parmap: chunksize = -1 needs a known total; using automatic chunking\n")
+        c = nil
       end
-      chunksize = (total + spec.N - 1) // spec.N
-      if chunksize < 1 then chunksize = 1 end
-    elseif not posint(chunksize) then
-      bad(level, "chunksize", "positive integer or -1", tostring(chunksize))
+    elseif not c or c < 1 then
+      bad(level, "chunksize", "positive integer or -1", chunksize)
     end
-    spec.chunksize = posint(chunksize)
+    spec.chunksize = c
   end
 
   local ordered = opts.ordered
   if ordered ~= nil and type(ordered) ~= "boolean" then
-    bad(level, "ordered", "boolean", typename(ordered))
+    bad(level, "ordered", "boolean", ordered)
   end
   spec.ordered = ordered == false and 0 or 1
 
   local exception = opts.exception
   if exception == nil then
-    exception = spec.N > 1 and "raise" or "proc"
+    exception = N > 1 and "raise" or "proc"
   elseif not EXCEPTION[exception] then
-    bad(level, "exception", "'raise', 'return' or 'proc'", tostring(exception))
+    bad(level, "exception", "'raise', 'return' or 'proc'", exception)
   end
   spec.exception, spec.exception_name = EXCEPTION[exception], exception
 
@@ -345,21 +481,47 @@ local function check(level, fn, items, opts)
   elseif callable(progress) then
     spec.progress = Progress.callback(progress)
   elseif progress ~= nil and progress ~= false then
-    bad(level, "progress", "boolean, string or function", typename(progress))
+    bad(level, "progress", "boolean, string or function", progress)
   end
 
   local timeout = opts.timeout
   if timeout ~= nil then
     if type(timeout) ~= "number" or not (timeout > 0) then
-      bad(level, "timeout", "positive number of seconds", tostring(timeout))
+      bad(level, "timeout", "positive number of seconds", timeout)
     end
-    spec.timeout = timeout -- with N = 1 too: then one worker process runs
+    -- math.huge is no timeout; else with N = 1 too: then one worker
+    -- process runs the items
+    if timeout < math.huge then spec.timeout = timeout end
+  end
+
+  local seed = opts.seed
+  if seed ~= nil then
+    spec.seed = integer(seed)
+    if not spec.seed then bad(level, "seed", "integer", seed) end
+  end
+
+  -- per-worker state: init(id) before a worker's first item, finish(id)
+  -- when it ends normally
+  for _, name in next, { "init", "finish" } do
+    local f = opts[name]
+    if f ~= nil and not callable(f) then
+      bad(level, name, "function", f)
+    end
+    spec[name] = f
+  end
+
+  local maxtasks = opts.maxtasks
+  if maxtasks ~= nil then
+    spec.maxtasks = integer(maxtasks)
+    if not spec.maxtasks or spec.maxtasks < 1 then
+      bad(level, "maxtasks", "positive integer", maxtasks)
+    end
   end
 
   local backend = opts.backend
   if backend == nil then backend = "auto" end
   if not BACKEND[backend] then
-    bad(level, "backend", "'auto', 'fork' or 'mpi'", tostring(backend))
+    bad(level, "backend", "'auto', 'fork' or 'mpi'", backend)
   end
   spec.backend, spec.user_N = backend, opts.N
   return spec
@@ -376,6 +538,28 @@ Serial.close = Serial.__close
 
 local call = core.call
 
+-- init and finish of a serial map, run in the caller as worker 1, with the
+-- same outcomes as in a worker: init's error is raised as an error object
+-- of kind "init"; finish's is written to stderr.
+local function serial_init(init)
+  local status, err, message, traceback = call(init, 1, 0, 0, false, {},
+    0, false, nil, true)
+  if status ~= "ok" then
+    local e = make_error(nil, "init", err, message, traceback, core.pid())
+    e.worker = 1
+    error(e, 0)
+  end
+end
+
+local function serial_finish(fin)
+  local status, _, message, traceback = call(fin, 1, 0, 0, false, {},
+    0, false, nil, true)
+  if status ~= "ok" then
+    io.stderr:write(format("parmap worker 1 (pid %d): finish failed: %s\n%s\n",
+      core.pid(), message, traceback))
+  end
+end
+
 -- N = 1: a plain loop in this process, no fork.
 local function serial(spec)
   local fn, items, from_table = spec.fn, spec.items, spec.from_table == 1
@@ -385,6 +569,7 @@ local function serial(spec)
   local exception, progress = spec.exception_name, spec.progress
   local state = setmetatable({ closed = false }, Serial)
   local i, ended = 0, false
+  local init, fin, started = spec.init, spec.finish, false
 
   local function finish(...)
     if progress then progress(i, total, false) end
@@ -413,8 +598,13 @@ local function serial(spec)
     end
     if (from_table and i >= total) or (not from_table and item == nil) then
       ended = true
+      if started and fin then serial_finish(fin) end
       if progress then progress(i, total, true) end
       return nil
+    end
+    if not started then -- the one worker is this process, number 1
+      started = true
+      if init then serial_init(init) end
     end
     i = i + 1
     if exception == "proc" then
@@ -448,8 +638,10 @@ function Chain.__close(c)
 end
 Chain.close = Chain.__close
 
-local function start(level, fn, items, opts)
-  local spec = check(level + 1, fn, items, opts)
+-- level: where the entry point's caller is, seen from the entry point (2
+-- for a plain function). extra: how many arguments came after opts.
+local function start(level, fn, items, opts, extra)
+  local spec = check(level + 1, fn, items, opts, extra)
   if spec.exception_name == "raise" then spec.make_error = make_raised_error end
   local f, s, c, closer
   local mpi = spec.backend ~= "fork" and package.loaded["parmap.mpi"]
@@ -463,18 +655,35 @@ local function start(level, fn, items, opts)
     if type(f0) ~= "function" then f0 = function(...) return fn(...) end end
     local ok, rec = pcall(core.dumpfn, f0)
     if not ok then error("parmap: " .. tostring(rec), level + 1) end
-    local box = false -- a table with nil items: boxed, as nil ends an iterator
-    if spec.from_table == 1 then
+    -- items go boxed with their index when a table has nil items (nil
+    -- ends an iterator) or for seed (which needs the map's index)
+    local box = spec.seed ~= nil
+    if spec.from_table == 1 and not box then
       for i = 1, spec.total do
         if items[i] == nil then box = true; break end
       end
     end
-    local m = mpi.start(spec, rec, { N = spec.user_N, star = spec.star,
-      kwstar = spec.kwstar, args = spec.args, nargs = spec.nargs,
-      has_kw = spec.has_kw, kwargs = spec.kwargs, timeout = spec.timeout,
-      box = box })
+    local o = { N = spec.user_N, star = spec.star, kwstar = spec.kwstar,
+      args = spec.args, nargs = spec.nargs, has_kw = spec.has_kw,
+      kwargs = spec.kwargs, timeout = spec.timeout, box = box,
+      seed = spec.seed, maxtasks = spec.maxtasks }
+    for _, name in next, { "init", "finish" } do -- they travel as fn does
+      local h = spec[name]
+      if h ~= nil then
+        if type(h) ~= "function" then
+          local h0 = h
+          h = function(...) return h0(...) end
+        end
+        local ok2, r2 = pcall(core.dumpfn, h, name)
+        if not ok2 then error("parmap: " .. tostring(r2), level + 1) end
+        o[name] = r2
+      end
+    end
+    local m = mpi.start(spec, rec, o)
     f, s, c, closer = mpi.next, m, nil, m
-  elseif spec.N == 1 and not spec.timeout then
+  -- timeout, seed: with N = 1 too, the items run in one worker process (a
+  -- loop cannot stop itself; seeding must not touch the caller's stream)
+  elseif spec.N == 1 and not spec.timeout and not spec.seed then
     f, s, c, closer = serial(spec)
   else
     local m = core.start(spec)
@@ -487,16 +696,21 @@ local function start(level, fn, items, opts)
   return f, s, c, closer
 end
 
+-- The entry points call start and return its values without a tail call:
+-- a tail call would drop the entry point's frame, and errors would then
+-- blame the wrong line.
+
 --- for i, r1, r2, ... in parmap.parmap(fn, items, opts) do ... end
-function M.parmap(fn, items, opts)
-  return start(2, fn, items, opts)
+function M.parmap(fn, items, opts, ...)
+  local f, s, c, closer = start(2, fn, items, opts, select("#", ...))
+  return f, s, c, closer
 end
 M.parmapper = M.parmap
 M.imap = M.parmap
 
 --- results, n = parmap.map(fn, items, opts): the first value of each item.
-function M.map(fn, items, opts)
-  local f, s, c, closer <close> = start(2, fn, items, opts)
+function M.map(fn, items, opts, ...)
+  local f, s, c, closer <close> = start(2, fn, items, opts, select("#", ...))
   if f == core.next then -- parallel: collected in C, no Lua loop per item
     return core.collect(s)
   end
@@ -510,6 +724,8 @@ end
 
 --- The number of CPUs this process may run on (the default N).
 M.ncpu = core.ncpu
+--- In a worker of a map: its number (1..N) and N; nil in the caller.
+function M.worker() return core.worker() end
 --- Monotonic time in seconds, for timing maps.
 M.now = core.now
 --- print's values on stdout, above the progress bar when one is drawn.
@@ -519,10 +735,17 @@ M.print = Progress.print
 require("parmap.process")(M, core, {
   make_error = make_error, describe = describe, check = check,
   callable = callable, typename = typename, Error = Error,
+  shown = shown, integer = integer, unknown = unknown, seqlen = seqlen,
+  check_args = check_args, OPTIONS = OPTIONS, TRIPLE = TRIPLE,
+  ipairs_aux = ipairs_aux, not_sequence = not_sequence,
+  NOT_SEQUENCE = NOT_SEQUENCE,
   upstream = upstream, close_value = close_value,
 })
 if getinfo then OWN[getinfo(M.values, "S").source] = true end
 
 return setmetatable(M, {
-  __call = function(_, fn, items, opts) return start(2, fn, items, opts) end,
+  __call = function(_, fn, items, opts, ...)
+    local f, s, c, closer = start(2, fn, items, opts, select("#", ...))
+    return f, s, c, closer
+  end,
 })

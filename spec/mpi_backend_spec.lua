@@ -295,6 +295,23 @@ print("kinds", table.concat(kinds, " "))
     assert.matches("kinds\t1 2 timeout@3 4\n", out, 1, true)
   end)
 
+  it("init and finish travel too; seed gives the fork backend's numbers",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local tag = "T"
+local r = parmap.map(function(x) return STATE .. x end, {1, 2, 3},
+  {init = function(id) STATE = tag .. (id > 0 and "+" or "-") end,
+   finish = function() end})
+print("init", table.concat(r, " "))
+local a = parmap.map(function() return math.random(1000000) end, {1, 2, 3, 4, 5, 6}, {seed = 42})
+local b = parmap.map(function() return math.random(1000000) end, {1, 2, 3, 4, 5, 6}, {seed = 42, backend = "fork"})
+print("seed", table.concat(a, ",") == table.concat(b, ","))
+]])
+      assert.are.equal(0, code, out)
+      assert.matches("init\tT+1 T+2 T+3\nseed\ttrue\n", out, 1, true)
+    end)
+
   it("calls progress with the final count", function()
     local out, code = mpirun([[
 local parmap = require "parmap"

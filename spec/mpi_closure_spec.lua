@@ -328,7 +328,7 @@ describe("the backend option", function()
   it("is 'auto', 'fork' or 'mpi'", function()
     local ok, err = pcall(parmap.map, function(x) return x end, {1}, { backend = "ssh" })
     assert.is_false(ok)
-    assert.matches("bad option 'backend' %('auto', 'fork' or 'mpi' expected, got ssh%)", err)
+    assert.matches([[bad option 'backend' %('auto', 'fork' or 'mpi' expected, got string "ssh"%)]], err)
   end)
 
   it("'auto' and 'fork' run on forked workers outside parmap-mpi", function()

@@ -30,10 +30,15 @@ static int core_call(lua_State *L) {
   lua_Integer index = luaL_checkinteger(L, 3);
   lua_settop(L, 9);
   cs.fn = 1;
-  cs.star = (int)luaL_checkinteger(L, 4);
+  lua_Integer star = luaL_checkinteger(L, 4), nargs = luaL_checkinteger(L, 7);
+  luaL_argcheck(L, star >= STAR_FALSE && star <= STAR_NONE, 4,
+                "star mode 0, 1 or 2 expected");
+  luaL_argcheck(L, nargs >= 0 && nargs <= PARMAP_MAX_ARGS, 7,
+                "args.n out of range (too many arguments?)");
+  cs.star = (int)star;
   cs.kwstar = lua_toboolean(L, 5);
   cs.args = 6;
-  cs.nargs = (int)luaL_checkinteger(L, 7);
+  cs.nargs = (int)nargs;
   cs.has_kw = lua_toboolean(L, 8);
   cs.kw = 9;
   if (protect) {
@@ -157,6 +162,19 @@ static void wrap_allocator(lua_State *L) {
   lua_setallocf(L, huge_alloc, w);
 }
 
+/* worker(): this process's worker number and its map's worker count, or
+   nil outside a map's worker. */
+static int core_worker(lua_State *L) {
+  int n, id = parmap_worker_id(&n);
+  if (id == 0) {
+    lua_pushnil(L);
+    return 1;
+  }
+  lua_pushinteger(L, id);
+  lua_pushinteger(L, n);
+  return 2;
+}
+
 PARMAP_API int luaopen_parmap_core(lua_State *L) {
   static const luaL_Reg funcs[] = {{"call", core_call},
                                    {"ncpu", core_ncpu},
@@ -164,6 +182,7 @@ PARMAP_API int luaopen_parmap_core(lua_State *L) {
                                    {"isatty", core_isatty},
                                    {"termwidth", core_termwidth},
                                    {"pid", core_pid},
+                                   {"worker", core_worker},
                                    {NULL, NULL}};
   wrap_allocator(L);
   luaL_newlib(L, funcs);

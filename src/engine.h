@@ -15,6 +15,17 @@
 enum { STAR_FALSE = 0, STAR_TRUE = 1, STAR_NONE = 2 };
 enum { EXC_RAISE = 0, EXC_RETURN = 1, EXC_PROC = 2 };
 
+/* Limits on what the options may ask of the C core (whatever reaches it:
+   the Lua front checks them too, with its own messages).
+   PARMAP_MAX_ARGS: extra positional arguments (args.n), and the values of
+   one star item; each is a stack slot of every call.
+   PARMAP_MAX_WORKERS: workers of one map; a larger N is lowered to it (and
+   to the item count of a table input) before anything is allocated.
+   PARMAP_MAX_CHUNK: items per chunk; a larger chunksize is lowered to it. */
+#define PARMAP_MAX_ARGS 100000
+#define PARMAP_MAX_WORKERS 1024
+#define PARMAP_MAX_CHUNK 1000000
+
 /* User values of a Map userdata, and the worker's stack slots (same order). */
 enum {
   U_FN = 1,
@@ -25,7 +36,9 @@ enum {
   U_MKERR,    /* make_error(index, kind, err, message, traceback, pid) */
   U_DESC,     /* describe(prefix, values...) -> message */
   U_SCRATCH,  /* the codec's scratch table */
-  U_COUNT = U_SCRATCH
+  U_INIT,     /* init(id), run once in each worker before its items, or nil */
+  U_FINISH,   /* finish(id), run in a worker that ends normally, or nil */
+  U_COUNT = U_FINISH
 };
 
 typedef struct Config {
@@ -36,6 +49,9 @@ typedef struct Config {
   lua_Integer chunksize; /* 0: automatic */
   int N;
   double timeout; /* seconds per item, 0: none */
+  int has_seed;   /* seed option: math.randomseed(seed, index) per item */
+  lua_Integer seed;
+  lua_Integer maxtasks; /* items a worker process runs in all, 0: no limit */
 } Config;
 
 /* Frame headers. Both ends are the same machine: native byte order. */
@@ -57,6 +73,8 @@ typedef struct ResultHdr {
   uint64_t flags;
 } ResultHdr;
 #define FLAG_END 1u /* the segment is complete */
+#define FLAG_INIT 2u /* no items: the body is the REC_ERR record of a
+                        failed init; the worker then only waits for EOF */
 
 /* A result record starts with one of these bytes, then a codec record:
    REC_OK: the values fn returned.
@@ -91,9 +109,14 @@ int parmap_msgh(lua_State *L);
    err, message, traceback. Returns 3. */
 int parmap_unbox(lua_State *L, int idx);
 
-/* Run the worker side in a forked child; never returns. */
+/* Run the worker side in a forked child as worker `id` of `n`; never
+   returns. */
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
-                        Shm *shm, int fd);
+                        Shm *shm, int fd, int id, int n);
+
+/* This process's worker number and its map's worker count (both 0 outside
+   a map's worker). */
+int parmap_worker_id(int *n);
 
 /* Call an empty Lua function: a hook that a signal handler set (lua.c's
    Ctrl-C) runs at a call, so C code that waits calls this after EINTR, or
@@ -103,6 +126,11 @@ void parmap_run_hooks(lua_State *L);
 /* In a forked child about to run the caller's Lua code from a C function:
    tracebacks stop above that function, and os.exit leaves with _exit(). */
 void parmap_child_prepare(lua_State *L);
+
+/* In a forked child: push a to-be-closed guard that leaves with _exit()
+   when the state is closed (os.exit(code, true) by any reference), before
+   any of the caller's __close or __gc can run. */
+void parmap_exit_guard(lua_State *L);
 
 /* Append an REC_ERR record; raises only when out of memory. */
 void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,

@@ -14,6 +14,7 @@
 */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <lauxlib.h>
 #include <poll.h>
 #include <signal.h>
@@ -32,7 +33,7 @@
 #define WINDOW_PER_WORKER 16 /* at most, chunks in the window per worker */
 #define WINDOW_BASE 4 /* ... while the chunk the loop waits for is done */
 #define TARGET_NS 2000000.0 /* aim for chunks of about 2 ms of work */
-#define MAX_CHUNK 1000000
+#define MAX_CHUNK PARMAP_MAX_CHUNK
 #define BIG_BUF (4u << 20) /* result buffers past this go to the pool */
 #define POOL 2             /* big buffers a map keeps for reuse */
 
@@ -55,6 +56,7 @@ typedef struct Worker {
   int timed_out;
   int exited, status; /* reaped while its socket was still open */
   int lost;           /* ... by someone else's waitpid */
+  lua_Integer handed; /* items handed to this process in all (maxtasks) */
   Seg q[DEPTH];
 } Worker;
 
@@ -104,6 +106,8 @@ typedef struct Map {
   struct pollfd *pfd;
   int *pfd_w;
   parmap_buf pool[POOL]; /* big result buffers of released slots */
+  pid_t *retired; /* recycled workers (maxtasks) not reaped yet */
+  int nretired, retired_cap;
 } Map;
 
 /* ---------------------------------------------------------------- helpers */
@@ -230,9 +234,11 @@ static lua_Integer chunk_size(Map *m) {
   }
   if (m->cfg.total >= 0) { /* shrink near the end: all finish together */
     lua_Integer rem = m->cfg.total - m->next_index + 1;
-    lua_Integer guided = (rem + 2 * m->cfg.N - 1) / (2 * m->cfg.N);
+    lua_Integer two_n = 2 * (lua_Integer)m->cfg.N; /* no overflow near */
+    lua_Integer guided = rem / two_n + (rem % two_n != 0); /* maxinteger */
     if (size > guided) size = guided;
   }
+  if (m->cfg.maxtasks > 0 && size > m->cfg.maxtasks) size = m->cfg.maxtasks;
   if (size < 1) size = 1;
   if (size > MAX_CHUNK) size = MAX_CHUNK;
   m->last_size = size;
@@ -261,12 +267,18 @@ static Slot *free_slot(Map *m) {
   return best;
 }
 
+/* Room for n offsets: grows geometrically, never overflows the byte count
+   (n is at most PARMAP_MAX_CHUNK + 1 here, but the arithmetic is checked
+   all the same). */
 static void offs_reserve(lua_State *L, Slot *s, size_t n) {
   if (s->offs_cap < n) {
-    size_t *p = (size_t *)realloc(s->offs, n * sizeof *p);
+    size_t cap = s->offs_cap ? s->offs_cap : 16, *p;
+    while (cap < n) cap = cap > SIZE_MAX / 2 ? n : cap * 2;
+    if (cap > SIZE_MAX / sizeof *p) nomem(L);
+    p = (size_t *)realloc(s->offs, cap * sizeof *p);
     if (p == NULL) nomem(L);
     s->offs = p;
-    s->offs_cap = n;
+    s->offs_cap = cap;
   }
 }
 
@@ -389,7 +401,8 @@ static int spawn(lua_State *L, Map *m, int wi) {
     return -1;
   }
   if (pid == 0) {
-    parmap_worker_main(L, m->self, &m->cfg, &m->shm[wi], sv[1]);
+    parmap_worker_main(L, m->self, &m->cfg, &m->shm[wi], sv[1], wi + 1,
+                       m->nw);
     _exit(70); /* not reached */
   }
   close(sv[1]);
@@ -405,15 +418,51 @@ static int depth(Map *m) {
   return (m->item_ns * (double)m->last_size > 4 * TARGET_NS) ? 1 : DEPTH;
 }
 
+/* maxtasks: w was handed all the items it may run. */
+static int spent(const Map *m, const Worker *w) {
+  return m->cfg.maxtasks > 0 && w->handed >= m->cfg.maxtasks;
+}
+
+/* maxtasks: a worker that was handed its last item and sent its result
+   goes (its socket closed: it runs finish and exits); dispatch forks a
+   fresh process in its place, under the same number, for further work. */
+static void recycle(Map *m) {
+  int i, k = 0, st;
+  if (m->cfg.maxtasks <= 0) return;
+  for (i = 0; i < m->nretired; i++) /* reap those that are gone */
+    if (parmap_wait(m->retired[i], &st, 0) == 0)
+      m->retired[k++] = m->retired[i];
+  m->nretired = k;
+  for (i = 0; i < m->nw; i++) {
+    Worker *w = &m->w[i];
+    if (w->fd >= 0 && w->qn == 0 && spent(m, w)) {
+      parmap_fd_close(w->fd);
+      w->fd = -1;
+      m->nlive--;
+      if (m->nretired == m->retired_cap) { /* else free_entry reaps it */
+        int cap = m->retired_cap ? 2 * m->retired_cap : 8;
+        pid_t *p = (pid_t *)realloc(m->retired, (size_t)cap * sizeof *p);
+        if (p == NULL) continue;
+        m->retired = p;
+        m->retired_cap = cap;
+      }
+      /* its entry is free at once: the replacement need not wait for its
+         finish; stop reaps it */
+      m->retired[m->nretired++] = w->pid;
+      w->pid = 0;
+    }
+  }
+}
+
 /* A worker to give a segment to: an idle one, a new one, or one with room.
    Returns its index, -2 when one must be forked, -1 when none can take. */
 static int pick_worker(Map *m) {
   int i, best = -1, d = depth(m);
   for (i = 0; i < m->nw; i++)
-    if (m->w[i].fd >= 0 && m->w[i].qn == 0) return i;
+    if (m->w[i].fd >= 0 && m->w[i].qn == 0 && !spent(m, &m->w[i])) return i;
   if (m->nlive < m->cfg.N) return -2;
   for (i = 0; i < m->nw; i++)
-    if (m->w[i].fd >= 0 && m->w[i].qn < d &&
+    if (m->w[i].fd >= 0 && m->w[i].qn < d && !spent(m, &m->w[i]) &&
         (best < 0 || m->w[i].qn < m->w[best].qn))
       best = i;
   return best;
@@ -426,6 +475,9 @@ static void assign(Map *m, int wi, Slot *s) {
   g->slot = (int)(s - m->slots);
   g->from = s->next;
   g->to = (stop > 0 && stop < end) ? stop : end;
+  if (m->cfg.maxtasks > 0 && g->to - g->from > m->cfg.maxtasks - w->handed)
+    g->to = g->from + (m->cfg.maxtasks - w->handed); /* its last items */
+  w->handed += g->to - g->from;
   s->next = g->to;
   s->busy = 1;
 }
@@ -467,6 +519,7 @@ static void retire_idle(Map *m) {
 }
 
 static void dispatch(lua_State *L, Map *m) {
+  recycle(m);
   for (;;) {
     Slot *s;
     int wi = pick_worker(m);
@@ -586,6 +639,35 @@ static void protocol_error(lua_State *L, Worker *w, const char *what) {
              what);
 }
 
+static void stop(Map *m, int kill_them);
+
+/* A FLAG_INIT frame: w's init raised. Its record (REC_ERR, then kind, err,
+   message, traceback, pid) is p[0..len). No item ran there, so the map
+   cannot go on as asked: raise an error object of kind "init" naming the
+   worker, whatever `exception` says, and stop. */
+static void init_error(lua_State *L, Map *m, Worker *w, const char *p,
+                       size_t len) {
+  int base = lua_gettop(L), id = (int)(w - m->w) + 1, n, k;
+  size_t pos = 1;
+  const char *err = NULL;
+  if (len < 1 || p[0] != (char)REC_ERR)
+    protocol_error(L, w, "bad init error record");
+  luaL_checkstack(L, 12, NULL);
+  lua_getiuservalue(L, m->self, U_SCRATCH);
+  n = parmap_decode(L, p, len, &pos, base + 1, &err);
+  if (n != 5 || lua_type(L, base + 2) != LUA_TSTRING ||
+      lua_type(L, base + 4) != LUA_TSTRING)
+    protocol_error(L, w, "bad init error record");
+  lua_getiuservalue(L, m->self, U_MKERR);
+  lua_pushnil(L); /* no item */
+  for (k = 2; k <= 6; k++) lua_pushvalue(L, base + k);
+  lua_call(L, 6, 1); /* make_error(nil, "init", err, message, tb, pid) */
+  lua_pushinteger(L, id);
+  lua_setfield(L, -2, "worker");
+  stop(m, 1);
+  lua_error(L);
+}
+
 static void segment_done(Map *m, Worker *w, uint64_t elapsed) {
   Seg *g = &w->q[0];
   double per = (double)elapsed / (double)(seg_len(g) > 0 ? seg_len(g) : 1);
@@ -609,7 +691,8 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
       w->rhave += (size_t)r;
       if (w->rhave < FRAME_HDR) continue;
       if (w->rhdr.magic != MAGIC_RESULT) protocol_error(L, w, "bad magic");
-      if (w->qn == 0 || w->nsent == 0) protocol_error(L, w, "unasked result");
+      if (w->qn == 0 || (w->nsent == 0 && !(w->rhdr.flags & FLAG_INIT)))
+        protocol_error(L, w, "unasked result");
       s = &m->slots[w->q[0].slot];
       if ((lua_Integer)w->rhdr.nitems > w->q[0].to - (s->start + s->recv))
         protocol_error(L, w, "too many results");
@@ -626,6 +709,8 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
       w->rleft -= (uint64_t)r;
       if (w->rleft > 0) continue;
     }
+    if (w->rhdr.flags & FLAG_INIT)
+      init_error(L, m, w, s->out.p + s->out.len, (size_t)w->rhdr.bodylen);
     s->out.len += (size_t)w->rhdr.bodylen;
     s->recv += w->rhdr.nitems;
     m->done += w->rhdr.nitems;
@@ -664,7 +749,8 @@ static int check_timeouts(Map *m) {
     }
     if (next == 0 || left < next) next = left;
   }
-  return next ? (int)(next / 1000000u) + 1 : -1;
+  if (next == 0) return -1;
+  return next / 1000000u >= INT_MAX ? INT_MAX : (int)(next / 1000000u) + 1;
 }
 
 /* A worker's death shows as end of file on its socket, unless a process
@@ -697,6 +783,10 @@ static int finished(Map *m);
 /* One round: hand out work, wait for sockets (or not), move bytes. */
 static void pump(lua_State *L, Map *m, int block) {
   int i, n = 0, r, timeout;
+  if (m->owner != getpid()) /* a forked copy: the workers and fds are not
+                               ours (the fd numbers may name other files) */
+    luaL_error(L, "parmap: a map cannot be stepped from a worker or child "
+               "process (it belongs to process %d)", (int)m->owner);
   dispatch(L, m);
   if (block && (ready(m) || finished(m))) block = 0; /* dispatch made some */
   timeout = block ? check_timeouts(m) : 0;
@@ -762,6 +852,9 @@ static void release(Map *m) {
     m->slots = NULL;
   }
   for (i = 0; i < POOL; i++) parmap_buf_free(&m->pool[i]);
+  free(m->retired);
+  m->retired = NULL;
+  m->nretired = m->retired_cap = 0;
   free(m->w);
   m->w = NULL;
   free(m->pfd);
@@ -789,6 +882,12 @@ static void stop(Map *m, int kill_them) {
     parmap_wait(pid, &st, -1);
     m->w[i].pid = 0;
   }
+  for (i = 0; i < m->nretired; i++) { /* recycled: running finish, or gone */
+    if (kill_them && parmap_wait(m->retired[i], &st, 0) == 0)
+      kill(m->retired[i], SIGKILL);
+    parmap_wait(m->retired[i], &st, -1);
+  }
+  m->nretired = 0;
   m->nlive = 0;
   release(m); /* nothing reads the slots once stopped */
 }
@@ -989,13 +1088,83 @@ static int map_collect(lua_State *L) {
 
 /* ---------------------------------------------------------------- start */
 
-static lua_Integer intfield(lua_State *L, const char *k, lua_Integer d) {
+/* A small integer option of the spec (a flag, a mode): d when absent. */
+static int intfield(lua_State *L, const char *k, int d, int hi) {
   lua_Integer v;
   int isnum;
   lua_getfield(L, 1, k);
   v = lua_tointegerx(L, -1, &isnum);
   lua_pop(L, 1);
-  return isnum ? v : d;
+  if (!isnum) return d;
+  if (v < 0 || v > hi)
+    luaL_error(L, "parmap: bad spec field '%s' (0..%d expected, got %I)", k,
+               hi, (LUAI_UACINT)v);
+  return (int)v;
+}
+
+/* A count the user gave (N, args.n, total, chunksize), checked before any
+   arithmetic: an integer >= lo, or absent (d). `name` is the option the
+   user wrote. Whatever reaches the core directly gets a clear error. */
+static lua_Integer countfield(lua_State *L, const char *k, const char *name,
+                              lua_Integer lo, lua_Integer d) {
+  lua_Integer v;
+  int isnum, t;
+  t = lua_getfield(L, 1, k);
+  v = lua_tointegerx(L, -1, &isnum);
+  if (t == LUA_TNIL) {
+    lua_pop(L, 1);
+    return d;
+  }
+  if (!isnum || v < lo)
+    luaL_error(L, "parmap: bad option '%s' (%s expected, got %s)", name,
+               lo > 0 ? "positive integer" : "non-negative integer",
+               luaL_tolstring(L, -1, NULL));
+  lua_pop(L, 1);
+  return v;
+}
+
+/* The options of a spec, checked and clamped so that no size computation
+   can overflow: N to PARMAP_MAX_WORKERS and to the item count of a table
+   input, chunksize to PARMAP_MAX_CHUNK, args.n at most PARMAP_MAX_ARGS. */
+static void read_config(lua_State *L, Config *c) {
+  lua_Integer n;
+  c->star = intfield(L, "star", 0, STAR_NONE);
+  c->kwstar = intfield(L, "kwstar", 0, 1);
+  c->has_kw = intfield(L, "has_kw", 0, 1);
+  c->from_table = intfield(L, "from_table", 0, 1);
+  c->exception = intfield(L, "exception", EXC_RAISE, EXC_PROC);
+  c->ordered = intfield(L, "ordered", 1, 1);
+  n = countfield(L, "nargs", "args.n", 0, 0);
+  if (n > PARMAP_MAX_ARGS)
+    luaL_error(L, "parmap: bad option 'args.n' (too many arguments: %I, at "
+               "most %d)", (LUAI_UACINT)n, PARMAP_MAX_ARGS);
+  c->nargs = (int)n;
+  c->total = countfield(L, "total", "total", 0, -1);
+  if (c->from_table && c->total < 0) c->total = 0;
+  c->chunksize = countfield(L, "chunksize", "chunksize", 1, 0);
+  if (c->chunksize > PARMAP_MAX_CHUNK) c->chunksize = PARMAP_MAX_CHUNK;
+  c->maxtasks = countfield(L, "maxtasks", "maxtasks", 1, 0);
+  n = countfield(L, "N", "N", 1, 1);
+  if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
+  if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;
+  c->N = (int)n;
+  if (lua_getfield(L, 1, "timeout") != LUA_TNIL) {
+    lua_Number t = lua_tonumber(L, -1);
+    if (!lua_isnumber(L, -1) || !(t > 0))
+      luaL_error(L, "parmap: bad option 'timeout' (positive number of "
+                 "seconds expected, got %s)", luaL_tolstring(L, -1, NULL));
+    c->timeout = t > 1e9 ? 0 : (double)t; /* past 30 years: none */
+  }
+  lua_pop(L, 1);
+  if (lua_getfield(L, 1, "seed") != LUA_TNIL) {
+    int isnum;
+    c->seed = lua_tointegerx(L, -1, &isnum);
+    if (!isnum)
+      luaL_error(L, "parmap: bad option 'seed' (integer expected, got %s)",
+                 luaL_tolstring(L, -1, NULL));
+    c->has_seed = 1;
+  }
+  lua_pop(L, 1);
 }
 
 static void uvfield(lua_State *L, int ud, const char *k, int u) {
@@ -1024,21 +1193,7 @@ static int map_start(lua_State *L) {
   m->self = ud;
   m->owner = getpid();
   m->cur = -1;
-  m->cfg.star = (int)intfield(L, "star", 0);
-  m->cfg.kwstar = (int)intfield(L, "kwstar", 0);
-  m->cfg.has_kw = (int)intfield(L, "has_kw", 0);
-  m->cfg.nargs = (int)intfield(L, "nargs", 0);
-  m->cfg.from_table = (int)intfield(L, "from_table", 0);
-  m->cfg.exception = (int)intfield(L, "exception", EXC_RAISE);
-  m->cfg.ordered = (int)intfield(L, "ordered", 1);
-  m->cfg.total = intfield(L, "total", -1);
-  m->cfg.chunksize = intfield(L, "chunksize", 0);
-  m->cfg.N = (int)intfield(L, "N", 1);
-  lua_getfield(L, 1, "timeout");
-  m->cfg.timeout = lua_isnumber(L, -1) ? (double)lua_tonumber(L, -1) : 0;
-  lua_pop(L, 1);
-  if (m->cfg.N < 1) m->cfg.N = 1;
-  if (m->cfg.from_table && m->cfg.total < 0) m->cfg.total = 0;
+  read_config(L, &m->cfg);
   uvfield(L, ud, "fn", U_FN);
   uvfield(L, ud, "items", U_ITEMS);
   uvfield(L, ud, "args", U_ARGS);
@@ -1046,6 +1201,8 @@ static int map_start(lua_State *L) {
   uvfield(L, ud, "progress", U_PROGRESS);
   uvfield(L, ud, "make_error", U_MKERR);
   uvfield(L, ud, "describe", U_DESC);
+  uvfield(L, ud, "init", U_INIT);
+  uvfield(L, ud, "finish", U_FINISH);
   lua_newtable(L);
   lua_setiuservalue(L, ud, U_SCRATCH);
   m->nw = m->cfg.N;

@@ -64,22 +64,65 @@ void parmap_fd_close(int fd) {
   close(fd); /* never retried: the fd is gone even on EINTR */
 }
 
+/* An engine fd is never 0, 1 or 2: when the caller runs with a standard
+   descriptor closed (`2>&-`), a new socket would get it, and Lua code that
+   writes to io.stderr would write into the engine's socket. Such an fd is
+   moved to 3 or above (close-on-exec). */
 int parmap_socketpair(int fds[2]) {
+  int e;
 #ifdef SOCK_CLOEXEC
-  return socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds);
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds)) return -1;
 #else
   if (socketpair(AF_UNIX, SOCK_STREAM, 0, fds)) return -1;
   fcntl(fds[0], F_SETFD, FD_CLOEXEC);
   fcntl(fds[1], F_SETFD, FD_CLOEXEC);
-  return 0;
 #endif
+  /* both moved only after both exist: the standard slots stay taken while
+     the other is moved, so neither lands on a standard fd again */
+  if (fds[0] > 2 && fds[1] > 2) return 0;
+  {
+    int a = fds[0], b = fds[1];
+    int ra, rb;
+    if (a <= 2) a = fcntl(fds[0], F_DUPFD_CLOEXEC, 3);
+    if (b <= 2) b = fcntl(fds[1], F_DUPFD_CLOEXEC, 3);
+    e = errno;
+    ra = (a != fds[0]);
+    rb = (b != fds[1]);
+    if (a < 0 || b < 0) { /* out of fds: close everything */
+      close(fds[0]);
+      close(fds[1]);
+      if (a >= 0 && ra) close(a);
+      if (b >= 0 && rb) close(b);
+      errno = e;
+      return -1;
+    }
+    if (ra) close(fds[0]);
+    if (rb) close(fds[1]);
+    fds[0] = a;
+    fds[1] = b;
+  }
+  return 0;
 }
 
 /* ---------------------------------------------------------------- fork */
 
+#ifdef __GLIBC__
+/* exit() in a child (os.exit by a reference taken before the fork, or C
+   code): the caller's atexit handlers must not run here. on_exit handlers
+   run last registered first, so this one comes before them all. */
+static void child_exit(int status, void *arg) {
+  (void)arg;
+  fflush(NULL);
+  _exit(status);
+}
+#endif
+
 static void child_setup(int keep_fd, pid_t parent) {
   size_t i;
   struct sigaction sa;
+#ifdef __GLIBC__
+  on_exit(child_exit, NULL); /* if it fails, exit() runs them: no worse */
+#endif
   for (i = 0; i < reg_n; i++)
     if (reg_fds[i] != keep_fd) close(reg_fds[i]);
   reg_n = 0;
@@ -97,10 +140,15 @@ static void child_setup(int keep_fd, pid_t parent) {
   }
 }
 
+static uint64_t forks = 0; /* in a child: the forks made before it */
+
+uint64_t parmap_fork_count(void) { return forks; }
+
 pid_t parmap_fork(int keep_fd) {
   pid_t parent = getpid(), pid;
   int saved;
   fflush(NULL); /* a child must not write the parent's buffers again */
+  __atomic_add_fetch(&forks, 1, __ATOMIC_RELAXED);
   pthread_mutex_lock(&reg_lock); /* the child gets a consistent list */
   if (reg_reserve()) {
     pthread_mutex_unlock(&reg_lock);

@@ -30,6 +30,8 @@ void parmap_fd_close(int fd); /* unregister and close; ignores -1 */
 ** the parent, 0 in the child, -1 (errno set) on failure.
 */
 pid_t parmap_fork(int keep_fd);
+/* Forks made by parmap_fork in this process (in a child: before it). */
+uint64_t parmap_fork_count(void);
 
 /* Non-blocking send: bytes written, 0 when it would block, -1 on error. */
 ssize_t parmap_send_some(int fd, const void *a, size_t na, const void *b,

@@ -359,9 +359,20 @@ static int64_t deadline_arg(lua_State *L, int idx) {
   return (int64_t)parmap_now_ns() + (int64_t)(t * 1e9);
 }
 
+/* A forked copy of p (in p's own child, or in a worker or child forked by
+   the process that started p) holds the state p had at the fork: it must
+   neither wait for the child nor read the fd number, which the fork closed
+   and may now name another file. Only the process that started p may. */
 static void need_started(lua_State *L, Proc *p, const char *what) {
   if (p->state == P_NEW)
     luaL_error(L, "parmap: ReturnProcess: %s before start", what);
+  if (p->state == P_RUNNING && p->owner != getpid()) {
+    if (p->pid == getpid())
+      luaL_error(L, "parmap: ReturnProcess: cannot %s a process from inside "
+                 "itself", what);
+    luaL_error(L, "parmap: ReturnProcess: cannot %s a process started by "
+               "another process (pid %d)", what, (int)p->owner);
+  }
 }
 
 /* p:start(): fork; returns p. */
@@ -384,7 +395,13 @@ static int p_start(lua_State *L) {
     return luaL_error(L, "parmap: ReturnProcess: cannot fork: %s",
                       strerror(e));
   }
-  if (pid == 0) run_child(L, p, 1, sv[1]); /* never returns */
+  if (pid == 0) { /* the child's copy of p reads as started, by its parent */
+    p->pid = getpid();
+    p->owner = getppid();
+    p->fd = -1;
+    p->state = P_RUNNING;
+    run_child(L, p, 1, sv[1]); /* never returns */
+  }
   close(sv[1]);
   p->pid = pid;
   p->owner = getpid();
@@ -425,6 +442,11 @@ static int p_is_alive(lua_State *L) {
     lua_pushboolean(L, 0);
     return 1;
   }
+  if (p->owner != getpid() && p->pid == getpid()) { /* asked by itself */
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  need_started(L, p, "check on");
   drain(p); /* lets a child with a large result finish */
   if (!try_reap(p, 0)) {
     lua_pushboolean(L, 1);
@@ -516,7 +538,8 @@ static void uvfield(lua_State *L, int ud, const char *name, int uv) {
    nargs, kwargs, has_kw, exception, make_error, describe. */
 static int p_new(lua_State *L) {
   Proc *p;
-  int ud;
+  int ud, isnum;
+  lua_Integer nargs, exc;
   luaL_checktype(L, 1, LUA_TTABLE);
   p = (Proc *)lua_newuserdatauv(L, sizeof(Proc), PV_COUNT);
   memset(p, 0, sizeof *p);
@@ -525,11 +548,20 @@ static int p_new(lua_State *L) {
   luaL_setmetatable(L, PROC_MT);
   ud = lua_gettop(L);
   lua_getfield(L, 1, "nargs");
-  p->nargs = (int)lua_tointeger(L, -1);
+  nargs = lua_tointegerx(L, -1, &isnum);
+  if (!isnum || nargs < 0)
+    luaL_error(L, "parmap: ReturnProcess: bad option 'args.n' (non-negative "
+               "integer expected, got %s)", luaL_tolstring(L, -1, NULL));
+  if (nargs > PARMAP_MAX_ARGS)
+    luaL_error(L, "parmap: ReturnProcess: bad option 'args.n' (too many "
+               "arguments: %I, at most %d)", (LUAI_UACINT)nargs,
+               PARMAP_MAX_ARGS);
+  p->nargs = (int)nargs;
   lua_getfield(L, 1, "has_kw");
   p->has_kw = lua_toboolean(L, -1);
   lua_getfield(L, 1, "exception");
-  p->exception = (int)lua_tointeger(L, -1);
+  exc = lua_tointeger(L, -1);
+  p->exception = exc == EXC_RETURN || exc == EXC_PROC ? (int)exc : EXC_RAISE;
   lua_settop(L, ud);
   uvfield(L, ud, "target", PV_TARGET);
   uvfield(L, ud, "args", PV_ARGS);

@@ -5,7 +5,9 @@
 ** _exit() at end of file. It never returns into the caller's Lua code.
 */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <lauxlib.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -228,6 +230,47 @@ void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
   lua_settop(L, top);
 }
 
+/* ---------------------------------------------------------------- random */
+
+static uint64_t mix64(uint64_t z) { /* splitmix64's finalizer */
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+  return z ^ (z >> 31);
+}
+
+/* Push package.loaded.math.randomseed (the math library's, even when the
+   global `math` was replaced), or nothing: returns 1 if pushed. */
+static int push_randomseed(lua_State *L) {
+  int top = lua_gettop(L);
+  if (!lua_checkstack(L, 4)) return 0;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE) == LUA_TTABLE &&
+      lua_getfield(L, -1, "math") == LUA_TTABLE &&
+      lua_getfield(L, -1, "randomseed") == LUA_TFUNCTION) {
+    lua_replace(L, top + 1);
+    lua_settop(L, top + 1);
+    return 1;
+  }
+  lua_settop(L, top);
+  return 0;
+}
+
+/* In a forked child: math.random gets a stream of its own, so workers do
+   not replay the caller's stream (nor each other's). The seed mixes the
+   child's pid, the clock and the count of forks so far; nothing is drawn
+   from the caller's stream, which stays as it was in the caller. */
+static void reseed_child(lua_State *L) {
+  uint64_t a, b;
+  int top = lua_gettop(L);
+  if (!push_randomseed(L)) return;
+  a = mix64((uint64_t)getpid() * 0x9e3779b97f4a7c15u ^ parmap_now_ns());
+  b = mix64(a ^ mix64(parmap_fork_count()) ^ (uint64_t)(uintptr_t)L);
+  lua_pushinteger(L, (lua_Integer)a);
+  lua_pushinteger(L, (lua_Integer)b);
+  (void)lua_pcall(L, 2, 0, 0); /* a replaced randomseed may raise: then so
+                                   be it, the child keeps its stream */
+  lua_settop(L, top);
+}
+
 /* ---------------------------------------------------------------- worker */
 
 #define FLUSH_BYTES (256 * 1024)
@@ -336,7 +379,7 @@ static void item_done(WState *w) {
 static int run_items(lua_State *L) {
   WState *w = (WState *)lua_touserdata(L, 1);
   const Config *cfg = w->cfg;
-  int top, u;
+  int top, u, seeder;
   int simple = w->cs.star == STAR_FALSE && !w->cs.kwstar && !w->cs.has_kw &&
                w->cs.nargs == 0;
   /* this call's own frame: the map (argument 2)'s values at base + U_* */
@@ -345,6 +388,7 @@ static int run_items(lua_State *L) {
   w->cs.fn = w->base + U_FN;
   w->cs.args = w->base + U_ARGS;
   w->cs.kw = w->base + U_KW;
+  seeder = cfg->has_seed && push_randomseed(L) ? lua_gettop(L) : 0;
   top = lua_gettop(L);
   if (!lua_checkstack(L, 8)) luaL_error(L, "parmap: stack overflow");
   for (; w->k < w->h->count; w->k++) {
@@ -357,6 +401,12 @@ static int run_items(lua_State *L) {
     if (cfg->timeout > 0)
       __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELEASE);
     __atomic_store_n(&w->shm->cur, (int64_t)index, __ATOMIC_RELEASE);
+    if (seeder) { /* seed option: the item's stream depends on it alone */
+      lua_pushvalue(L, seeder);
+      lua_pushinteger(L, cfg->seed);
+      lua_pushinteger(L, index);
+      lua_call(L, 2, 0);
+    }
     if (simple) lua_pushvalue(L, w->cs.fn); /* fn(item): no adapter */
     if (cfg->from_table) {
       lua_geti(L, w->base + U_ITEMS, index);
@@ -460,12 +510,125 @@ static int worker_os_exit(lua_State *L) {
   return 0;
 }
 
+/* ---------------------------------------------------------------- identity */
+
+/* This process's number among its map's workers (1..n), 0 in the caller
+   and in a ReturnProcess child. A process is a worker of one map only, so
+   inside a nested map's worker it is that (innermost) map's number. */
+static int worker_id = 0, worker_n = 0;
+
+int parmap_worker_id(int *n) {
+  if (n) *n = worker_n;
+  return worker_id;
+}
+
+/* run_user(f, id): f(id). Called under lua_pcall from worker_loop, so it
+   sits where run_items does and the traceback's floor fits it too. */
+static int run_user(lua_State *L) {
+  lua_settop(L, 2);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+/* Call the map's init or finish (user value u) with this worker's number.
+   Returns 1 when there is none or it returned; 0 when it raised, with err,
+   message and traceback pushed. */
+static int call_user(WState *w, int u) {
+  lua_State *L = w->L;
+  if (lua_getiuservalue(L, w->map, u) == LUA_TNIL) {
+    lua_pop(L, 1);
+    return 1;
+  }
+  lua_pushcfunction(L, run_user);
+  lua_insert(L, -2);
+  lua_pushinteger(L, worker_id);
+  if (lua_pcall(L, 2, 0, w->msgh) == LUA_OK) return 1;
+  parmap_unbox(L, lua_gettop(L));
+  return 0;
+}
+
+/* init raised (err, message, traceback on top): send its error record in a
+   FLAG_INIT frame, then wait for the parent, which raises it and stops the
+   map, to close the socket. Reading all it sends meanwhile keeps its
+   writes from failing, so it never takes this for a death. */
+static void init_failed(WState *w) {
+  lua_State *L = w->L;
+  int box = lua_gettop(L) - 2;
+  char sink[4096];
+  parmap_put_error(L, &w->out, w->oscratch, "init", box,
+                   lua_tostring(L, box + 1), lua_tostring(L, box + 2), w->pid);
+  flush(w, 0, 0, FLAG_INIT);
+  for (;;) {
+    ssize_t r = read(w->fd, sink, sizeof sink);
+    if (r > 0 || (r < 0 && errno == EINTR)) continue;
+    break;
+  }
+  worker_exit(1);
+}
+
+/* The parent closed the socket: the map ended, or this worker ran its
+   maxtasks items. finish's error cannot reach the map any more (every
+   result is delivered): it goes to stderr. */
+static void run_finish(WState *w) {
+  lua_State *L = w->L;
+  if (call_user(w, U_FINISH)) return;
+  fprintf(stderr, "parmap worker %d (pid %d): finish failed: %s\n%s\n",
+          worker_id, (int)w->pid, lua_tostring(L, -2), lua_tostring(L, -1));
+  worker_exit(1);
+}
+
 static void replace_os_exit(lua_State *L) {
   if (lua_getglobal(L, "os") == LUA_TTABLE) {
     lua_pushcfunction(L, worker_os_exit);
     lua_setfield(L, -2, "exit");
   }
   lua_pop(L, 1);
+}
+
+/* The exit guard. os.exit(code, true) closes the state before it calls
+   exit(): it runs every pending __close of the main thread and then every
+   __gc, the caller's included. replace_os_exit covers the global os.exit,
+   not a reference taken before the fork (`local exit = os.exit`). So a
+   child keeps a to-be-closed guard in the frame of its outermost C
+   function, above every frame of the caller: lua_close closes the newest
+   first, and finalizes the newest marked first, so the guard runs before
+   any of the caller's __close and __gc, and leaves with _exit(). The code
+   given to os.exit is out of reach by then: the child exits with
+   EXIT_FAILURE. exit() without closing is caught by proc.c's on_exit
+   handler, with its code. On a normal return or an error of that C
+   function the guard does nothing. */
+static int guard_armed = 0;
+
+static int guard_close(lua_State *L) {
+  if (guard_armed && lua_isnoneornil(L, 2)) worker_exit(EXIT_FAILURE);
+  return 0;
+}
+
+static void push_guard(lua_State *L) {
+  lua_newuserdatauv(L, 1, 0);
+  lua_createtable(L, 0, 2);
+  lua_pushcfunction(L, guard_close);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, guard_close); /* lua_close from a coroutine: only
+                                        the main thread's are closed */
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_toclose(L, -1);
+}
+
+void parmap_exit_guard(lua_State *L) {
+  lua_State *main;
+  luaL_checkstack(L, 4, NULL);
+  push_guard(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  main = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  /* Run from a coroutine, this child's Lua code is above the main thread's
+     frames, but lua_close closes only the main thread's pending __close:
+     a guard goes on top of them too. The main thread waits in a resume
+     that this child never returns to, so its frame may take the slot. */
+  if (main != NULL && main != L && lua_checkstack(main, 4)) push_guard(main);
+  guard_armed = 1;
 }
 
 /* worker_loop(wstate, map): runs under lua_pcall, so every stack index
@@ -476,6 +639,8 @@ static int worker_loop(lua_State *L) {
   tb_floor = stack_depth(L) + 1; /* + run_items, under which fn runs */
   w->map = 2;
   replace_os_exit(L);
+  reseed_child(L);
+  parmap_exit_guard(L);
   lua_pushcfunction(L, parmap_msgh);
   w->msgh = lua_gettop(L);
   lua_getiuservalue(L, w->map, U_SCRATCH);
@@ -484,10 +649,15 @@ static int worker_loop(lua_State *L) {
   w->cs.kwstar = w->cfg->kwstar;
   w->cs.has_kw = w->cfg->has_kw;
   w->cs.nargs = w->cfg->nargs;
+  if (!call_user(w, U_INIT)) init_failed(w);
   for (;;) {
     TaskHdr h;
     int r = parmap_read_all(w->fd, &h, sizeof h);
-    if (r == 1) return 0; /* the parent closed: done */
+    if (r == 1) { /* the parent closed: done */
+      run_finish(w); /* under the exit guard: user code */
+      guard_armed = 0;
+      return 0;
+    }
     if (r < 0 || h.magic != MAGIC_TASK) worker_exit(r < 0 ? 0 : 70);
     w->in.len = 0;
     if (h.bodylen) {
@@ -512,13 +682,18 @@ void parmap_run_hooks(lua_State *L) {
 
 void parmap_child_prepare(lua_State *L) {
   tb_floor = stack_depth(L); /* the calling C function and all below it */
+  worker_id = worker_n = 0;  /* a ReturnProcess child is no map's worker */
   replace_os_exit(L);
+  reseed_child(L);
+  parmap_exit_guard(L);
 }
 
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
-                        Shm *shm, int fd) {
+                        Shm *shm, int fd, int id, int n) {
   WState w;
   memset(&w, 0, sizeof w);
+  worker_id = id;
+  worker_n = n;
   lua_gc(L, LUA_GCSTOP, 0);
   w.L = L;
   w.cfg = cfg;

@@ -5,10 +5,12 @@
 -- Loaded by lua/parmap.lua, which passes its module table, the C core and
 -- its private helpers; adds its functions to the module table.
 return function(M, core, private)
-  local error, type, next, setmetatable, tostring =
-    error, type, next, setmetatable, tostring
-  local format, move, tointeger = string.format, table.move, math.tointeger
+  local error, type, next, setmetatable, tostring, select =
+    error, type, next, setmetatable, tostring, select
+  local format, move = string.format, table.move
   local callable, typename = private.callable, private.typename
+  local shown, integer, unknown = private.shown, private.integer,
+    private.unknown
   local make_error, describe, check = private.make_error, private.describe,
     private.check
   local upstream = private.upstream
@@ -43,32 +45,21 @@ return function(M, core, private)
     local bad
     bad, opts = checker("parmap.ReturnProcess", "target", target, opts)
     for k in next, opts do
-      if not RP_OPTIONS[k] then bad("unknown option '%s'", tostring(k)) end
+      if not RP_OPTIONS[k] then bad("%s", unknown(k, RP_OPTIONS)) end
     end
-    local args, kwargs = opts.args, opts.kwargs
-    if args == nil then
-      args = {}
-    elseif type(args) ~= "table" then
-      bad("bad option 'args' (table expected, got %s)", typename(args))
-    end
-    local nargs = args.n
-    if nargs == nil then
-      nargs = #args
-    elseif not tointeger(nargs) or nargs < 0 then
-      bad("bad option 'args.n' (non-negative integer expected, got %s)",
-        tostring(nargs))
-    end
+    local args, nargs = private.check_args(2, "parmap.ReturnProcess", opts.args)
+    local kwargs = opts.kwargs
     if kwargs ~= nil and type(kwargs) ~= "table" then
-      bad("bad option 'kwargs' (table expected, got %s)", typename(kwargs))
+      bad("bad option 'kwargs' (table expected, got %s)", shown(kwargs))
     end
     local exception = opts.exception
     if exception == nil then exception = "raise" end
     if not EXCEPTION[exception] then
       bad("bad option 'exception' ('raise', 'return' or 'proc' expected, got %s)",
-        tostring(exception))
+        shown(exception))
     end
     return core.process({ target = target, args = args,
-      nargs = tointeger(nargs), kwargs = kwargs, has_kw = kwargs ~= nil,
+      nargs = nargs, kwargs = kwargs, has_kw = kwargs ~= nil,
       exception = EXCEPTION[exception], make_error = make_error,
       describe = describe })
   end
@@ -86,7 +77,7 @@ return function(M, core, private)
     if n == 0 then return out end
     if n_eval then
       n_eval = n_eval > n_min and n_eval or n_min
-      n_chunks = (n + n_eval - 1) // n_eval
+      n_chunks = (n - 1) // n_eval + 1 -- ceil(n / n_eval), cannot overflow
     end
     if n_min > 0 and n // n_chunks < n_min then n_chunks = n // n_min end
     if n_chunks > n then n_chunks = n end
@@ -111,22 +102,17 @@ return function(M, core, private)
     local self, popts = setmetatable({ fun = fun }, ParEval), {}
     for k, v in next, opts do
       if OWN[k] then
-        if k == "n_min" then
-          v = tointeger(v)
-          if not v or v < 0 then
-            bad("bad option 'n_min' (non-negative integer expected, got %s)",
-              tostring(opts[k]))
-          end
-        else
-          v = tointeger(v)
-          if not v or v < 1 then
-            bad("bad option '%s' (positive integer expected, got %s)", k,
-              tostring(opts[k]))
-          end
+        local least = k == "n_min" and 0 or 1
+        v = integer(v)
+        if not v or v < least then
+          bad("bad option '%s' (%s integer expected, got %s)", k,
+            least == 0 and "non-negative" or "positive", shown(opts[k]))
         end
         self[k] = v
       elseif k == "chunksize" or k == "total" then
         bad("option '%s' is set by ParEval (one chunk per item)", k)
+      elseif not private.OPTIONS[k] then
+        bad("%s", unknown(k, OWN, private.OPTIONS))
       else
         popts[k] = v
       end
@@ -144,27 +130,33 @@ return function(M, core, private)
 
   --- parfun:bounds(n): the chunks of n items, a list of {first, last}.
   function ParEval:bounds(n)
-    local m = tointeger(n)
+    local m = integer(n)
     if not m or m < 0 then
       error(format("parmap.ParEval: bad argument #1 'n' (non-negative integer expected, got %s)",
-        tostring(n)), 2)
+        shown(n)), 2)
     end
     return bounds(m, self.n_chunks, self.n_eval, self.n_min)
   end
 
-  function ParEval.__call(self, X)
+  function ParEval.__call(self, X, ...)
+    if X == private.ipairs_aux or X == next
+      or (type(X) == "function" and select("#", ...) > 0) then
+      error("parmap.ParEval: bad argument #1 'X' (an iterator triple: "
+        .. private.TRIPLE .. ")", 2)
+    end
     if type(X) ~= "table" then
       error(format("parmap.ParEval: bad argument #1 'X' (table expected, got %s)",
         typename(X)), 2)
     end
-    local n = X.n
-    if n == nil then
-      n = #X
-    elseif not tointeger(n) or n < 0 then
-      error(format("parmap.ParEval: bad argument #1 'X' (X.n must be a non-negative integer, got %s)",
-        tostring(n)), 2)
+    local n, why = private.seqlen(X, "X")
+    if not n then
+      error(format("parmap.ParEval: bad argument #1 'X' (%s)", why), 2)
     end
-    local b = bounds(tointeger(n), self.n_chunks, self.n_eval, self.n_min)
+    if private.not_sequence(X, n) then
+      error("parmap.ParEval: bad argument #1 'X' ("
+        .. private.NOT_SEQUENCE:gsub("#t", "#X") .. ")", 2)
+    end
+    local b = bounds(n, self.n_chunks, self.n_eval, self.n_min)
     -- Chunk k is built on demand where it is used: a worker slices its own
     -- copy of X, so nothing of X travels.
     local chunks = setmetatable({ n = #b }, { __index = function(_, k)
@@ -180,7 +172,7 @@ return function(M, core, private)
       end
       local rn = r.n
       if rn ~= nil then
-        if not tointeger(rn) or rn < 0 then
+        if not integer(rn) or rn < 0 then
           error(format("parmap.ParEval: chunk %d (items %d..%d) returned a table whose n is %s",
             k, b[k][1], b[k][2], tostring(rn)), 2)
         end
