@@ -220,6 +220,17 @@ MPI_BENCH_RANKS ?= 2
 .PHONY: bench-mpi
 bench-mpi: all mpi
 	$(MPIRUN) $(MPIRUN_FLAGS) -n $(MPI_BENCH_RANKS) $(MPI_BIN) bench/mpi.lua
+# `make fuzz-fnenc`: the closure decoder against mutated records under
+# ASan+UBSan (spec/fuzz_fnenc.c; FNENC_ITERS mutants per seed).
+FNENC_ITERS ?= 20000
+FNENC_FUZZ := $(BUILD)/fuzz_fnenc
+.PHONY: fuzz-fnenc
+$(FNENC_FUZZ): spec/fuzz_fnenc.c src/fnenc.c src/fnenc.h src/codec.c src/buf.c | $(BUILD)
+	$(CC) -std=c99 -g -O1 -DPARMAP_FNENC_FUZZ -fsanitize=address,undefined \
+	  -fno-sanitize-recover=all $(LUA_CFLAGS) -Isrc -o $@ \
+	  spec/fuzz_fnenc.c src/fnenc.c src/codec.c src/buf.c $(LUA_LIBS) -lm
+fuzz-fnenc: $(FNENC_FUZZ)
+	$(FNENC_FUZZ) $(FNENC_ITERS)
 # --- end mpi (issue 13) ---
 
 install: all

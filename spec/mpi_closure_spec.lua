@@ -322,6 +322,39 @@ describe("closure records from outside are checked", function()
   end)
 end)
 
+describe("closure records: upvalue joins are checked", function()
+  -- f's body: S_BODY, 2 upvalues, U_VAL V_TNEW 0 (a = {}), U_VAL V_INT 2 (b = 1)
+  local function with_join(join)
+    local f = fn([[local a, b = {}, 1; return function() return a, b end]])
+    local s = core.dumpfn(f)
+    local at
+    for i = #s - 7, 1, -1 do
+      if s:sub(i, i + 7) == "\1\2\0\6\0\0\3\2" then at = i; break end
+    end
+    assert.truthy(at)
+    return s:sub(1, at + 4) .. join .. s:sub(at + 8)
+  end
+
+  it("a join with a table's upvalue is refused", function()
+    local ok, err = pcall(core.loadfn, with_join("\1\2\1"))
+    assert.is_false(ok)
+    assert.matches("join with a bad upvalue", err)
+  end)
+
+  it("a join with an upvalue past the function's last is refused", function()
+    local ok, err = pcall(core.loadfn, with_join("\1\1\9"))
+    assert.is_false(ok)
+    assert.matches("join with a bad upvalue", err)
+  end)
+
+  it("a valid join shares the upvalue", function()
+    local g = core.loadfn(with_join("\1\1\1"))
+    local a, b = g()
+    assert.are.equal(a, b) -- b is now a's upvalue: the same table
+    assert.are.equal("table", type(b))
+  end)
+end)
+
 describe("the backend option", function()
   local parmap = require "parmap"
 
