@@ -212,6 +212,7 @@ local OPTIONS = {
   finish = true,
   maxtasks = true,
   backend = true, -- issue 13: "auto", "fork" or "mpi"
+  resilient = true, -- issue 13: the MPI backend outlives an agent's death
 }
 local BACKEND = { auto = true, fork = true, mpi = true }
 local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
@@ -524,6 +525,11 @@ local function check(level, fn, items, opts, extra)
     bad(level, "backend", "'auto', 'fork' or 'mpi'", backend)
   end
   spec.backend, spec.user_N = backend, opts.N
+  local resilient = opts.resilient
+  if resilient ~= nil and type(resilient) ~= "boolean" then
+    bad(level, "resilient", "boolean", resilient)
+  end
+  spec.resilient = resilient or nil
   return spec
 end
 

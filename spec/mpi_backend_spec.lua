@@ -15,10 +15,10 @@ if have then have:close() end
 
 -- Run src under mpirun with n ranks; returns output (stdout and stderr),
 -- exit status, and the script's path (already removed).
-local function mpirun(src, n, cmd, env)
+local function mpirun(src, n, cmd, env, flags)
   local path = H.script(src)
-  local p = io.popen(string.format("%s timeout 120 %s %s -n %d %s %q 2>&1",
-    env or "", MPIRUN, FLAGS, n or 3, cmd or BIN, path))
+  local p = io.popen(string.format("%s timeout 120 %s %s %s -n %d %s %q 2>&1",
+    env or "", MPIRUN, FLAGS, flags or "", n or 3, cmd or BIN, path))
   local out = p:read("a")
   local _, _, code = p:close()
   os.remove(path)
@@ -329,6 +329,48 @@ local parmap = require "parmap"
 parmap.map(function(x) return x end, {1, 2, 3, 4})
 ]])
     assert.are.equal(0, code, out)
+    local p = io.popen("ps -eo args")
+    local left = 0
+    for line in p:lines() do
+      if line:find(path, 1, true) then left = left + 1 end
+    end
+    p:close()
+    assert.are.equal(0, left)
+  end)
+
+  -- Open MPI keeps the job alive after a death with --enable-recovery;
+  -- MPICH's mpirun (hydra) ends it even with -disable-auto-cleanup.
+  local vp = io.popen(MPIRUN .. " --version 2>&1")
+  local openmpi = vp:read("a"):find("Open MPI", 1, true) ~= nil
+  vp:close()
+  local it_openmpi = openmpi and it or pending
+
+  it_openmpi("resilient = true finishes every item when an agent dies "
+    .. "(Open MPI, --enable-recovery)", function()
+    local mark = os.tmpname()
+    os.remove(mark)
+    local out, code, path = mpirun(string.format([[
+local parmap = require "parmap"
+local items = {}
+for i = 1, 40 do items[i] = i end
+local r = parmap.map(function(x)
+  -- the agent running item 20 dies, once
+  if x == 20 and os.execute("mkdir %s 2>/dev/null") then
+    os.execute("kill -9 $(ps -o ppid= -p $PPID)")
+  end
+  os.execute("sleep 0.05")
+  return x * 2
+end, items, {resilient = true})
+local ok = 0
+for i = 1, 40 do if r[i] == 2 * i then ok = ok + 1 end end
+print("resilient", ok)
+print("next map", #parmap.map(function(x) return x end, items))
+]], mark), 3, nil, "env PARMAP_MPI_DEAD_AFTER=2", "--enable-recovery")
+    os.execute("rmdir " .. mark)
+    assert.are.equal(0, code, out)
+    assert.matches("given up", out)
+    assert.matches("resilient\t40\nnext map\t40\n", out, 1, true)
+    os.execute("sleep 1")
     local p = io.popen("ps -eo args")
     local left = 0
     for line in p:lines() do

@@ -16,6 +16,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -379,7 +381,27 @@ static const char *const DRIVER =
     "  agent.finish(pcall(run, rec, o))\n"
     "end\n";
 
-int parmap_mpi_agent_main(lua_State *L, int rank) {
+/* The heartbeat: every second a TAG_HB to rank 0, from a thread, so that an
+   agent busy in its engine (waiting for its workers) still says it lives.
+   Rank 0 takes an agent for dead after a silence (resilient maps only). */
+static volatile int hb_stop = 0;
+static void *heartbeat(void *arg) {
+  (void)arg;
+  while (!hb_stop) {
+    int k;
+    MsgHdr h;
+    struct timespec ts = {0, 100000000};
+    for (k = 0; k < 10 && !hb_stop; k++) nanosleep(&ts, NULL);
+    if (hb_stop) break;
+    memset(&h, 0, sizeof h);
+    MPI_Send(&h, (int)sizeof h, MPI_BYTE, 0, TAG_HB, MPI_COMM_WORLD);
+  }
+  return NULL;
+}
+
+int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
+  pthread_t hb;
+  int hb_on = 0;
   static const luaL_Reg funcs[] = {{"wait", a_wait},
                                    {"items", a_items},
                                    {"drain", a_drain},
@@ -403,6 +425,8 @@ int parmap_mpi_agent_main(lua_State *L, int rank) {
   memcpy(b.p + b.len, host, n);
   b.len += n;
   if (mpi_send(&A.out, &b, 0, TAG_HELLO)) return 1;
+  if (threads == MPI_THREAD_MULTIPLE)
+    hb_on = pthread_create(&hb, NULL, heartbeat, NULL) == 0;
 
   lua_newtable(L); /* the agent module */
   lua_newtable(L); /* upvalue 1: local index -> global index */
@@ -413,6 +437,10 @@ int parmap_mpi_agent_main(lua_State *L, int rank) {
     fprintf(stderr, "parmap-mpi: agent %d on %s: %s\n", rank, host,
             lua_tostring(L, -1));
     status = 1;
+  }
+  if (hb_on) { /* no heartbeat after BYE: rank 0 then finalizes */
+    hb_stop = 1;
+    pthread_join(hb, NULL);
   }
   if (status == 0) mpi_send_hdr(&A.out, 0, TAG_BYE, 0, 0);
   mpi_drain(&A.out);

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <lauxlib.h>
 
@@ -30,7 +31,8 @@
 #define MAP_META "parmap.MpiMap"
 
 typedef struct AgentInfo {
-  int ncpu;
+  int ncpu, dead;
+  uint64_t seen_ns; /* when a message from it came last */
   char host[256];
 } AgentInfo;
 
@@ -40,11 +42,20 @@ static struct {
   Outbox out;
   uint32_t nextmap;
   int nopen; /* maps open (one at a time) */
-  int quit;
+  int quit, lost;
+  double dead_after; /* ns of silence after which a resilient map gives an
+                        agent up */
 } C;
 
 typedef struct PerAgent {
   int ended, done;
+  int open; /* rounds of this map it runs (a resilient map may add one) */
+  struct Sent {
+    int64_t first;
+    uint32_t count, left;
+    lua_Integer id; /* the segment's string in M_SEGS */
+  } *sent; /* resilient: its segments not yet fully answered */
+  int nsent, capsent;
   lua_Integer got;
   double last;        /* the size of its last segment */
   uint64_t credit_ns; /* when its last CREDIT came */
@@ -53,13 +64,14 @@ typedef struct PerAgent {
 /* user values */
 enum {
   M_ITEMS = 1, M_PENDING, M_MKERR, M_SCRATCH, M_PROGRESS, M_FAIL,
-  M_DESC, M_NUV = M_DESC
+  M_DESC, M_SEGS, M_MAPMSG, M_NUV = M_MAPMSG
 };
 
 typedef struct MMap {
   uint32_t id;
   int from_table, ordered, exception, closed, finished, exhausted, nw;
-  int failrank;
+  int failrank, resilient;
+  lua_Integer segid;
   lua_Integer total, pulled, received, emitted, want;
   /* Results that wait for the loop stay in their batch (a Lua string in
      the M_PENDING table, by message number); slot g says where. Slots form
@@ -133,6 +145,47 @@ static int pull(lua_State *L, MMap *m, int items) {
   return 1;
 }
 
+/* Resilient maps: keep the segment (string at idx) sent to agent r until
+   every one of its items has a result, to send it again if r dies. */
+static void remember(lua_State *L, MMap *m, int r, int idx) {
+  PerAgent *a = &m->as[r];
+  MsgHdr h;
+  memcpy(&h, lua_tostring(L, idx), sizeof h);
+  if (a->nsent == a->capsent) {
+    int cap = a->capsent ? 2 * a->capsent : 8;
+    void *v = realloc(a->sent, (size_t)cap * sizeof *a->sent);
+    if (v == NULL) nomem(L);
+    a->sent = (struct Sent *)v;
+    a->capsent = cap;
+  }
+  a->sent[a->nsent].first = h.a;
+  a->sent[a->nsent].count = a->sent[a->nsent].left = h.count;
+  a->sent[a->nsent].id = ++m->segid;
+  a->nsent++;
+  lua_getiuservalue(L, 1, M_SEGS);
+  lua_pushvalue(L, idx);
+  lua_rawseti(L, -2, m->segid);
+  lua_pop(L, 1);
+}
+
+/* Resilient maps: item g's result came from agent r. */
+static void answered(lua_State *L, MMap *m, int r, lua_Integer g) {
+  PerAgent *a = &m->as[r];
+  int i;
+  for (i = 0; i < a->nsent; i++)
+    if (g >= a->sent[i].first && g < a->sent[i].first + a->sent[i].count) {
+      a->sent[i].left--;
+      break;
+    }
+  while (a->nsent > 0 && a->sent[0].left == 0) {
+    lua_getiuservalue(L, 1, M_SEGS);
+    lua_pushnil(L);
+    lua_rawseti(L, -2, a->sent[0].id);
+    lua_pop(L, 1);
+    memmove(a->sent, a->sent + 1, (size_t)(--a->nsent) * sizeof *a->sent);
+  }
+}
+
 /* Send agent r its next segment, or TAG_END when the input has ended.
    The map userdata is at index 1. */
 static void send_segment(lua_State *L, MMap *m, int r) {
@@ -165,6 +218,11 @@ static void send_segment(lua_State *L, MMap *m, int r) {
     memcpy(&h, m->seg.p, sizeof h);
     h.count = (uint32_t)count;
     memcpy(m->seg.p, &h, sizeof h);
+    if (m->resilient) {
+      lua_pushlstring(L, m->seg.p, m->seg.len);
+      remember(L, m, r, lua_gettop(L));
+      lua_pop(L, 1);
+    }
     if (mpi_send(&C.out, &m->seg, r, TAG_SEG)) nomem(L);
   }
   if (m->exhausted) {
@@ -238,8 +296,18 @@ static void take_results(lua_State *L, MMap *m, int msgi, int from) {
     if (parmap_get_varint(b, blen, &pos, &g) ||
         parmap_get_varint(b, blen, &pos, &len) || len > blen - pos ||
         len < 1 || g < 1 || (lua_Integer)g > m->pulled ||
-        (lua_Integer)g < m->lo)
+        (!m->resilient && (lua_Integer)g < m->lo))
       luaL_error(L, "parmap: bad results from rank %d", from);
+    if (m->resilient) {
+      answered(L, m, from, (lua_Integer)g);
+      /* sent again after a death that was not one: the first result won */
+      if ((lua_Integer)g < m->lo ||
+          ((size_t)((lua_Integer)g - m->lo) < m->rcap &&
+           slot(m, (lua_Integer)g)->rank != 0)) {
+        pos += (size_t)len;
+        continue;
+      }
+    }
     if (ring_fit(m, (lua_Integer)g)) nomem(L);
     sl = slot(m, (lua_Integer)g);
     if (sl->rank != 0) luaL_error(L, "parmap: rank %d sent item %d twice", from, (int)g);
@@ -276,10 +344,10 @@ static void handle(lua_State *L, MMap *m, parmap_buf *b, int msgi, int tag,
       take_results(L, m, msgi, from);
       break;
     case TAG_DONE:
-      m->as[from].done = 1;
+      if (--m->as[from].open <= 0) m->as[from].done = 1;
       break;
     case TAG_FAIL:
-      m->as[from].done = 1;
+      if (--m->as[from].open <= 0) m->as[from].done = 1;
       if (m->failrank == 0) {
         m->failrank = from;
         lua_pushlstring(L, b->p + sizeof h, b->len - sizeof h);
@@ -291,15 +359,51 @@ static void handle(lua_State *L, MMap *m, parmap_buf *b, int msgi, int tag,
   }
 }
 
-/* Wait for one message from any agent and handle it. */
+static void agent_died(lua_State *L, MMap *m, int r);
+
+/* Wait for one message from any agent and handle it (or, in a resilient
+   map, for the silence that gives an agent up). Polls, then sleeps 10 us
+   doubling to 0.2 ms: MPI_Probe would spin a core the workers need. */
 static void wait_one(lua_State *L, MMap *m) {
   parmap_buf b = PARMAP_BUF_INIT;
-  int tag, from, r;
-  mpi_poll(&C.out);
-  r = mpi_recv(MPI_ANY_SOURCE, 1, &b, &tag, &from);
+  int tag, from, r, spins = 0;
+  long delay = 10000;
+  uint64_t last_check = parmap_now_ns();
+  for (;;) {
+    mpi_poll(&C.out);
+    r = mpi_recv(MPI_ANY_SOURCE, 0, &b, &tag, &from);
+    if (r != 0) break;
+    if (m != NULL && m->resilient && !m->closed) {
+      uint64_t now = parmap_now_ns();
+      if (now - last_check > 100000000ull) { /* every 0.1 s */
+        int k;
+        last_check = now;
+        for (k = 1; k < C.size; k++)
+          if (!C.ag[k].dead && m->as[k].open > 0 &&
+              (double)(now - C.ag[k].seen_ns) > C.dead_after) {
+            agent_died(L, m, k);
+            return;
+          }
+      }
+    }
+    if (++spins > 64) {
+      struct timespec ts;
+      ts.tv_sec = 0;
+      ts.tv_nsec = delay;
+      nanosleep(&ts, NULL);
+      if (delay < 200000) delay *= 2;
+    }
+  }
   if (r < 0) {
     parmap_buf_free(&b);
     nomem(L);
+  }
+  if (from >= 1 && from < C.size) {
+    C.ag[from].seen_ns = parmap_now_ns();
+    if (C.ag[from].dead) { /* given up: what it still says is dropped */
+      parmap_buf_free(&b);
+      return;
+    }
   }
   /* handle() may raise: the message's memory goes first into a string */
   lua_pushlstring(L, b.p, b.len);
@@ -315,6 +419,56 @@ static void wait_one(lua_State *L, MMap *m) {
   lua_pop(L, 1);
 }
 
+/* Resilient maps: agent r is silent past C.dead_after. Its unanswered
+   segments go, after the map's MAP message again, to a live agent as one
+   more round (MAP, SEGs, END: its engine runs it after its current one);
+   r's later messages are dropped, and r gets no QUIT. */
+static void agent_died(lua_State *L, MMap *m, int r) {
+  PerAgent *a = &m->as[r];
+  int s, i, top = lua_gettop(L);
+  C.ag[r].dead = 1;
+  C.lost = 1;
+  a->open = 0;
+  a->done = a->ended = 1;
+  for (s = 1; s < C.size; s++)
+    if (!C.ag[s].dead) break;
+  fprintf(stderr, "parmap-mpi: rank %d on %s sent nothing for %.0f s: given "
+          "up, %d of its segments go to rank %d\n", r, C.ag[r].host,
+          C.dead_after / 1e9, a->nsent, s < C.size ? s : -1);
+  if (s >= C.size) luaL_error(L, "parmap: every agent is gone (the last: rank %d on %s)", r, C.ag[r].host);
+  if (a->nsent > 0) {
+    parmap_buf b = PARMAP_BUF_INIT;
+    size_t n;
+    const char *p;
+    lua_getiuservalue(L, 1, M_MAPMSG);
+    p = lua_tolstring(L, -1, &n);
+    if (parmap_buf_reserve(&b, n)) nomem(L);
+    memcpy(b.p, p, n);
+    b.len = n;
+    if (mpi_send(&C.out, &b, s, TAG_MAP)) nomem(L);
+    lua_getiuservalue(L, 1, M_SEGS);
+    for (i = 0; i < a->nsent; i++) {
+      int seg;
+      lua_rawgeti(L, -1, a->sent[i].id);
+      seg = lua_gettop(L);
+      remember(L, m, s, seg);
+      p = lua_tolstring(L, seg, &n);
+      if (parmap_buf_reserve(&b, n)) nomem(L);
+      memcpy(b.p, p, n);
+      b.len = n;
+      if (mpi_send(&C.out, &b, s, TAG_SEG)) nomem(L);
+      lua_pushnil(L);
+      lua_rawseti(L, seg - 1, a->sent[i].id);
+      lua_pop(L, 1);
+    }
+    if (mpi_send_hdr(&C.out, s, TAG_END, m->id, 0)) nomem(L);
+    m->as[s].open++;
+    m->as[s].done = 0;
+    a->nsent = 0;
+  }
+  lua_settop(L, top);
+}
+
 /* ------------------------------------------------------------ the map */
 
 static void stop(lua_State *L, MMap *m) {
@@ -324,10 +478,10 @@ static void stop(lua_State *L, MMap *m) {
   C.nopen--;
   if (m->finished || C.quit) return;
   for (r = 1; r < C.size; r++)
-    if (mpi_send_hdr(&C.out, r, TAG_ABORT, m->id, 0)) nomem(L);
+    if (!C.ag[r].dead && mpi_send_hdr(&C.out, r, TAG_ABORT, m->id, 0)) nomem(L);
   for (;;) {
     int all = 1;
-    for (r = 1; r < C.size; r++) all = all && m->as[r].done;
+    for (r = 1; r < C.size; r++) all = all && (m->as[r].done || C.ag[r].dead);
     if (all) break;
     wait_one(L, m);
   }
@@ -343,6 +497,10 @@ static int map_gc(lua_State *L) {
   MMap *m = (MMap *)luaL_checkudata(L, 1, MAP_META);
   if (!m->closed && !C.quit) stop(L, m);
   parmap_buf_free(&m->seg);
+  if (m->as != NULL) {
+    int r;
+    for (r = 0; r < C.size; r++) free(m->as[r].sent);
+  }
   free(m->as);
   free(m->ring);
   free(m->fifo);
@@ -463,10 +621,18 @@ static int mpi_start(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   luaL_checktype(L, 3, LUA_TTABLE);
   if (C.size < 2) return luaL_error(L, "parmap: backend 'mpi' needs 2 ranks or more");
+  for (r = 1; r < C.size && C.ag[r].dead; r++) {}
+  if (r >= C.size) return luaL_error(L, "parmap: backend 'mpi': every agent is gone");
   if (C.nopen > 0)
     return luaL_error(L, "parmap: backend 'mpi' runs one map at a time "
                       "(close the other map first)");
   lua_settop(L, 3);
+  for (;;) { /* what is left of earlier maps, and heartbeats: dropped */
+    parmap_buf b = PARMAP_BUF_INIT;
+    int tag, from, got = mpi_recv(MPI_ANY_SOURCE, 0, &b, &tag, &from);
+    parmap_buf_free(&b);
+    if (got <= 0) break;
+  }
   m = (MMap *)lua_newuserdatauv(L, sizeof *m, M_NUV); /* 4 */
   memset(m, 0, sizeof *m);
   m->closed = 1; /* until started */
@@ -486,6 +652,10 @@ static int mpi_start(lua_State *L) {
   lua_setiuservalue(L, 4, M_PROGRESS);
   lua_getfield(L, 1, "describe");
   lua_setiuservalue(L, 4, M_DESC);
+  lua_newtable(L);
+  lua_setiuservalue(L, 4, M_SEGS);
+  lua_getfield(L, 1, "resilient");
+  m->resilient = lua_toboolean(L, -1);
   lua_getfield(L, 1, "from_table");
   m->from_table = (int)lua_tointeger(L, -1) == 1;
   lua_getfield(L, 1, "total");
@@ -519,10 +689,18 @@ static int mpi_start(lua_State *L) {
     return luaL_error(L, "parmap: options 'args' and 'kwargs' must hold only "
                       "values that travel (found a %s)", what);
   }
+  lua_pushlstring(L, msg.p, msg.len); /* for a round after a death */
+  lua_setiuservalue(L, 4, M_MAPMSG);
   m->closed = 0;
   C.nopen++;
   for (r = 1; r < C.size; r++) {
     parmap_buf copy = PARMAP_BUF_INIT;
+    if (C.ag[r].dead) {
+      m->as[r].done = m->as[r].ended = 1;
+      continue;
+    }
+    m->as[r].open = 1;
+    C.ag[r].seen_ns = parmap_now_ns(); /* its silence counts from here */
     if (parmap_buf_reserve(&copy, msg.len)) {
       parmap_buf_free(&msg);
       nomem(L);
@@ -594,7 +772,9 @@ int parmap_mpi_coord_open(lua_State *L) {
 
 void parmap_mpi_coord_init(int size) {
   int i;
+  const char *e = getenv("PARMAP_MPI_DEAD_AFTER");
   C.size = size;
+  C.dead_after = (e && atof(e) > 0 ? atof(e) : 10.0) * 1e9;
   C.ag = (AgentInfo *)calloc((size_t)size, sizeof *C.ag);
   if (C.ag == NULL) {
     fprintf(stderr, "parmap-mpi: out of memory\n");
@@ -604,8 +784,12 @@ void parmap_mpi_coord_init(int size) {
     parmap_buf b = PARMAP_BUF_INIT;
     int tag, from;
     size_t n;
-    if (mpi_recv(MPI_ANY_SOURCE, 1, &b, &tag, &from) != 1 || tag != TAG_HELLO ||
-        from < 1 || from >= size) {
+    if (mpi_recv(MPI_ANY_SOURCE, 1, &b, &tag, &from) == 1 && tag == TAG_HB) {
+      parmap_buf_free(&b);
+      i--; /* a heartbeat before another agent's HELLO */
+      continue;
+    }
+    if (tag != TAG_HELLO || from < 1 || from >= size) {
       fprintf(stderr, "parmap-mpi: unexpected message at start\n");
       MPI_Abort(MPI_COMM_WORLD, 1);
     }
@@ -622,16 +806,23 @@ void parmap_mpi_coord_quit(void) {
   int r;
   if (C.quit) return;
   C.quit = 1;
-  for (r = 1; r < C.size; r++) mpi_send_hdr(&C.out, r, TAG_QUIT, 0, 0);
+  for (r = 1; r < C.size; r++)
+    if (!C.ag[r].dead) mpi_send_hdr(&C.out, r, TAG_QUIT, 0, 0);
   /* every message still coming (the DONE of a last map) is received:
      MPI_Finalize with unreceived messages makes some transports warn */
-  for (r = 1; r < C.size;) {
+  for (r = 1; r < C.size; r++)
+    if (C.ag[r].dead) C.ag[r].seen_ns = 1; /* counted as gone */
+  for (;;) {
     parmap_buf b = PARMAP_BUF_INIT;
-    int tag, from;
+    int tag, from, k, left = 0;
+    for (k = 1; k < C.size; k++) left += !C.ag[k].dead && C.ag[k].seen_ns != 1;
+    if (left == 0) break;
     if (mpi_recv(MPI_ANY_SOURCE, 1, &b, &tag, &from) < 0) break;
-    if (tag == TAG_BYE) r++;
+    if (tag == TAG_BYE && from >= 1 && from < C.size) C.ag[from].seen_ns = 1;
     parmap_buf_free(&b);
     mpi_poll(&C.out);
   }
   mpi_drain(&C.out);
 }
+
+int parmap_mpi_coord_lost(void) { return C.lost; }

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lualib.h>
@@ -36,7 +37,7 @@ static int os_exit(lua_State *L) {
   else status = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
   fflush(NULL);
   parmap_mpi_coord_quit();
-  MPI_Finalize();
+  if (!parmap_mpi_coord_lost()) MPI_Finalize();
   exit(status);
   return 0;
 }
@@ -84,13 +85,15 @@ static int run_script(lua_State *L, int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
-  int rank = 0, size = 1, status = 0;
+  int rank = 0, size = 1, status = 0, threads = MPI_THREAD_SINGLE;
   lua_State *L;
   /* agents fork workers: no warning about it; children of any rank (and
      their scripts) know they run under parmap-mpi */
   setenv("OMPI_MCA_mpi_warn_on_fork", "0", 0);
   setenv("PARMAP_MPI", "1", 1);
-  MPI_Init(&argc, &argv);
+  /* MPI_THREAD_MULTIPLE: an agent's heartbeat thread sends while its main
+     thread works (resilient maps); without it an agent sends none */
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &threads);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
   if (rank == 0 && argc < 2) {
@@ -109,9 +112,14 @@ int main(int argc, char **argv) {
     fflush(NULL);
     parmap_mpi_coord_quit();
   } else {
-    status = parmap_mpi_agent_main(L, rank);
+    status = parmap_mpi_agent_main(L, rank, threads);
   }
   lua_close(L);
+  if (rank == 0 && parmap_mpi_coord_lost()) {
+    /* a rank is gone: MPI_Finalize may wait for it forever */
+    fflush(NULL);
+    _exit(status);
+  }
   MPI_Finalize();
   return status;
 }

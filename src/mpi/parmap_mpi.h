@@ -45,7 +45,8 @@
 enum {
   TAG_HELLO = 1, TAG_MAP, TAG_SEG, TAG_END, TAG_ABORT, TAG_QUIT,
   TAG_CREDIT, TAG_RES, TAG_DONE, TAG_FAIL, TAG_BYE,
-  TAG_BIG, TAG_PART /* a message over PARMAP_MPI_MAXMSG, in parts */
+  TAG_BIG, TAG_PART, /* a message over PARMAP_MPI_MAXMSG, in parts */
+  TAG_HB              /* agent -> 0, every second: alive (resilient) */
 };
 
 typedef struct MsgHdr {
@@ -93,7 +94,10 @@ int parmap_mpi_coord_open(lua_State *L); /* luaopen for "parmap.mpi" */
 void parmap_mpi_coord_init(int size);    /* collects every HELLO */
 void parmap_mpi_coord_quit(void);        /* QUIT to every agent, drains */
 
-/* ranks > 0: never returns before TAG_QUIT */
-int parmap_mpi_agent_main(lua_State *L, int rank);
+/* ranks > 0: never returns before TAG_QUIT. threads: what MPI_Init_thread
+   provided (heartbeats need MPI_THREAD_MULTIPLE). */
+int parmap_mpi_agent_main(lua_State *L, int rank, int threads);
+/* rank 0: did an agent die (then MPI_Finalize is skipped)? */
+int parmap_mpi_coord_lost(void);
 
 #endif
