@@ -211,6 +211,7 @@ $(MPI_BIN): $(MPI_SRC) src/mpi/parmap_mpi.h $(HEADERS) $(BUILD)/libparmap.a
 	$(MPICC) $(WARN) $(CFLAGS) $(LUA_CFLAGS) -Isrc $(LDFLAGS) -o $@ \
 	  $(MPI_SRC) $(BUILD)/libparmap.a $(HOST_LIBS)
 check-mpi: deps
+	@command -v $(MPICC) >/dev/null 2>&1 || sh .ci/apt-install openmpi-bin libopenmpi-dev
 	@$(MAKE) --no-print-directory WERROR=-Werror all mpi
 	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" PARMAP_SPECS=spec/mpi_backend_spec.lua \
 	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)

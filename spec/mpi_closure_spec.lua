@@ -364,6 +364,13 @@ describe("the backend option", function()
     assert.matches([[bad option 'backend' %('auto', 'fork' or 'mpi' expected, got string "ssh"%)]], err)
   end)
 
+  it("resilient is a boolean (it matters only to the MPI backend)", function()
+    local ok, err = pcall(parmap.map, function(x) return x end, {1}, { resilient = 1 })
+    assert.is_false(ok)
+    assert.matches("bad option 'resilient' %(boolean expected", err)
+    assert.are.same({1}, parmap.map(function(x) return x end, {1}, { resilient = true, N = 2 }))
+  end)
+
   it("'auto' and 'fork' run on forked workers outside parmap-mpi", function()
     for _, b in ipairs { "auto", "fork" } do
       local r = parmap.map(function(x) return x * 2 end, {1, 2, 3}, { backend = b, N = 2 })
