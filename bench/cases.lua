@@ -149,7 +149,9 @@ function cases.iter(o)
   collectgarbage()
   t0 = now()
   s = 0
-  for _, r in parmap.parmap(inc, items(), { N = N }) do s = s + r end
+  for _, r in parmap.parmap(inc, items(), { N = N, buffersize = o.buffersize }) do
+    s = s + r
+  end
   local tp = now() - t0
   assert(s == expect, "wrong sum")
   report { items = n, N = N, seconds = tp, serial_seconds = ts,

@@ -88,7 +88,7 @@ local out = parmap.map(function(x)
     while os.clock() < t do end
   end
   return x
-end, { 1, 2, 3, 4 }, { N = 2, exception = "return", timeout = 0.3 })
+end, { 1, 2, 3, 4 }, { N = 2, exception = "return", timeout = 1 })
 check(parmap.iserror(out[3]) and out[3].kind == "timeout", "item 3 did not time out")
 check(out[1] == 1 and out[2] == 2 and out[4] == 4, "a timeout lost results")
 print("timeout: ok")

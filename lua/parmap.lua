@@ -211,6 +211,7 @@ local OPTIONS = {
   init = true,
   finish = true,
   maxtasks = true,
+  buffersize = true,
   backend = true, -- issue 13: "auto", "fork" or "mpi"
   resilient = true, -- issue 13: the MPI backend outlives an agent's death
 }
@@ -461,6 +462,14 @@ local function check(level, fn, items, opts, extra)
     spec.chunksize = c
   end
 
+  local buffersize = opts.buffersize
+  if buffersize ~= nil then
+    spec.buffersize = integer(buffersize)
+    if not spec.buffersize or spec.buffersize < 1 then
+      bad(level, "buffersize", "positive integer", buffersize)
+    end
+  end -- nil: the engine's default
+
   local ordered = opts.ordered
   if ordered ~= nil and type(ordered) ~= "boolean" then
     bad(level, "ordered", "boolean", ordered)
@@ -672,7 +681,7 @@ local function start(level, fn, items, opts, extra)
     local o = { N = spec.user_N, star = spec.star, kwstar = spec.kwstar,
       args = spec.args, nargs = spec.nargs, has_kw = spec.has_kw,
       kwargs = spec.kwargs, timeout = spec.timeout, box = box,
-      seed = spec.seed, maxtasks = spec.maxtasks }
+      seed = spec.seed, maxtasks = spec.maxtasks, buffersize = spec.buffersize }
     for _, name in next, { "init", "finish" } do -- they travel as fn does
       local h = spec[name]
       if h ~= nil then

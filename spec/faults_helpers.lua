@@ -18,8 +18,11 @@ function F.bound(seconds) return 3 * seconds * F.slow end
 
 F.now = core.now
 
--- The open fds of this process as {[fd] = target}, read without forking.
+-- The open fds of this process as {[fd] = target}, read without forking,
+-- after a full collection (see H.fds).
 function F.fds()
+  collectgarbage()
+  collectgarbage()
   local t = assert(T.fds())
   return t
 end
@@ -52,6 +55,33 @@ function F.within(limit, pred)
     T.sleep(0.01)
   until core.now() - t0 > limit
   return pred(), core.now() - t0
+end
+
+-- Markers between processes (the parent, workers, children): a file that
+-- one side creates and the other waits for, asleep, so that an order of
+-- events is certain instead of hoped for from timing.
+function F.marker()
+  local path = os.tmpname()
+  os.remove(path)
+  return path
+end
+function F.mark(path)
+  assert(io.open(path, "w")):close()
+end
+function F.marked(path)
+  local f = io.open(path)
+  if f then f:close() end
+  return f ~= nil
+end
+-- Wait asleep until path exists (true), or give up after `limit` seconds
+-- (false): a generous limit, so that a regression fails instead of hanging.
+function F.await(path, limit)
+  local t0 = core.now()
+  while not F.marked(path) do
+    if core.now() - t0 > (limit or 60) then return false end
+    T.sleep(0.005)
+  end
+  return true
 end
 
 -- Run Lua source in a new lua5.4 under `timeout` (seconds, default 120):

@@ -350,16 +350,29 @@ describe("faults: the worker exits, is killed or crashes (case 2)", function()
     F.assert_stopped(before)
   end)
   it("a worker whose fn forked a process that keeps its socket open: its death is seen within a second", function()
-    -- no end of file will come while the grandchild lives: waitpid finds it
+    -- no end of file will come while the grandchild lives (it sleeps until
+    -- killed): waitpid finds the death
     local before = F.snapshot()
+    local pidfile = F.marker()
     local got, t0 = {}, core.now()
     local ok, e = pcall(function()
       for i, r in parmap.parmap(function(x)
-        if x == 5 then T.fork_sleep(5) os.exit(3) end
+        if x == 5 then
+          local f = assert(io.open(pidfile, "w"))
+          f:write(T.fork_sleep(3600))
+          f:close()
+          os.exit(3)
+        end
         return x
       end, H.range(8), { N = 2, chunksize = 1 }) do got[i] = r end
     end)
     local took = core.now() - t0
+    local f = assert(io.open(pidfile))
+    local grandchild = tonumber(f:read("a"))
+    f:close()
+    os.remove(pidfile)
+    assert.is_true(T.alive(grandchild), "the death was seen only once the grandchild ended")
+    T.kill(grandchild, T.SIGKILL)
     assert.is_false(ok)
     assert.equal(5, e.index)
     assert.equal("died", e.kind)
@@ -426,25 +439,27 @@ end)
 ---------------------------------------------------------------- case 4
 
 describe("faults: a hung worker and option timeout (case 4)", function()
+  -- the fast items must never reach the timeout, however loaded the machine
+  local TO = F.slow
   local function hang(x)
     if x == 3 then T.sleep(3600) end -- blocked in C, not in Lua
     return x
   end
   it("kills the worker and raises, naming the item, after the results before it", function()
     local before = F.snapshot()
-    local seen, e, took = drive(hang, H.range(6), { N = 2, chunksize = 1, timeout = 0.5 })
+    local seen, e, took = drive(hang, H.range(6), { N = 2, chunksize = 1, timeout = TO })
     assert.same({ { 1, 1 }, { 2, 2 } }, seen)
     assert.is_true(parmap.iserror(e))
     assert.equal(3, e.index)
     assert.equal("timeout", e.kind)
-    assert.matches("^item 3 timed out after 0.5 s %(worker %d+ was killed%)$", e.message)
-    assert.is_true(took < 0.5 + F.bound(1), "took " .. took)
+    assert.matches("^item 3 timed out after " .. TO .. " s %(worker %d+ was killed%)$", e.message)
+    assert.is_true(took < TO + F.bound(1), "took " .. took)
     F.assert_stopped(before)
   end)
   it("with exception = 'return' yields the error and goes on", function()
     local before = F.snapshot()
     local got = H.collect(parmap.parmap(hang, H.range(6),
-      { N = 2, timeout = 0.5, exception = "return" }))
+      { N = 2, timeout = TO, exception = "return" }))
     assert.equal("timeout", got[3][1].kind)
     assert.equal(3, got[3][1].index)
     for _, i in ipairs({ 1, 2, 4, 5, 6 }) do assert.same({ n = 1, i }, got[i]) end
@@ -460,7 +475,7 @@ describe("faults: a hung worker and option timeout (case 4)", function()
     local got = H.collect(parmap.parmap(function(x)
       if x % 2 == 0 then T.sleep(3600) end
       return x
-    end, H.range(6), { N = 2, timeout = 0.3, exception = "return" }))
+    end, H.range(6), { N = 2, timeout = TO, exception = "return" }))
     for i = 1, 6 do
       if i % 2 == 0 then
         assert.equal("timeout", got[i][1].kind)

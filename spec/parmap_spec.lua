@@ -3,6 +3,7 @@
 local parmap = require "parmap"
 local core = require "parmap.core"
 local H = require "helpers"
+local F = require "faults_helpers"
 
 local function sq(x) return x * x end
 
@@ -166,7 +167,7 @@ describe("inputs", function()
         if i == 1000 then break end
       end
       assert.equal(1000000, last)
-      assert.is_true(made < 100000, "made " .. made .. " items")
+      assert.is_true(made <= 1000 + 8192 * N, "made " .. made .. " items")
     end
   end)
   it("sends iterator items to the workers by value", function()
@@ -191,6 +192,64 @@ describe("inputs", function()
   end)
 end)
 
+describe("read-ahead from an iterator (buffersize)", function()
+  -- The loop's k-th step has consumed k items; the iterator may have made
+  -- at most buffersize more. The default is 8192 items per worker.
+  local function check(N, opts, B, steps)
+    local made, k = 0, 0
+    local function forever() made = made + 1; return made end
+    opts.N = N
+    for i, r in parmap.parmap(sq, forever, opts) do
+      k = k + 1
+      assert.is_true(made <= k + B, ("N = %d, buffersize = %s: %d items made at step %d")
+        :format(N, tostring(opts.buffersize), made, k))
+      if N == 1 and not opts.timeout then
+        assert.equal(k, made) -- the serial loop pulls one item a step
+      end
+      if opts.ordered ~= false then assert.equal(k, i) end
+      assert.equal(i * i, r)
+      if k == steps then break end
+    end
+    assert.equal(steps, k)
+    assert.is_true(made <= k + B, "made " .. made .. " at the break")
+  end
+  it("pulls at most buffersize items ahead of the loop, by default 8192 per worker", function()
+    for _, N in ipairs({ 1, 2, 3 }) do check(N, {}, 8192 * N, 30000) end
+  end)
+  it("pulls at most buffersize items ahead of the loop, for any buffersize", function()
+    for _, N in ipairs({ 1, 2, 3 }) do
+      for _, B in ipairs({ 1, 2, 3, 5, 100, 5000 }) do
+        check(N, { buffersize = B }, B, 2000)
+      end
+    end
+  end)
+  it("holds the bound in unordered mode, with chunksize, and with N = 1 and a timeout", function()
+    check(2, { buffersize = 50, ordered = false }, 50, 3000)
+    check(3, { ordered = false }, 3 * 8192, 30000)
+    check(2, { buffersize = 10, chunksize = 1000 }, 10, 500)
+    check(2, { buffersize = 1000, chunksize = 7 }, 1000, 3000)
+    check(1, { buffersize = 4, timeout = 60 }, 4, 300)
+  end)
+  it("gives the same results whatever the buffersize, and does not apply to tables", function()
+    local want = parmap.map(sq, H.range(3000), { N = 1 })
+    for _, B in ipairs({ 1, 2, 64, 100000 }) do
+      local k = 0
+      local function gen() k = k + 1; if k <= 3000 then return k end end
+      assert.same(want, (parmap.map(sq, gen, { N = 2, buffersize = B })))
+      assert.same(want, (parmap.map(sq, H.range(3000), { N = 2, buffersize = B })))
+    end
+  end)
+  it("is a positive integer", function()
+    for bad, shown in pairs({ [0] = "0", [-1] = "-1", [1.5] = "1.5", [true] = "boolean",
+                              ["8"] = 'string "8"' }) do
+      local ok, err = pcall(parmap.map, sq, H.range(3), { N = 2, buffersize = bad })
+      assert.is_false(ok)
+      assert.matches("bad option 'buffersize' (positive integer expected, got " .. shown .. ")",
+        err, 1, true)
+    end
+  end)
+end)
+
 describe("options", function()
   it("chunksize, including -1, gives the same results", function()
     local want = parmap.map(sq, H.range(100), { N = 1 })
@@ -198,19 +257,22 @@ describe("options", function()
       assert.same(want, (parmap.map(sq, H.range(100), { N = 3, chunksize = cs })))
     end
   end)
-  it("ordered = false yields each item once, naming it", function()
-    local got, order = H.collect(parmap.parmap(function(x)
-      if x == 1 then
-        local t0 = parmap.now()
-        while parmap.now() - t0 < 0.5 do end
-      end
+  it("ordered = false yields each item once, naming it, as they complete", function()
+    -- item 1 cannot end before the loop has had another item: it waits
+    -- (asleep) until the loop body marks that it got one
+    local got_other = F.marker()
+    local got, order = {}, {}
+    for i, r in parmap.parmap(function(x)
+      if x == 1 then F.await(got_other) end
       return x * 10
-    end, H.range(40), { N = 2, ordered = false, chunksize = 1 }))
+    end, H.range(40), { N = 2, ordered = false, chunksize = 1 }) do
+      got[i], order[#order + 1] = r, i
+      if i ~= 1 then F.mark(got_other) end
+    end
+    os.remove(got_other)
     assert.equal(40, #order)
-    for i = 1, 40 do assert.same({ n = 1, i * 10 }, got[i]) end
-    local pos
-    for p, i in ipairs(order) do if i == 1 then pos = p end end
-    assert.is_true(pos > 1, "the slow item came first")
+    for i = 1, 40 do assert.equal(i * 10, got[i]) end
+    assert.are_not.equal(1, order[1], "the slow item came first")
   end)
   it("ordered = true keeps input order under uneven work", function()
     local _, order = H.collect(parmap.parmap(function(x)
@@ -224,11 +286,7 @@ describe("options", function()
   end)
   it("keeps a chunk's slot until its worker's last frame, even after slow items", function()
     -- items slow enough that a worker flushes each result on its own timer
-    local function slow(x)
-      local t0 = parmap.now()
-      while parmap.now() - t0 < 0.025 do end
-      return x
-    end
+    local function slow(x) F.T.sleep(0.025) return x end
     for _, ordered in ipairs({ true, false }) do -- more chunks than slots
       local out, n = parmap.map(slow, H.range(36), { N = 2, chunksize = 2, ordered = ordered })
       assert.equal(36, n)
@@ -432,22 +490,20 @@ describe("bad arguments", function()
 end)
 
 describe("timeout", function()
+  -- item 2 sleeps until it is killed; the others are fast, and the timeout
+  -- is long enough that a loaded machine cannot make one of them miss it
+  local TO = F.slow
   local function nap(x)
-    if x == 2 then
-      local t0 = parmap.now()
-      while parmap.now() - t0 < 30 do end
-    end
+    if x == 2 then F.T.sleep(60) end
     return x
   end
   it("kills a worker whose item runs too long and names the item", function()
     for _, N in ipairs({ 1, 2 }) do
-      local t0 = parmap.now()
       local got = H.collect(parmap.parmap(nap, { 1, 2, 3 },
-        { N = N, timeout = 0.3, exception = "return" }))
-      assert.is_true(parmap.now() - t0 < 10)
+        { N = N, timeout = TO, exception = "return" }))
       assert.same({ n = 1, 1 }, got[1])
       assert.equal("timeout", got[2][1].kind)
-      assert.matches("item 2 timed out after 0.3 s", got[2][1].message)
+      assert.matches("item 2 timed out after " .. TO .. " s", got[2][1].message, 1, true)
       assert.same({ n = 1, 3 }, got[3])
       assert.same({}, H.children())
     end
@@ -459,7 +515,7 @@ describe("timeout", function()
     assert.equal(300001, out[300000])
   end)
   it("raises with exception = 'raise'", function()
-    local ok, e = pcall(parmap.map, nap, { 1, 2, 3 }, { N = 2, timeout = 0.2 })
+    local ok, e = pcall(parmap.map, nap, { 1, 2, 3 }, { N = 2, timeout = TO })
     assert.is_false(ok)
     assert.equal(2, e.index)
     assert.equal("timeout", e.kind)

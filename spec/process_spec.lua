@@ -14,11 +14,6 @@ local function gone(pid)
   return f == nil
 end
 
-local function spin(seconds)
-  local t = core.now()
-  while core.now() - t < seconds do end
-end
-
 describe("ReturnProcess", function()
   it("runs target in another process and returns all its values, nils kept", function()
     local p = RP(function(a, b)
@@ -139,7 +134,7 @@ describe("ReturnProcess", function()
   end)
 
   it("join(timeout) returns nil, 'timeout' while it runs; terminate stops it", function()
-    local p = RP(function() spin(30) end):start()
+    local p = RP(function() T.sleep(30) end):start()
     local t = core.now()
     local r, why = p:join(0.2)
     assert.is_nil(r)
@@ -159,18 +154,26 @@ describe("ReturnProcess", function()
   end)
 
   it("a process the child forked that keeps its socket open does not delay join", function()
-    local p = RP(function() return T.fork_sleep(3) end):start()
-    local t = core.now()
+    -- the grandchild sleeps until killed: join must return while it lives
+    local p = RP(function() return T.fork_sleep(3600) end):start()
     local grandchild = p:join()
-    assert.is_true(core.now() - t < 1.5, "join took " .. (core.now() - t))
     assert.truthy(grandchild)
-    local q = RP(function() T.fork_sleep(3) return "x" end):start()
-    assert.is_true(F.within(F.bound(1), function() return not q:is_alive() end))
-    assert.equal("x", q:join())
+    assert.is_true(T.alive(grandchild), "join waited for the grandchild")
+    T.kill(grandchild, T.SIGKILL)
+    local q = RP(function() return "x", T.fork_sleep(3600) end):start()
+    assert.is_true(F.within(60, function() return not q:is_alive() end))
+    local x, grandchild2 = q:join()
+    assert.equal("x", x)
+    assert.is_true(T.alive(grandchild2), "is_alive waited for the grandchild")
+    T.kill(grandchild2, T.SIGKILL)
   end)
 
   it("kill() stops a child that ignores SIGTERM", function()
-    local p = RP(function() T.ignore(15) spin(30) end, { exception = "return" }):start()
+    local ignoring = F.marker()
+    local p = RP(function() T.ignore(15) F.mark(ignoring) T.sleep(3600) end,
+      { exception = "return" }):start()
+    assert.is_true(F.await(ignoring), "the child did not start")
+    os.remove(ignoring)
     assert.is_false(p:wait(0.1))
     p:terminate()
     assert.is_false(p:wait(0.3))
@@ -180,9 +183,13 @@ describe("ReturnProcess", function()
   end)
 
   it("wait and is_alive follow the child without taking its result", function()
-    local p = RP(function() spin(0.2) return "done" end):start()
+    local go = F.marker() -- the child returns only once told to
+    local p = RP(function() F.await(go) return "done" end):start()
     assert.is_true(p:is_alive())
-    assert.is_true(p:wait(F.bound(2)))
+    assert.is_false(p:wait(0.05))
+    F.mark(go)
+    assert.is_true(p:wait(60))
+    os.remove(go)
     assert.is_false(p:is_alive())
     assert.equal("done", p:join())
     assert.equal(0, p:exitcode())
@@ -235,7 +242,7 @@ describe("ReturnProcess", function()
     local before = F.snapshot()
     local pid
     do
-      local p = RP(function() spin(30) end):start()
+      local p = RP(function() T.sleep(30) end):start()
       pid = p:pid()
     end
     collectgarbage()
@@ -248,7 +255,7 @@ describe("ReturnProcess", function()
     local before = F.snapshot()
     local pid
     do
-      local p <close> = RP(function() spin(30) end):start()
+      local p <close> = RP(function() T.sleep(30) end):start()
       pid = p:pid()
     end
     assert.is_true(gone(pid))
@@ -291,12 +298,15 @@ describe("ReturnProcess", function()
   end)
 
   it("two processes run at once", function()
-    local t = core.now()
-    local p1 = RP(function() T.sleep(0.5) return 1 end):start()
-    local p2 = RP(function() T.sleep(0.5) return 2 end):start()
-    assert.equal(1, p1:join())
-    assert.equal(2, p2:join())
-    assert.is_true(core.now() - t < 0.95, "took " .. (core.now() - t))
+    -- each waits until the other has started: run one after the other,
+    -- they would give up waiting
+    local m1, m2 = F.marker(), F.marker()
+    local p1 = RP(function() F.mark(m1) return F.await(m2, 30) end):start()
+    local p2 = RP(function() F.mark(m2) return F.await(m1, 30) end):start()
+    assert.is_true(p1:join(), "process 1 never saw process 2 running")
+    assert.is_true(p2:join(), "process 2 never saw process 1 running")
+    os.remove(m1)
+    os.remove(m2)
   end)
 
   it("a parmap inside a ReturnProcess, and a ReturnProcess inside a parmap worker", function()
@@ -542,9 +552,10 @@ describe("pipelines (parmap.values)", function()
       if i == 5000 then break end
     end
     assert.equal(5000 * 5000 + 1, last)
-    -- bounded read-ahead: each stage holds a window of chunks sized to a
-    -- few milliseconds of work, not the input
-    assert.is_true(n < 2000000, "pulled " .. n .. " items")
+    -- bounded read-ahead: the first stage pulled at most its buffersize
+    -- (8192 a worker) ahead of what the second stage pulled, which pulled
+    -- at most its own ahead of the loop
+    assert.is_true(n <= 5000 + 2 * 8192 * 2, "pulled " .. n .. " items")
     F.assert_stopped(before) -- break closed both stages
   end)
 

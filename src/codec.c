@@ -26,15 +26,8 @@ enum {
 /* ---------------------------------------------------------------- bytes */
 
 int parmap_put_varint(parmap_buf *b, unsigned long long v) {
-  char *q;
-  if (parmap_buf_reserve(b, 10)) return -1;
-  q = b->p + b->len;
-  while (v >= 0x80) {
-    *q++ = (char)(v | 0x80);
-    v >>= 7;
-  }
-  *q++ = (char)v;
-  b->len = (size_t)(q - b->p);
+  if (parmap_buf_reserve(b, PARMAP_VARINT_MAX)) return -1;
+  b->len = (size_t)(parmap_varint_unsafe(b->p + b->len, v) - b->p);
   return 0;
 }
 
@@ -100,12 +93,11 @@ static int put_value(Enc *e, int idx) {
     case LUA_TNUMBER:
       if (lua_isinteger(L, idx)) {
         lua_Integer i = lua_tointeger(L, idx);
-        unsigned long long u = (unsigned long long)i;
         if (i >= 0 && i < 0x80) {
           put_byte(e, T_SMALL | (int)i);
         } else {
           put_byte(e, T_INT);
-          put_uv(e, (u << 1) ^ (i < 0 ? ~0ULL : 0ULL));
+          put_uv(e, parmap_zigzag(i));
         }
       } else {
         double d = (double)lua_tonumber(L, idx);
@@ -227,22 +219,19 @@ int parmap_encode_scalar(lua_State *L, int idx, parmap_buf *b) {
   int t = lua_type(L, idx);
   if (t == LUA_TSTRING) str = lua_tolstring(L, idx, &n);
   else if (t != LUA_TNUMBER && t != LUA_TBOOLEAN && t != LUA_TNIL) return 0;
-  if (parmap_buf_reserve(b, n + 16)) return 0; /* let parmap_encode raise */
+  /* count, tag, varint or 8 bytes, and n bytes: one reservation */
+  if (n > SIZE_MAX - 2 - PARMAP_VARINT_MAX ||
+      parmap_buf_reserve(b, n + 2 + PARMAP_VARINT_MAX))
+    return 0; /* let parmap_encode raise */
   q = b->p + b->len;
   *q++ = 1; /* one value */
   if (t == LUA_TNUMBER && lua_isinteger(L, idx)) {
     lua_Integer i = lua_tointeger(L, idx);
-    unsigned long long u = (unsigned long long)i;
     if (i >= 0 && i < 0x80) {
       *q++ = (char)(T_SMALL | (int)i);
     } else {
-      u = (u << 1) ^ (i < 0 ? ~0ULL : 0ULL);
       *q++ = (char)T_INT;
-      while (u >= 0x80) {
-        *q++ = (char)(u | 0x80);
-        u >>= 7;
-      }
-      *q++ = (char)u;
+      q = parmap_varint_unsafe(q, parmap_zigzag(i));
     }
   } else if (t == LUA_TNUMBER) {
     double d = (double)lua_tonumber(L, idx);
@@ -250,13 +239,8 @@ int parmap_encode_scalar(lua_State *L, int idx, parmap_buf *b) {
     memcpy(q, &d, sizeof d);
     q += sizeof d;
   } else if (t == LUA_TSTRING) {
-    size_t u = n;
     *q++ = (char)T_STR;
-    while (u >= 0x80) {
-      *q++ = (char)(u | 0x80);
-      u >>= 7;
-    }
-    *q++ = (char)u;
+    q = parmap_varint_unsafe(q, n);
     memcpy(q, str, n);
     q += n;
   } else if (t == LUA_TBOOLEAN) {
@@ -314,7 +298,7 @@ static int get_value(Dec *d) {
       return 0;
     case T_INT:
       if (get_uv(d, &v)) return -1;
-      lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (0ULL - (v & 1))));
+      lua_pushinteger(L, parmap_unzigzag(v));
       return 0;
     case T_FLOAT: {
       double x;
@@ -336,7 +320,8 @@ static int get_value(Dec *d) {
       if (get_uv(d, &v)) return -1;
       /* every element takes a byte: a larger hint is a lie */
       if (v > d->len - d->pos) v = d->len - d->pos;
-      lua_createtable(L, v > 0x4000000 ? 0x4000000 : (int)v, 0);
+      lua_createtable(L, v > PARMAP_MAX_PREALLOC ? PARMAP_MAX_PREALLOC : (int)v,
+                      0);
       lua_pushvalue(L, -1);
       lua_rawseti(L, d->scratch, ++d->ntab);
       return 0;
@@ -394,7 +379,7 @@ int parmap_decode_scalar(lua_State *L, const char *p, size_t len,
     unsigned long long v;
     size_t j = i + 2;
     if (parmap_get_varint(p, len, &j, &v)) return 0;
-    lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (0ULL - (v & 1))));
+    lua_pushinteger(L, parmap_unzigzag(v));
     *pos = j;
     return 1;
   }
@@ -428,8 +413,8 @@ int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
     *err = d.err ? d.err : "value count longer than the message";
     return PARMAP_ECORRUPT;
   }
-  if (n > 1000000 || (n > 8 && !lua_checkstack(L, (int)n + 8))) {
-    *err = "too many values for the Lua stack";
+  if (n > PARMAP_MAX_VALUES || (n > 8 && !lua_checkstack(L, (int)n + 8))) {
+    *err = "too many values for the Lua stack (at most 1000000)";
     return PARMAP_ECORRUPT;
   }
   for (i = 0; i < n && rc == 0; i++) rc = get_value(&d);

@@ -52,7 +52,34 @@ int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
 */
 int parmap_decode_scalar(lua_State *L, const char *p, size_t len, size_t *pos);
 
-/* Varints shared with the engine's own framing. */
+/* Limits of the decoder, stated in its errors. */
+#define PARMAP_MAX_VALUES 1000000 /* values in one record (Lua's stack) */
+#define PARMAP_MAX_PREALLOC 0x4000000 /* array slots preallocated for a
+                                          table, whatever its size hint */
+
+/* Varints (7 bits a byte, low first), shared with the engine's framing. */
+#define PARMAP_VARINT_MAX 10 /* bytes of the longest (64-bit) varint */
+
+/* Append v at q, which has room for PARMAP_VARINT_MAX bytes (reserved
+   once by the caller: lua-cjson's strbuf _unsafe style); returns the end. */
+static inline char *parmap_varint_unsafe(char *q, unsigned long long v) {
+  while (v >= 0x80) {
+    *q++ = (char)(v | 0x80);
+    v >>= 7;
+  }
+  *q++ = (char)v;
+  return q;
+}
+
+/* Signed integers as varints: small magnitudes, small codes. */
+static inline unsigned long long parmap_zigzag(lua_Integer i) {
+  return ((unsigned long long)i << 1) ^ (i < 0 ? ~0ULL : 0ULL);
+}
+static inline lua_Integer parmap_unzigzag(unsigned long long v) {
+  return (lua_Integer)((v >> 1) ^ (0ULL - (v & 1)));
+}
+
+/* Append v to b; 0, or -1 when out of memory. */
 int parmap_put_varint(parmap_buf *b, unsigned long long v);
 int parmap_get_varint(const char *p, size_t len, size_t *pos,
                       unsigned long long *v);

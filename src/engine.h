@@ -47,6 +47,8 @@ typedef struct Config {
   int exception, ordered;
   lua_Integer total;     /* -1 when unknown */
   lua_Integer chunksize; /* 0: automatic */
+  lua_Integer buffersize; /* iterator input: most items pulled ahead of the
+                             loop (pulled but not yet consumed) */
   int N;
   double timeout; /* seconds per item, 0: none */
   int has_seed;   /* seed option: math.randomseed(seed, index) per item */

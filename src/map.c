@@ -34,6 +34,7 @@
 #define WINDOW_BASE 4 /* ... while the chunk the loop waits for is done */
 #define TARGET_NS 2000000.0 /* aim for chunks of about 2 ms of work */
 #define MAX_CHUNK PARMAP_MAX_CHUNK
+#define BUFFER_PER_WORKER 8192 /* default buffersize: this many items a worker */
 #define BIG_BUF (4u << 20) /* result buffers past this go to the pool */
 #define POOL 2             /* big buffers a map keeps for reuse */
 
@@ -101,6 +102,7 @@ typedef struct Map {
   lua_Integer next_index;     /* first item not in a chunk */
   int exhausted;
   lua_Integer done, reported;
+  lua_Integer taken;          /* items the loop has consumed */
   double item_ns;
   lua_Integer last_size;
   struct pollfd *pfd;
@@ -222,9 +224,16 @@ static void take_failure(lua_State *L, Map *m, Slot *s, size_t at) {
 
 /* ---------------------------------------------------------------- chunks */
 
+/* The size of the next chunk; new_chunk commits it to last_size. For
+   iterator input it is at most buffersize (the read-ahead bound), and an
+   automatic one small enough that every worker can hold DEPTH chunks
+   within it. */
 static lua_Integer chunk_size(Map *m) {
-  lua_Integer size;
-  if (m->cfg.chunksize > 0) return m->cfg.chunksize;
+  lua_Integer size, bound = m->cfg.from_table ? 0 : m->cfg.buffersize;
+  if (m->cfg.chunksize > 0) {
+    size = m->cfg.chunksize;
+    return bound && size > bound ? bound : size;
+  }
   if (m->item_ns <= 0) {
     size = m->last_size ? m->last_size * 2 : 1;
   } else {
@@ -239,9 +248,10 @@ static lua_Integer chunk_size(Map *m) {
     if (size > guided) size = guided;
   }
   if (m->cfg.maxtasks > 0 && size > m->cfg.maxtasks) size = m->cfg.maxtasks;
+  if (bound && size > bound / (DEPTH * m->cfg.N))
+    size = bound / (DEPTH * m->cfg.N);
   if (size < 1) size = 1;
   if (size > MAX_CHUNK) size = MAX_CHUNK;
-  m->last_size = size;
   return size;
 }
 
@@ -326,6 +336,12 @@ static Slot *new_chunk(lua_State *L, Map *m) {
   lua_Integer size;
   if (m->exhausted || (s = free_slot(m)) == NULL) return NULL;
   size = chunk_size(m);
+  if (!m->cfg.from_table &&
+      m->next_index - 1 - m->taken + size > m->cfg.buffersize)
+    return NULL; /* at most buffersize items pulled ahead of the loop: wait
+                    until it takes some (size <= buffersize, so it has some
+                    to take) */
+  m->last_size = size;
   if (s->out.p == NULL) { /* take a big buffer from the pool if any */
     int i;
     for (i = 0; i < POOL; i++)
@@ -1004,6 +1020,7 @@ static int emit(lua_State *L, Map *m, Slot *s) {
                       (LUAI_UACINT)index, err);
   }
   s->rpos = pos;
+  m->taken++;
   if (++s->consumed == s->count) {
     if (m->cfg.ordered) m->seq_take++;
     if (!s->busy) release_slot(m, s); /* else when its segment ends */
@@ -1148,6 +1165,8 @@ static void read_config(lua_State *L, Config *c) {
   if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
   if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;
   c->N = (int)n;
+  c->buffersize = countfield(L, "buffersize", "buffersize", 1, 0);
+  if (c->buffersize == 0) c->buffersize = (lua_Integer)BUFFER_PER_WORKER * c->N;
   if (lua_getfield(L, 1, "timeout") != LUA_TNIL) {
     lua_Number t = lua_tonumber(L, -1);
     if (!lua_isnumber(L, -1) || !(t > 0))

@@ -43,6 +43,7 @@ static struct {
   Inbox in;
   uint32_t mapid;
   int ended, aborted;
+  int lost; /* rank 0 gave an agent up: no MPI_Finalize (it would wait) */
   int box; /* items go as {item, index} (the input has nil items) */
   parmap_buf seg; /* the current segment */
   size_t pos;
@@ -124,6 +125,7 @@ static int a_wait(lua_State *L) {
     tag = pop(&b);
     h = mpi_hdr(&b);
     if (tag == TAG_QUIT) {
+      A.lost = h.a != 0;
       parmap_buf_free(&b);
       return 0;
     }
@@ -353,7 +355,7 @@ static const char *const DRIVER =
     "  -- N = 1 would run fn in this process: a worker process instead\n"
     "  if N == 1 and not timeout then timeout = 1e9 end\n"
     "  local opts = { N = N, ordered = false, exception = 'return', timeout = timeout,\n"
-    "    maxtasks = o.maxtasks }\n"
+    "    maxtasks = o.maxtasks, buffersize = o.buffersize }\n"
     "  if o.init then opts.init = core.loadfn(o.init) end\n"
     "  if o.finish then opts.finish = core.loadfn(o.finish) end\n"
     "  local args = o.args or {}\n"
@@ -453,3 +455,5 @@ int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
   if (status) MPI_Abort(MPI_COMM_WORLD, 1);
   return status;
 }
+
+int parmap_mpi_agent_lost(void) { return A.lost; }

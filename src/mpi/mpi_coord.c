@@ -807,7 +807,8 @@ void parmap_mpi_coord_quit(void) {
   if (C.quit) return;
   C.quit = 1;
   for (r = 1; r < C.size; r++)
-    if (!C.ag[r].dead) mpi_send_hdr(&C.out, r, TAG_QUIT, 0, 0);
+    if (!C.ag[r].dead) /* a = 1: a rank is lost, do not MPI_Finalize */
+      mpi_send_hdr(&C.out, r, TAG_QUIT, 0, C.lost);
   /* every message still coming (the DONE of a last map) is received:
      MPI_Finalize with unreceived messages makes some transports warn */
   for (r = 1; r < C.size; r++)

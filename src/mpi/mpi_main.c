@@ -115,7 +115,7 @@ int main(int argc, char **argv) {
     status = parmap_mpi_agent_main(L, rank, threads);
   }
   lua_close(L);
-  if (rank == 0 && parmap_mpi_coord_lost()) {
+  if (rank == 0 ? parmap_mpi_coord_lost() : parmap_mpi_agent_lost()) {
     /* a rank is gone: MPI_Finalize may wait for it forever */
     fflush(NULL);
     _exit(status);

@@ -99,5 +99,7 @@ void parmap_mpi_coord_quit(void);        /* QUIT to every agent, drains */
 int parmap_mpi_agent_main(lua_State *L, int rank, int threads);
 /* rank 0: did an agent die (then MPI_Finalize is skipped)? */
 int parmap_mpi_coord_lost(void);
+/* an agent: rank 0 said so with its QUIT */
+int parmap_mpi_agent_lost(void);
 
 #endif
