@@ -53,18 +53,25 @@ static struct {
   parmap_buf res; /* the batch of results being filled */
   parmap_buf rec; /* one result */
   uint32_t nres;
-  uint64_t last_flush;
+  uint64_t last_flush, last_pump;
   unsigned calls;
 } A;
 
 static void nomem(lua_State *L) { luaL_error(L, "parmap-mpi: agent out of memory"); }
 
 /* Receive one message from rank 0 into the inbox. */
+/* The batch of results and the Outbox are shared with the heartbeat
+   thread, which sends a batch that has waited 5 ms (the engine may wait a
+   long time for its workers, with results of a burst still here). */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+
 static int pump(lua_State *L, int block) {
   parmap_buf b = PARMAP_BUF_INIT;
   int tag, from, r;
   struct Msg *m;
+  pthread_mutex_lock(&mu);
   mpi_poll(&A.out);
+  pthread_mutex_unlock(&mu);
   r = mpi_recv(0, block, &b, &tag, &from);
   if (r <= 0) {
     parmap_buf_free(&b);
@@ -105,14 +112,34 @@ static int pop(parmap_buf *b) {
   return tag;
 }
 
-static void flush(lua_State *L) {
+/* Send the batch; with mu held. */
+static int flush_locked(void) {
   MsgHdr h;
-  if (A.nres == 0) return;
+  if (A.nres == 0) return 0;
   memcpy(&h, A.res.p, sizeof h);
   h.count = A.nres;
   memcpy(A.res.p, &h, sizeof h);
-  if (mpi_send(&A.out, &A.res, 0, TAG_RES)) nomem(L);
+  if (mpi_send(&A.out, &A.res, 0, TAG_RES)) return -1;
   A.nres = 0;
+  A.last_flush = parmap_now_ns();
+  return 0;
+}
+
+static void flush(lua_State *L) {
+  int r;
+  pthread_mutex_lock(&mu);
+  r = flush_locked();
+  pthread_mutex_unlock(&mu);
+  if (r) nomem(L);
+}
+
+/* A header-only message to rank 0. */
+static void send_hdr(lua_State *L, int tag) {
+  int r;
+  pthread_mutex_lock(&mu);
+  r = mpi_send_hdr(&A.out, 0, tag, A.mapid, 0);
+  pthread_mutex_unlock(&mu);
+  if (r) nomem(L);
 }
 
 /* agent.wait() -> fnrecord, opts | nil (leave) */
@@ -198,7 +225,7 @@ static int a_items(lua_State *L) {
         A.pos = sizeof h;
         A.left = h.count;
         A.gnext = h.a;
-        if (mpi_send_hdr(&A.out, 0, TAG_CREDIT, A.mapid, 0)) nomem(L);
+        send_hdr(L, TAG_CREDIT);
       } else if (tag == TAG_END) {
         A.ended = 1;
       } else if (tag == TAG_ABORT) {
@@ -276,23 +303,29 @@ static int add_result(lua_State *L, int base) {
   lua_pushnil(L);
   lua_rawseti(L, lua_upvalueindex(1), i);
   encode_outcome(L, &A.rec, g, base + 1, lua_gettop(L) - base);
-  if (A.nres == 0 && mpi_begin(&A.res, A.mapid, 0, 0, 0)) nomem(L);
-  if (parmap_put_varint(&A.res, (unsigned long long)g) ||
+  pthread_mutex_lock(&mu);
+  if ((A.nres == 0 && mpi_begin(&A.res, A.mapid, 0, 0, 0)) ||
+      parmap_put_varint(&A.res, (unsigned long long)g) ||
       parmap_put_varint(&A.res, (unsigned long long)A.rec.len) ||
-      parmap_buf_reserve(&A.res, A.rec.len))
+      parmap_buf_reserve(&A.res, A.rec.len)) {
+    pthread_mutex_unlock(&mu);
     nomem(L);
+  }
   memcpy(A.res.p + A.res.len, A.rec.p, A.rec.len);
   A.res.len += A.rec.len;
   A.nres++;
-  if ((A.nres & 63) == 1 || A.res.len >= FLUSH_BYTES) {
-    now = parmap_now_ns();
-    if (A.res.len >= FLUSH_BYTES || now - A.last_flush >= FLUSH_NS) {
-      flush(L);
-      A.last_flush = now;
-    }
+  now = parmap_now_ns();
+  if ((A.res.len >= FLUSH_BYTES || now - A.last_flush >= FLUSH_NS) &&
+      flush_locked()) {
+    pthread_mutex_unlock(&mu);
+    nomem(L);
   }
-  if ((++A.calls & 63) == 0)
+  pthread_mutex_unlock(&mu);
+  /* rank 0 may have left the map: look every 64 results, or 5 ms */
+  if ((++A.calls & 63) == 0 || now - A.last_pump >= FLUSH_NS) {
+    A.last_pump = now;
     while (pump(L, 0)) {}
+  }
   return !A.aborted;
 }
 
@@ -323,7 +356,7 @@ static int a_drain(lua_State *L) {
 static int a_finish(lua_State *L) {
   flush(L);
   if (lua_toboolean(L, 1)) {
-    if (mpi_send_hdr(&A.out, 0, TAG_DONE, A.mapid, 0)) nomem(L);
+    send_hdr(L, TAG_DONE);
   } else {
     parmap_buf b = PARMAP_BUF_INIT;
     size_t n;
@@ -331,7 +364,10 @@ static int a_finish(lua_State *L) {
     if (mpi_begin(&b, A.mapid, 0, 0, 0) || parmap_buf_reserve(&b, n)) nomem(L);
     memcpy(b.p + b.len, s, n);
     b.len += n;
-    if (mpi_send(&A.out, &b, 0, TAG_FAIL)) nomem(L);
+    pthread_mutex_lock(&mu);
+    n = (size_t)mpi_send(&A.out, &b, 0, TAG_FAIL);
+    pthread_mutex_unlock(&mu);
+    if (n) nomem(L);
   }
   return 0;
 }
@@ -385,7 +421,8 @@ static const char *const DRIVER =
 
 /* The heartbeat: every second a TAG_HB to rank 0, from a thread, so that an
    agent busy in its engine (waiting for its workers) still says it lives.
-   Rank 0 takes an agent for dead after a silence (resilient maps only). */
+   Rank 0 takes an agent for dead after a silence (resilient maps only).
+   Every 0.1 s it also sends a batch of results that has waited 5 ms. */
 static volatile int hb_stop = 0;
 static void *heartbeat(void *arg) {
   (void)arg;
@@ -393,7 +430,14 @@ static void *heartbeat(void *arg) {
     int k;
     MsgHdr h;
     struct timespec ts = {0, 100000000};
-    for (k = 0; k < 10 && !hb_stop; k++) nanosleep(&ts, NULL);
+    for (k = 0; k < 10 && !hb_stop; k++) {
+      uint64_t now;
+      nanosleep(&ts, NULL);
+      now = parmap_now_ns();
+      pthread_mutex_lock(&mu);
+      if (A.nres > 0 && now - A.last_flush >= FLUSH_NS) flush_locked();
+      pthread_mutex_unlock(&mu);
+    }
     if (hb_stop) break;
     memset(&h, 0, sizeof h);
     MPI_Send(&h, (int)sizeof h, MPI_BYTE, 0, TAG_HB, MPI_COMM_WORLD);

@@ -477,14 +477,11 @@ static void stop(lua_State *L, MMap *m) {
   m->closed = 1;
   C.nopen--;
   if (m->finished || C.quit) return;
+  /* no wait for the agents' DONE: an agent sees ABORT only between two
+     results, which may be long; what they still send for this map is
+     dropped, and the next map's messages queue behind */
   for (r = 1; r < C.size; r++)
     if (!C.ag[r].dead && mpi_send_hdr(&C.out, r, TAG_ABORT, m->id, 0)) nomem(L);
-  for (;;) {
-    int all = 1;
-    for (r = 1; r < C.size; r++) all = all && (m->as[r].done || C.ag[r].dead);
-    if (all) break;
-    wait_one(L, m);
-  }
 }
 
 static int map_close(lua_State *L) {
