@@ -47,7 +47,7 @@ HEADERS  := $(wildcard src/*.h)
 BUSTED ?= busted
 BUSTED_FLAGS ?=
 
-.PHONY: all demo test deps check check-asan check-gc check-valgrind install uninstall clean
+.PHONY: all demo test deps test-deps check check-asan check-gc check-valgrind install uninstall clean
 
 all: $(BUILD)/parmap/core.so $(BUILD)/libparmap.a
 
@@ -90,19 +90,27 @@ deps:
 	command -v $(PKG_CONFIG) >/dev/null 2>&1 || need="$$need pkg-config"; \
 	command -v $(BUSTED) >/dev/null 2>&1 || need="$$need lua-busted"; \
 	command -v $(CC) >/dev/null 2>&1 || need="$$need gcc make"; \
+	sh .ci/apt-install $$need
+
+# What the specs need beyond the build: a terminal multiplexer (the
+# progress bar as a person sees it) and MPI (the MPI backend's specs).
+test-deps: deps
+	@need=""; \
 	command -v tmux >/dev/null 2>&1 || need="$$need tmux"; \
+	command -v $(MPICC) >/dev/null 2>&1 || need="$$need openmpi-bin libopenmpi-dev"; \
 	sh .ci/apt-install $$need
 
 # Runs every spec; ends with the line "N passed, N failed" counted from
 # busted's TAP output, and fails when a spec fails.
-test: deps
-	@$(MAKE) --no-print-directory WERROR=-Werror all hosts testhelper
-	@bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
+test: test-deps
+	@$(MAKE) --no-print-directory WERROR=-Werror all hosts testhelper mpi
+	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" \
+	  bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 
 check: test
 
 ASAN_BUILD := build-asan
-check-asan: deps
+check-asan: test-deps
 	@$(MAKE) --no-print-directory BUILD=$(ASAN_BUILD) \
 	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
 	  LDFLAGS="-fsanitize=address,undefined" WERROR=-Werror all hosts testhelper
@@ -111,7 +119,7 @@ check-asan: deps
 	  LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	  PARMAP_BUILD=$(ASAN_BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 
-check-valgrind: deps
+check-valgrind: test-deps
 	@command -v valgrind >/dev/null 2>&1 || sh .ci/apt-install valgrind
 	@$(MAKE) --no-print-directory WERROR=-Werror all hosts testhelper
 	@PARMAP_VALGRIND=1 PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
@@ -119,7 +127,7 @@ check-valgrind: deps
 # The specs once more under the generational collector, which collects
 # young objects at almost every allocation: lifetime bugs (a value the C code
 # holds without an anchor) show up here first.
-check-gc: deps
+check-gc: test-deps
 	@$(MAKE) --no-print-directory WERROR=-Werror all hosts testhelper
 	@LUA_INIT='collectgarbage("generational")' PARMAP_BUILD=$(BUILD) \
 	  bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
@@ -196,7 +204,8 @@ bench: all
 # the coordinator of rank 0) with $(MPICC), e.g. `make mpi
 # MPICC=mpicc.mpich BUILD=build-mpich` for MPICH. `make check-mpi` runs
 # spec/mpi_backend_spec.lua, whose scripts run under `$(MPIRUN)
-# $(MPIRUN_FLAGS) -n 3 parmap-mpi` (not part of `make test`); for MPICH:
+# $(MPIRUN_FLAGS) -n 3 parmap-mpi` alone (`make test` runs it with the
+# other specs); for MPICH:
 # make check-mpi MPICC=mpicc.mpich MPIRUN=mpirun.mpich MPIRUN_FLAGS= BUILD=build-mpich
 MPICC    ?= mpicc
 MPIRUN   ?= mpirun
@@ -210,8 +219,7 @@ $(MPI_BIN): $(MPI_SRC) src/mpi/parmap_mpi.h $(HEADERS) $(BUILD)/libparmap.a
 	@command -v $(MPICC) >/dev/null 2>&1 || { echo "make mpi: $(MPICC) not found: install openmpi-bin libopenmpi-dev (sh .ci/apt-install openmpi-bin libopenmpi-dev), or name another with MPICC=" >&2; exit 1; }
 	$(MPICC) $(WARN) $(CFLAGS) $(LUA_CFLAGS) -Isrc $(LDFLAGS) -o $@ \
 	  $(MPI_SRC) $(BUILD)/libparmap.a $(HOST_LIBS)
-check-mpi: deps
-	@command -v $(MPICC) >/dev/null 2>&1 || sh .ci/apt-install openmpi-bin libopenmpi-dev
+check-mpi: test-deps
 	@$(MAKE) --no-print-directory WERROR=-Werror all mpi
 	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" PARMAP_SPECS=spec/mpi_backend_spec.lua \
 	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
