@@ -7,20 +7,36 @@
 
 local core = ...
 if type(core) ~= "table" then core = require "parmap.core" end
+
+-- No accidental SPMD (issue 13): in an MPI job of several processes that
+-- parmap-mpi did not start, every rank would run the whole script.
+do
+  local function n(var) return tonumber(os.getenv(var) or "") or 0 end
+  local size = math.max(n("OMPI_COMM_WORLD_SIZE"), n("PMI_SIZE"),
+    n("PMIX_SIZE"), n("SLURM_STEP_NUM_TASKS"))
+  if size > 1 and os.getenv("PARMAP_MPI") == nil then
+    error(string.format("parmap: this script runs as one of %d processes of an "
+      .. "MPI job (or srun step), so each would run all of it; start it "
+      .. "through parmap-mpi, which runs it once and the maps on every node: "
+      .. "mpirun -n K parmap-mpi script.lua (or srun ... parmap-mpi "
+      .. "script.lua)", size), 2)
+  end
+end
 local Check = require "parmap.check"
 local Errors = require "parmap.errors"
 local Pipeline = require "parmap.pipeline"
 local Progress = require "parmap.progress"
 Errors.own()
 
-local error, select, setmetatable = error, select, setmetatable
+local error, select, setmetatable, type, tostring, pcall, next =
+  error, select, setmetatable, type, tostring, pcall, next
 local format = string.format
 
 local M = {}
 M._VERSION = "0.1.0"
 
 -- star = parmap.None: the item is counted but not passed.
-M.None = Check.None
+M.None = Check.none()
 M.MAX_ARGS = Check.MAX_ARGS
 M._describe = Errors.describe -- for tests
 
@@ -44,7 +60,7 @@ local caller = core.caller
 local function serial_init(init, fail)
   local status, err, message, traceback = caller({ fn = init })(1, 0, true)
   if status ~= "ok" then
-    fail(nil, "init", err, message, traceback, core.pid(), 1)
+    fail(nil, "init", err, message, traceback, core.pid(), { worker = 1 })
   end
 end
 
@@ -122,14 +138,57 @@ end
 
 ---------------------------------------------------------------- the API
 
+-- issue 13: a map on the MPI backend. fn (and init, finish) travel by
+-- value to the node agents (src/fnenc.c); the agents run the call table.
+local function mpi_start(level, spec)
+  local mpi, fn, items = package.loaded["parmap.mpi"], spec.fn, spec.items
+  local f0 = fn
+  if type(f0) ~= "function" then f0 = function(...) return fn(...) end end
+  local ok, rec = pcall(core.dumpfn, f0)
+  if not ok then error("parmap: " .. tostring(rec), level + 1) end
+  -- items go boxed with their index when a table has nil items (nil
+  -- ends an iterator) or for seed (which needs the map's index)
+  local box = spec.seed ~= nil
+  if spec.from_table and not box then
+    for i = 1, spec.total do
+      if items[i] == nil then box = true; break end
+    end
+  end
+  local o = { N = spec.user_N, star = spec.star, kwstar = spec.kwstar,
+    args = spec.args, nargs = spec.nargs, has_kw = spec.has_kw,
+    kwargs = spec.kwargs, timeout = spec.timeout, box = box,
+    seed = spec.seed, maxtasks = spec.maxtasks, buffersize = spec.buffersize }
+  for _, name in next, { "init", "finish" } do -- they travel as fn does
+    local h = spec[name]
+    if h ~= nil then
+      if type(h) ~= "function" then
+        local h0 = h
+        h = function(...) return h0(...) end
+      end
+      local ok2, r2 = pcall(core.dumpfn, h, name)
+      if not ok2 then error("parmap: " .. tostring(r2), level + 1) end
+      o[name] = r2
+    end
+  end
+  local m = mpi.start(spec, rec, o)
+  return mpi.next, m, nil, m
+end
+
 -- level: where the entry point's caller is, seen from the entry point (2
 -- for a plain function). extra: how many arguments came after opts.
 local function start(level, fn, items, opts, extra)
   local spec = Check.map_spec(level + 1, fn, items, opts, extra)
   local f, s, c, closer
+  local mpi = spec.backend ~= "fork" and package.loaded["parmap.mpi"]
+  if spec.backend == "mpi" and not mpi then
+    error("parmap: backend 'mpi' needs the script to run under parmap-mpi "
+      .. "(mpirun -n K parmap-mpi script.lua)", level + 1)
+  end
+  if mpi and (spec.backend == "mpi" or (mpi.size() > 1 and not mpi.busy())) then
+    f, s, c, closer = mpi_start(level + 1, spec)
   -- timeout, seed: with N = 1 too, the items run in one worker process (a
   -- loop cannot stop itself; seeding must not touch the caller's stream)
-  if spec.N == 1 and not spec.timeout and not spec.seed then
+  elseif spec.N == 1 and not spec.timeout and not spec.seed then
     f, s, c, closer = serial(spec)
   else
     local m = core.start(spec)

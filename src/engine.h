@@ -32,7 +32,7 @@ enum {
   U_ARGS,     /* extra positional arguments (a sequence) */
   U_KW,       /* kwargs table, or nil */
   U_PROGRESS, /* progress(done, total, finished), or nil */
-  U_FAIL,     /* fail(index, kind, err, message, traceback, pid[, worker]):
+  U_FAIL,     /* fail(index, kind, err, message, traceback, pid[, fields]):
                  the error policy (lua/parmap/errors.lua); raises or
                  returns the error object */
   U_DESC,     /* describe(prefix, values...) -> message */

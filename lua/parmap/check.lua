@@ -15,12 +15,16 @@ local format = string.format
 
 local C = {}
 
--- star = parmap.None: the item is counted but not passed.
-C.None = setmetatable({}, {
+-- star = parmap.None: the item is counted but not passed. Not a field of
+-- this module (C.none() gives it): a closure sent by value (src/fnenc.c)
+-- names a module's table by the module it is a field of, and parmap.None
+-- must travel as parmap's.
+local None = setmetatable({}, {
   __name = "parmap.None",
   __tostring = function() return "parmap.None" end,
   __newindex = function() error("parmap.None is read-only", 2) end,
 })
+function C.none() return None end
 
 -- The options of a map, one a line (a new option is one more line here
 -- and its check in `map_spec` below).
@@ -41,11 +45,14 @@ C.OPTIONS = {
   finish = true,
   maxtasks = true,
   buffersize = true,
+  backend = true, -- issue 13: "auto", "fork" or "mpi"
+  resilient = true, -- issue 13: the MPI backend outlives an agent's death
 }
 local OPTIONS = C.OPTIONS
 
 -- What to do with an item's error (errors.lua's `apply` does it).
 local EXCEPTION = { raise = true, ["return"] = true, proc = true }
+local BACKEND = { auto = true, fork = true, mpi = true }
 
 -- The most extra arguments (args.n) a call may get: they sit on Lua's
 -- stack, which holds at most 1,000,000 slots (LUAI_MAXSTACK).
@@ -300,7 +307,7 @@ function C.map_spec(level, fn, items, opts, extra)
     spec.star = "false"
   elseif star == true then
     spec.star = "true"
-  elseif star == C.None then
+  elseif star == None then
     spec.star = "none"
   else
     bad(level, "star", "true, false or parmap.None", star)
@@ -390,6 +397,18 @@ function C.map_spec(level, fn, items, opts, extra)
   end
 
   positive(level, spec, opts, "maxtasks")
+
+  local backend = opts.backend
+  if backend == nil then backend = "auto" end
+  if not BACKEND[backend] then
+    bad(level, "backend", "'auto', 'fork' or 'mpi'", backend)
+  end
+  spec.backend, spec.user_N = backend, opts.N
+  local resilient = opts.resilient
+  if resilient ~= nil and type(resilient) ~= "boolean" then
+    bad(level, "resilient", "boolean", resilient)
+  end
+  spec.resilient = resilient or nil
   return spec
 end
 

@@ -23,6 +23,9 @@ function Error.__tostring(e)
       e.pid, e.message)
   elseif e.index == nil then -- a ReturnProcess
     s = format("parmap: process %d failed: %s", e.pid, e.message)
+  elseif e.rank then -- the MPI backend: a worker of a node agent
+    s = format("parmap: item %d failed in worker %d on %s (rank %d): %s",
+      e.index, e.pid, tostring(e.host), e.rank, e.message)
   else
     s = format("parmap: item %d failed in %s %d: %s", e.index,
       e.pid == core.pid() and "process" or "worker", e.pid, e.message)
@@ -98,12 +101,14 @@ local apply = E.apply
 
 -- A map's failure handler, built once per map: the C core (and the serial
 -- loop) hand it a failure record (index, kind, err, message, traceback,
--- pid[, worker]) once the map is stopped or may go on; it raises, or
+-- pid[, fields]) once the map is stopped or may go on; it raises, or
 -- returns the error object for the loop.
 function E.handler(exception)
-  return function(index, kind, err, message, traceback, pid, worker)
+  return function(index, kind, err, message, traceback, pid, fields)
     local e = make_error(index, kind, err, message, traceback, pid)
-    if worker ~= nil then e.worker = worker end
+    if fields ~= nil then -- {worker = id} for init; MPI: {host =, rank =}
+      for k, v in next, fields do e[k] = v end
+    end
     return apply(exception, true, e)
   end
 end

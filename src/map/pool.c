@@ -299,8 +299,11 @@ static void init_error(lua_State *L, Map *m, Worker *w, const char *p,
   lua_getiuservalue(L, m->self, U_FAIL);
   lua_pushnil(L); /* no item */
   for (k = 2; k <= 6; k++) lua_pushvalue(L, base + k);
+  lua_createtable(L, 0, 1);
   lua_pushinteger(L, id);
-  lua_call(L, 7, 1); /* fail(nil, "init", err, message, tb, pid, id) */
+  lua_setfield(L, -2, "worker");
+  lua_call(L, 7, 1); /* fail(nil, "init", err, message, tb, pid,
+                        {worker = id}) */
   lua_error(L);
 }
 
