@@ -454,10 +454,8 @@ static void put_value(Enc *e, int idx, lua_Integer pid, int kind, int keyidx) {
     case LUA_TBOOLEAN: put_byte(e, lua_toboolean(L, idx) ? V_TRUE : V_FALSE); return;
     case LUA_TNUMBER:
       if (lua_isinteger(L, idx)) {
-        lua_Integer i = lua_tointeger(L, idx);
-        unsigned long long u = (unsigned long long)i;
         put_byte(e, V_INT);
-        put_uv(e, (u << 1) ^ (i < 0 ? ~0ULL : 0ULL));
+        put_uv(e, parmap_zigzag(lua_tointeger(L, idx)));
       } else {
         double d = (double)lua_tonumber(L, idx);
         put_byte(e, V_FLOAT);
@@ -788,7 +786,7 @@ static void get_value(Dec *d) {
     case V_TRUE: lua_pushboolean(L, 1); return;
     case V_INT:
       v = get_uv(d);
-      lua_pushinteger(L, (lua_Integer)((v >> 1) ^ (0ULL - (v & 1))));
+      lua_pushinteger(L, parmap_unzigzag(v));
       return;
     case V_FLOAT: {
       double x;
@@ -805,7 +803,8 @@ static void get_value(Dec *d) {
     case V_TNEW:
       v = get_uv(d);
       if (v > d->len - d->pos) v = d->len - d->pos; /* a hint, not trusted */
-      lua_createtable(L, v > 0x4000000 ? 0x4000000 : (int)v, 0);
+      lua_createtable(L, v > PARMAP_MAX_PREALLOC ? PARMAP_MAX_PREALLOC : (int)v,
+                      0);
       lua_pushvalue(L, -1);
       lua_rawseti(L, d->base + D_OBJS, ++d->nobj);
       return;
