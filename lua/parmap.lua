@@ -49,10 +49,12 @@ end
 -- kind: "error" (fn raised), "value" (a result cannot travel), "died" (the
 -- worker ended), "timeout" (the item ran past opts.timeout), "init" (the
 -- init option raised; the field worker names the worker). index is nil for
--- a ReturnProcess and for "init".
-local function make_error(index, kind, err, message, traceback, pid)
+-- a ReturnProcess and for "init". attempts: how many times the item ran (1
+-- without the retries option).
+local function make_error(index, kind, err, message, traceback, pid, attempts)
   return setmetatable({ index = index, kind = kind, err = err,
-    message = message, traceback = traceback or "", pid = pid }, Error)
+    message = message, traceback = traceback or "", pid = pid,
+    attempts = attempts or 1 }, Error)
 end
 
 -- "file:line" of the code that consumed a failed item: the first frame
@@ -193,6 +195,7 @@ local OPTIONS = {
   init = true,
   finish = true,
   maxtasks = true,
+  retries = true,
   buffersize = true,
 }
 local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
@@ -506,6 +509,14 @@ local function check(level, fn, items, opts, extra)
       bad(level, "maxtasks", "positive integer", maxtasks)
     end
   end
+
+  local retries = opts.retries
+  if retries ~= nil then
+    spec.retries = integer(retries)
+    if not spec.retries or spec.retries < 0 then
+      bad(level, "retries", "non-negative integer", retries)
+    end
+  end
   return spec
 end
 
@@ -552,6 +563,7 @@ local function serial(spec)
   local state = setmetatable({ closed = false }, Serial)
   local i, ended, busy = 0, false, false
   local init, fin, started = spec.init, spec.finish, false
+  local retries = spec.retries or 0
   -- fn, the items iterator and progress run inside a step: stepping the
   -- map again from there is an error ("busy"); an error ends the map
   local guard = setmetatable({}, { __close = function(_, err)
@@ -564,11 +576,21 @@ local function serial(spec)
     return i, ...
   end
 
-  local function outcome(status, ...)
+  -- retries: fn runs again while it raises and runs are left; a bad
+  -- shape would fail alike, so it is not run again
+  local function again(item, runs, status, ...)
+    if status ~= "error" or runs > retries then return runs, status, ... end
+    return again(item, runs + 1, call(fn, item, i, star, kwstar, args, nargs,
+      has_kw, kwargs, true))
+  end
+
+  local function outcome(runs, status, ...)
     if status == "ok" then return finish(...) end
     if status == "shape" then error((...), 0) end
     local err, message, traceback = ...
-    local e = make_error(i, "error", err, message, traceback, core.pid())
+    if exception == "proc" then error(err, 0) end -- with retries only
+    local e = make_error(i, "error", err, message, traceback, core.pid(),
+      runs)
     if exception == "raise" then
       e.where = where(1)
       error(e, 0)
@@ -601,12 +623,12 @@ local function serial(spec)
       if init then serial_init(init) end
     end
     i = i + 1
-    if exception == "proc" then
+    if exception == "proc" and retries == 0 then
       return finish(call(fn, item, i, star, kwstar, args, nargs, has_kw,
         kwargs, false))
     end
-    return outcome(call(fn, item, i, star, kwstar, args, nargs, has_kw,
-      kwargs, true))
+    return outcome(again(item, 1, call(fn, item, i, star, kwstar, args, nargs,
+      has_kw, kwargs, true)))
   end
   return step, nil, nil, state
 end

@@ -45,7 +45,14 @@ enum { M_RUNNING = 0, M_DONE, M_CLOSED };
 typedef struct Seg {
   int slot;
   lua_Integer from, to; /* items from..to-1 */
+  uint64_t tries;       /* retries: runs item `from` already lost */
 } Seg;
+
+/* retries: the runs an item lost to deaths and timeouts (only items that
+   had one are listed) */
+typedef struct Tries {
+  lua_Integer index, n;
+} Tries;
 
 typedef struct Worker {
   pid_t pid; /* 0: no process */
@@ -80,6 +87,8 @@ typedef struct Slot {
   size_t *offs;         /* offs[k]: item start+k in `in`; count+1 of them */
   size_t offs_cap;
   parmap_buf fail; /* error records for items not to run: index, len, bytes */
+  Tries *tries;    /* retries: items that lost a run to a death, a timeout */
+  int ntries, tries_cap;
 } Slot;
 
 #define MAP_MAGIC 0x70617261706d6170ull /* "parapmap" */
@@ -229,6 +238,46 @@ static void take_failure(lua_State *L, Map *m, Slot *s, size_t at) {
   s->recv++;
   s->next++;
   m->done++;
+}
+
+/* ---------------------------------------------------------------- retries */
+
+/* The runs item `index` of s lost to deaths and timeouts so far. */
+static lua_Integer tries_of(const Slot *s, lua_Integer index) {
+  int i;
+  for (i = 0; i < s->ntries; i++)
+    if (s->tries[i].index == index) return s->tries[i].n;
+  return 0;
+}
+
+/* Item `index` of s lost a run to a death or a timeout: returns how many
+   it lost so far. Only runs when a worker died, never on the hot path. */
+static lua_Integer add_try(lua_State *L, Slot *s, lua_Integer index) {
+  int i;
+  for (i = 0; i < s->ntries; i++)
+    if (s->tries[i].index == index) return ++s->tries[i].n;
+  if (s->ntries == s->tries_cap) {
+    int cap = s->tries_cap ? 2 * s->tries_cap : 4;
+    Tries *p = (Tries *)realloc(s->tries, (size_t)cap * sizeof *p);
+    if (p == NULL) nomem(L);
+    s->tries = p;
+    s->tries_cap = cap;
+  }
+  s->tries[s->ntries].index = index;
+  s->tries[s->ntries].n = 1;
+  return s->tries[s->ntries++].n;
+}
+
+/* A segment starting at g->from: an item that lost runs is handed out
+   first in a segment of its own start, so that the header can tell the
+   worker its count (TaskHdr.tries) and fn's retries there are cut short. */
+static void cut_tried(const Slot *s, Seg *g) {
+  int i;
+  for (i = 0; i < s->ntries; i++) {
+    lua_Integer ix = s->tries[i].index;
+    if (ix == g->from) g->tries = (uint64_t)s->tries[i].n;
+    else if (ix > g->from && ix < g->to) g->to = ix;
+  }
 }
 
 /* ---------------------------------------------------------------- chunks */
@@ -387,6 +436,7 @@ static Slot *new_chunk(lua_State *L, Map *m) {
   s->start = m->next_index;
   s->count = 0;
   s->in.len = s->out.len = s->fail.len = 0;
+  s->ntries = 0;
   s->rpos = 0;
   s->recv = s->consumed = 0;
   s->next = s->start;
@@ -524,6 +574,8 @@ static void assign(Map *m, int wi, Slot *s) {
   g->slot = (int)(s - m->slots);
   g->from = s->next;
   g->to = (stop > 0 && stop < end) ? stop : end;
+  g->tries = 0;
+  if (s->ntries > 0) cut_tried(s, g);
   if (m->cfg.maxtasks > 0 && g->to - g->from > m->cfg.maxtasks - w->handed)
     g->to = g->from + (m->cfg.maxtasks - w->handed); /* its last items */
   w->handed += g->to - g->from;
@@ -630,7 +682,9 @@ static void on_death(lua_State *L, Map *m, int wi) {
     lua_Integer open = seg_first_open(m, w, k);
     s->next = open;
     unbusy(m, s);
-    if (bad >= open && bad < w->q[k].to) {
+    /* retries: the item goes back with the others, for a fresh worker */
+    if (bad >= open && bad < w->q[k].to &&
+        add_try(L, s, bad) > m->cfg.retries) {
       if (w->timed_out)
         snprintf(msg, sizeof msg,
                  "item %lld timed out after %g s (worker %d was killed)",
@@ -682,7 +736,7 @@ static int send_more(Map *m, Worker *w) {
       w->shdr.count = (uint32_t)seg_len(g);
       w->shdr.from = (int64_t)g->from;
       w->shdr.bodylen = blen;
-      w->shdr.reserved = 0;
+      w->shdr.tries = g->tries;
     }
     total = FRAME_HDR + blen;
     if (w->sent < FRAME_HDR)
@@ -943,6 +997,7 @@ static void release(Map *m) {
       parmap_buf_free(&m->slots[i].out);
       parmap_buf_free(&m->slots[i].in);
       parmap_buf_free(&m->slots[i].fail);
+      free(m->slots[i].tries);
       free(m->slots[i].offs);
     }
     free(m->slots);
@@ -1051,9 +1106,13 @@ static Slot *ready(Map *m) {
 }
 
 /* An error record (kind, err, message, traceback, pid) at base + 1..5 for
-   item `index`: raise it, or return index and the error object. */
-static int failed(lua_State *L, Map *m, lua_Integer index, int base, int n) {
+   item `index`, which lost `lost` runs to deaths and timeouts: raise it,
+   or return index and the error object. */
+static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
+                  int base, int n) {
   int k;
+  lua_Integer attempts;
+  const char *kind;
   if (n != 5 || lua_type(L, base + 1) != LUA_TSTRING ||
       lua_type(L, base + 3) != LUA_TSTRING) {
     return luaL_error(L, "parmap: corrupt error record for item %I",
@@ -1068,10 +1127,23 @@ static int failed(lua_State *L, Map *m, lua_Integer index, int base, int n) {
     lua_pushvalue(L, base + 2);
     return lua_error(L);
   }
+  /* its runs: fn raised in every one the worker gave it (its retries less
+     those lost before); a death or timeout ended each one counted; a
+     result that cannot travel ends it at once */
+  kind = lua_tostring(L, base + 1);
+  if (strcmp(kind, "error") == 0)
+    attempts = m->cfg.retries + 1;
+  else if (strcmp(kind, "died") == 0 || strcmp(kind, "timeout") == 0)
+    attempts = lost;
+  else
+    attempts = lost + 1;
+  if (attempts < 1) attempts = 1;
   lua_getiuservalue(L, m->self, U_MKERR);
   lua_pushinteger(L, index);
   for (k = 1; k <= 5; k++) lua_pushvalue(L, base + k);
-  lua_call(L, 6, 1); /* make_error(index, kind, err, message, tb, pid) */
+  lua_pushinteger(L, attempts);
+  lua_call(L, 7, 1); /* make_error(index, kind, err, message, tb, pid,
+                        attempts) */
   if (m->cfg.exception == EXC_RAISE) return lua_error(L);
   lua_pushinteger(L, index);
   lua_insert(L, -2);
@@ -1083,6 +1155,7 @@ static int emit(lua_State *L, Map *m, Slot *s) {
   lua_Integer index = s->start + s->consumed;
   size_t pos = s->rpos + 1;
   int status, n, base;
+  lua_Integer lost = 0;
   const char *err = NULL;
   if (s->rpos >= s->out.len) { /* a frame announced more than it carried */
     return luaL_error(L, "parmap: corrupt result for item %I: no record",
@@ -1103,12 +1176,14 @@ static int emit(lua_State *L, Map *m, Slot *s) {
   }
   s->rpos = pos;
   m->taken++;
+  if (status != REC_OK) /* read before the slot may be released */
+    lost = s->ntries > 0 ? tries_of(s, index) : 0;
   if (++s->consumed == s->count) {
     if (m->cfg.ordered) m->seq_take++;
     if (!s->busy) release_slot(m, s); /* else when its segment ends */
     pump(L, m, 0); /* workers may be waiting for this room */
   }
-  return status == REC_OK ? n + 1 : failed(L, m, index, base, n);
+  return status == REC_OK ? n + 1 : failed(L, m, lost, index, base, n);
 }
 
 static int finished(Map *m) {
@@ -1312,6 +1387,7 @@ static void read_config(lua_State *L, Config *c) {
   c->chunksize = countfield(L, "chunksize", "chunksize", 1, 0);
   if (c->chunksize > PARMAP_MAX_CHUNK) c->chunksize = PARMAP_MAX_CHUNK;
   c->maxtasks = countfield(L, "maxtasks", "maxtasks", 1, 0);
+  c->retries = countfield(L, "retries", "retries", 0, 0);
   n = countfield(L, "N", "N", 1, 1);
   if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
   if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;
