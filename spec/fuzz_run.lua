@@ -27,31 +27,12 @@ local MAX_ARGS = parmap.MAX_ARGS
 local TRACE = os.getenv("PARMAP_FUZZ_TRACE") == "1"
 local function trace(desc) if TRACE then io.write("> ", desc, "\n"); io.flush() end end
 
--- Values the C core is known to mishandle on this branch (being fixed in C
--- by other branches). Each is left out of the draw while listed here; the
--- list is to be emptied once the C fixes are merged. Entries:
--- { where = "option name" | "join" | "wait", value = v, why = "..." }
-local KNOWN_C_BUG = {
-  { where = "chunksize", test = function(v) return type(v) == "number" and v > 2^31 end,
-    why = "a chunksize above 2^31 reaches C unclamped: parmap.map(f, function() end,"
-      .. " {N = 2, chunksize = (1 << 32) + 1}) fails with 'parmap: not enough memory';"
-      .. " with an endless iterator and chunksize = 1 << 61 the process dies of SIGSEGV:"
-      .. " for i in parmap.parmap(f, function() return 1 end, {N = 2, chunksize = 1 << 61})"
-      .. " do if i > 3 then break end end" },
-  { where = "total", test = function(v) return type(v) == "number" and v > 2^31 end,
-    why = "chunksize = -1 makes chunks of total / N items, unclamped in C:"
-      .. " parmap.map(f, function() end, {N = 2, chunksize = -1, total = 1 << 40})"
-      .. " fails with 'parmap: not enough memory'" },
-  { where = "length", test = function(n) return n > 1 << 32 end,
-    why = "a table input of length near maxint overflows the chunk arithmetic in C (UBSan:"
-      .. " map.c chunk_size 'total + 4', new_chunk 'a + size'): for i in parmap.parmap(f,"
-      .. " {n = math.maxinteger}, {N = 2}) do break end; and chunks of 2^32 items or more"
-      .. " (chunksize = -1 on a long table) end in 'protocol error from worker: segment ended"
-      .. " early': for i in parmap.parmap(f, {n = 1 << 33}, {N = 2, chunksize = -1}) do break end" },
-  { where = "join/wait", message = "^[^\n]-: bad argument #2 to '[^']*' %(",
-    why = "p:join(t)/p:wait(t) with a bad t raise luaL_argcheck's message: no 'parmap', and"
-      .. " 'number expected, got table' does not say 'timeout' (src/process.c deadline_arg)" },
-}
+-- Values the C core is known to mishandle: left out of the draw while listed
+-- here, each with its reproducer. Empty: every find of the first runs (huge
+-- chunksize, total and lengths; join/wait's timeout message) is fixed.
+-- Entries: { where = "option name" | "join/wait" | "length", test = function(v),
+-- message = pattern, why = "reproducer" }
+local KNOWN_C_BUG = {}
 
 -- PARMAP_FUZZ_ALL=1 draws the listed values too (to check a C fix).
 if os.getenv("PARMAP_FUZZ_ALL") == "1" then KNOWN_C_BUG = {} end

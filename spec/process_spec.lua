@@ -231,8 +231,15 @@ describe("ReturnProcess", function()
     assert.matches("^spec/process_spec.lua:%d+: parmap.ReturnProcess: unknown option",
       err(function() RP(print, { N = 2 }) end))
     local p = RP(print):start()
-    assert.matches("bad argument #1 to 'join' %(timeout must be a non%-negative number%)",
-      err(function() p:join(-1) end))
+    for _, case in ipairs({ { -1, "-1" }, { 0 / 0, "nan" }, { "3", 'string "3"' }, { {}, "table" },
+                            { true, "boolean" } }) do
+      local bad, shown = case[1], case[2]
+      for _, method in ipairs({ "join", "wait" }) do
+        assert.matches("^spec/process_spec.lua:%d+: parmap: ReturnProcess: bad argument #1 'timeout' to '"
+          .. method .. "' %(non%-negative number of seconds expected, got " .. shown:gsub("%p", "%%%0") .. "%)",
+          err(function() return p[method](p, bad) end))
+      end
+    end
     p:join()
     assert.matches("parmap.ReturnProcess expected",
       err(function() p.join({}) end))

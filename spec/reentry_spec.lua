@@ -262,6 +262,31 @@ describe("interrupts", function()
     local _, count = out:gsub("interrupted!", "")
     assert.equal(1, count, out)
   end)
+  it("SIGINT while the parent runs the items iterator stops the map at once, not after the items it pulled", function()
+    -- An iterator error waits for the items pulled before it; Ctrl-C must
+    -- not: those items sleep 600 s each, so waiting for them would run
+    -- into F.run's limit. The iterator spins, so the hook lands in it.
+    local out = run_ok([[
+      local core = require "parmap.core"
+      local T = require "parmap_testhelper"
+      local k = 0
+      local function items()
+        local t = os.clock() + 0.05
+        while os.clock() < t do end
+        k = k + 1
+        return k
+      end
+      os.execute(string.format("(sleep 1; kill -INT %d) >/dev/null 2>&1 &", core.pid()))
+      local ok, e = pcall(parmap.map, function(x) T.sleep(600) return x end, items, { N = 2 })
+      assert(not ok)
+      print(e)
+      assert(tostring(e):match("interrupted!$"), tostring(e))
+      assert(#H.children() == 0, "workers left")
+      print("OK")
+    ]], F.bound(20))
+    local _, count = out:gsub("interrupted!", "")
+    assert.equal(1, count, out)
+  end)
   it("Ctrl-C on a terminal during back-to-back maps: one 'interrupted!', not one per respawned worker", function()
     for _ = 1, 5 do
       local h = F.pty([[

@@ -358,11 +358,25 @@ static int deliver(lua_State *L, Proc *p, int ud) {
   return lua_error(L);
 }
 
-static int64_t deadline_arg(lua_State *L, int idx) {
-  lua_Number t;
+/* The deadline (ns) of join/wait's timeout argument at idx, -1 for none.
+   A number only, never a numeric string, as every option of parmap; the
+   message shows the value as lua/parmap.lua's option errors do. */
+static int64_t deadline_arg(lua_State *L, int idx, const char *method) {
+  lua_Number t = 0;
   if (lua_isnoneornil(L, idx)) return -1;
-  t = luaL_checknumber(L, idx);
-  luaL_argcheck(L, t >= 0, idx, "timeout must be a non-negative number");
+  if (lua_type(L, idx) == LUA_TNUMBER) t = lua_tonumber(L, idx);
+  if (lua_type(L, idx) != LUA_TNUMBER || !(t >= 0)) {
+    const char *got;
+    if (lua_type(L, idx) == LUA_TNUMBER)
+      got = t != t ? "nan" : luaL_tolstring(L, idx, NULL);
+    else if (lua_type(L, idx) == LUA_TSTRING)
+      got = lua_pushfstring(L, "string \"%s\"", lua_tostring(L, idx));
+    else
+      got = luaL_typename(L, idx);
+    luaL_error(L, "parmap: ReturnProcess: bad argument #1 'timeout' to '%s' "
+               "(non-negative number of seconds expected, got %s)", method,
+               got);
+  }
   if (t > 1e9) return -1; /* forever, near enough */
   return (int64_t)parmap_now_ns() + (int64_t)(t * 1e9);
 }
@@ -422,7 +436,7 @@ static int p_start(lua_State *L) {
 /* p:join([timeout]): target's values; nil, "timeout" when it passes. */
 static int p_join(lua_State *L) {
   Proc *p = checkproc(L, 1);
-  int64_t deadline = deadline_arg(L, 2);
+  int64_t deadline = deadline_arg(L, 2, "join");
   need_started(L, p, "join");
   lua_settop(L, 1);
   if (!finish(L, p, 1, deadline)) {
@@ -436,7 +450,7 @@ static int p_join(lua_State *L) {
 /* p:wait([timeout]): true once the result is in, false on timeout. */
 static int p_wait(lua_State *L) {
   Proc *p = checkproc(L, 1);
-  int64_t deadline = deadline_arg(L, 2);
+  int64_t deadline = deadline_arg(L, 2, "wait");
   need_started(L, p, "wait");
   lua_settop(L, 1);
   lua_pushboolean(L, finish(L, p, 1, deadline));
