@@ -168,6 +168,23 @@ describe("retries, when the worker dies or times out", function()
     assert.same(tens(4), parmap.map(fn, H.range(4), { N = 2, retries = 2, chunksize = 1 }))
   end)
 
+  it("counts them for an item in the middle of a segment too", function()
+    -- item 2 of the chunk 1..4: run 1 dies, run 2 raises, run 3 would succeed
+    local got = {}
+    for i, r in parmap(function(x)
+      local n = x == 2 and bump(x) or 3
+      if n == 1 then os.exit(3) end
+      if n == 2 then error("second") end
+      return x * 10
+    end, H.range(8), { N = 2, chunksize = 4, retries = 1, exception = "return" }) do
+      got[i] = r
+    end
+    assert.equal("error", got[2].kind)
+    assert.equal(2, got[2].attempts)
+    got[2] = 20
+    assert.same(tens(8), got)
+  end)
+
   it("runs an item that timed out again", function()
     local got = parmap.map(function(x)
       if x == 2 and bump(x) == 1 then T.sleep(120) end -- killed at the timeout
