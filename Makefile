@@ -39,14 +39,15 @@ DESTDIR ?=
 LUA_SHARE := $(PREFIX)/share/lua/$(LUA_VERSION)
 LUA_LIB   := $(PREFIX)/lib/lua/$(LUA_VERSION)
 
-CORE_SRC := src/buf.c src/codec.c src/proc.c src/worker.c src/map.c src/process.c src/core.c
+CORE_SRC := src/buf.c src/codec.c src/proc.c src/worker.c src/map.c src/process.c src/core.c \
+            src/fnenc.c
 CORE_OBJ := $(CORE_SRC:src/%.c=$(BUILD)/%.o)
 HEADERS  := $(wildcard src/*.h)
 
 BUSTED ?= busted
 BUSTED_FLAGS ?=
 
-.PHONY: all demo test deps check check-asan check-gc check-valgrind install uninstall clean
+.PHONY: all demo test deps test-deps check check-asan check-gc check-valgrind install uninstall clean
 
 all: $(BUILD)/parmap/core.so $(BUILD)/libparmap.a
 
@@ -89,19 +90,27 @@ deps:
 	command -v $(PKG_CONFIG) >/dev/null 2>&1 || need="$$need pkg-config"; \
 	command -v $(BUSTED) >/dev/null 2>&1 || need="$$need lua-busted"; \
 	command -v $(CC) >/dev/null 2>&1 || need="$$need gcc make"; \
+	sh .ci/apt-install $$need
+
+# What the specs need beyond the build: a terminal multiplexer (the
+# progress bar as a person sees it) and MPI (the MPI backend's specs).
+test-deps: deps
+	@need=""; \
 	command -v tmux >/dev/null 2>&1 || need="$$need tmux"; \
+	command -v $(MPICC) >/dev/null 2>&1 || need="$$need openmpi-bin libopenmpi-dev"; \
 	sh .ci/apt-install $$need
 
 # Runs every spec; ends with the line "N passed, N failed" counted from
 # busted's TAP output, and fails when a spec fails.
-test: deps
-	@$(MAKE) --no-print-directory WERROR=-Werror all hosts testhelper
-	@bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
+test: test-deps
+	@$(MAKE) --no-print-directory WERROR=-Werror all hosts testhelper mpi
+	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" \
+	  bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 
 check: test
 
 ASAN_BUILD := build-asan
-check-asan: deps
+check-asan: test-deps
 	@$(MAKE) --no-print-directory BUILD=$(ASAN_BUILD) \
 	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
 	  LDFLAGS="-fsanitize=address,undefined" WERROR=-Werror all hosts testhelper
@@ -110,7 +119,7 @@ check-asan: deps
 	  LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	  PARMAP_BUILD=$(ASAN_BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 
-check-valgrind: deps
+check-valgrind: test-deps
 	@command -v valgrind >/dev/null 2>&1 || sh .ci/apt-install valgrind
 	@$(MAKE) --no-print-directory WERROR=-Werror all hosts testhelper
 	@PARMAP_VALGRIND=1 PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
@@ -118,7 +127,7 @@ check-valgrind: deps
 # The specs once more under the generational collector, which collects
 # young objects at almost every allocation: lifetime bugs (a value the C code
 # holds without an anchor) show up here first.
-check-gc: deps
+check-gc: test-deps
 	@$(MAKE) --no-print-directory WERROR=-Werror all hosts testhelper
 	@LUA_INIT='collectgarbage("generational")' PARMAP_BUILD=$(BUILD) \
 	  bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
@@ -190,6 +199,49 @@ bench: all
 	LUA_PATH='lua/?.lua;;' LUA_CPATH='$(BUILD)/?.so;;' $(LUA) bench/run.lua
 # --- end bench (issue 6) ---
 
+# --- mpi (issue 13) ---
+# `make mpi` builds $(BUILD)/parmap-mpi (the MPI launcher, node agents and
+# the coordinator of rank 0) with $(MPICC), e.g. `make mpi
+# MPICC=mpicc.mpich BUILD=build-mpich` for MPICH. `make check-mpi` runs
+# spec/mpi_backend_spec.lua, whose scripts run under `$(MPIRUN)
+# $(MPIRUN_FLAGS) -n 3 parmap-mpi` alone (`make test` runs it with the
+# other specs); for MPICH:
+# make check-mpi MPICC=mpicc.mpich MPIRUN=mpirun.mpich MPIRUN_FLAGS= BUILD=build-mpich
+MPICC    ?= mpicc
+MPIRUN   ?= mpirun
+MPIRUN_FLAGS ?= --allow-run-as-root --oversubscribe --bind-to none
+MPI_BIN  := $(BUILD)/parmap-mpi
+MPI_SRC  := src/mpi/mpi_main.c src/mpi/mpi_agent.c src/mpi/mpi_coord.c \
+            src/mpi/mpi_proto.c
+.PHONY: mpi check-mpi
+mpi: $(MPI_BIN)
+$(MPI_BIN): $(MPI_SRC) src/mpi/parmap_mpi.h $(HEADERS) $(BUILD)/libparmap.a
+	@command -v $(MPICC) >/dev/null 2>&1 || { echo "make mpi: $(MPICC) not found: install openmpi-bin libopenmpi-dev (sh .ci/apt-install openmpi-bin libopenmpi-dev), or name another with MPICC=" >&2; exit 1; }
+	$(MPICC) $(WARN) $(CFLAGS) $(LUA_CFLAGS) -Isrc $(LDFLAGS) -o $@ \
+	  $(MPI_SRC) $(BUILD)/libparmap.a $(HOST_LIBS)
+check-mpi: test-deps
+	@$(MAKE) --no-print-directory WERROR=-Werror all mpi
+	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" PARMAP_SPECS=spec/mpi_backend_spec.lua \
+	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
+# `make bench-mpi`: bench/mpi.lua, the MPI backend against the fork backend
+# on this machine (MPI_BENCH_RANKS ranks, default 2: rank 0 and one agent).
+MPI_BENCH_RANKS ?= 2
+.PHONY: bench-mpi
+bench-mpi: all mpi
+	$(MPIRUN) $(MPIRUN_FLAGS) -n $(MPI_BENCH_RANKS) $(MPI_BIN) bench/mpi.lua
+# `make fuzz-fnenc`: the closure decoder against mutated records under
+# ASan+UBSan (spec/fuzz_fnenc.c; FNENC_ITERS mutants per seed).
+FNENC_ITERS ?= 20000
+FNENC_FUZZ := $(BUILD)/fuzz_fnenc
+.PHONY: fuzz-fnenc
+$(FNENC_FUZZ): spec/fuzz_fnenc.c src/fnenc.c src/fnenc.h src/codec.c src/buf.c | $(BUILD)
+	$(CC) -std=c99 -g -O1 -DPARMAP_FNENC_FUZZ -fsanitize=address,undefined \
+	  -fno-sanitize-recover=all $(LUA_CFLAGS) -Isrc -o $@ \
+	  spec/fuzz_fnenc.c src/fnenc.c src/codec.c src/buf.c $(LUA_LIBS) -lm
+fuzz-fnenc: $(FNENC_FUZZ)
+	$(FNENC_FUZZ) $(FNENC_ITERS)
+# --- end mpi (issue 13) ---
+
 install: all
 	install -d $(DESTDIR)$(LUA_SHARE) $(DESTDIR)$(LUA_LIB)/parmap \
 	  $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
@@ -200,12 +252,15 @@ install: all
 	install -m 755 $(BUILD)/parmap/core.so $(DESTDIR)$(LUA_LIB)/parmap/core.so
 	install -m 644 $(BUILD)/libparmap.a $(DESTDIR)$(PREFIX)/lib/libparmap.a
 	install -m 644 src/parmap.h $(DESTDIR)$(PREFIX)/include/parmap.h
+	if [ -x $(MPI_BIN) ]; then install -d $(DESTDIR)$(PREFIX)/bin && \
+	  install -m 755 $(MPI_BIN) $(DESTDIR)$(PREFIX)/bin/parmap-mpi; fi
 
 uninstall:
 	rm -f $(DESTDIR)$(LUA_SHARE)/parmap.lua $(DESTDIR)$(LUA_SHARE)/parmap/process.lua \
 	  $(DESTDIR)$(LUA_SHARE)/parmap/progress.lua \
 	  $(DESTDIR)$(LUA_LIB)/parmap/core.so \
-	  $(DESTDIR)$(PREFIX)/lib/libparmap.a $(DESTDIR)$(PREFIX)/include/parmap.h
+	  $(DESTDIR)$(PREFIX)/lib/libparmap.a $(DESTDIR)$(PREFIX)/include/parmap.h \
+	  $(DESTDIR)$(PREFIX)/bin/parmap-mpi
 	-rmdir $(DESTDIR)$(LUA_LIB)/parmap $(DESTDIR)$(LUA_SHARE)/parmap 2>/dev/null
 
 clean:

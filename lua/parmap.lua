@@ -7,6 +7,21 @@
 
 local core = ...
 if type(core) ~= "table" then core = require "parmap.core" end
+
+-- No accidental SPMD (issue 13): in an MPI job of several processes that
+-- parmap-mpi did not start, every rank would run the whole script.
+do
+  local function n(var) return tonumber(os.getenv(var) or "") or 0 end
+  local size = math.max(n("OMPI_COMM_WORLD_SIZE"), n("PMI_SIZE"),
+    n("PMIX_SIZE"), n("SLURM_STEP_NUM_TASKS"))
+  if size > 1 and os.getenv("PARMAP_MPI") == nil then
+    error(string.format("parmap: this script runs as one of %d processes of an "
+      .. "MPI job (or srun step), so each would run all of it; start it "
+      .. "through parmap-mpi, which runs it once and the maps on every node: "
+      .. "mpirun -n K parmap-mpi script.lua (or srun ... parmap-mpi "
+      .. "script.lua)", size), 2)
+  end
+end
 local Progress = require "parmap.progress"
 
 local error, type, select, tostring, setmetatable, getmetatable, next =
@@ -37,6 +52,9 @@ function Error.__tostring(e)
       e.pid, e.message)
   elseif e.index == nil then -- a ReturnProcess
     s = format("parmap: process %d failed: %s", e.pid, e.message)
+  elseif e.rank then -- the MPI backend: a worker of a node agent
+    s = format("parmap: item %d failed in worker %d on %s (rank %d): %s",
+      e.index, e.pid, tostring(e.host), e.rank, e.message)
   else
     s = format("parmap: item %d failed in %s %d: %s", e.index,
       e.pid == core.pid() and "process" or "worker", e.pid, e.message)
@@ -197,7 +215,10 @@ local OPTIONS = {
   maxtasks = true,
   retries = true,
   buffersize = true,
+  backend = true, -- issue 13: "auto", "fork" or "mpi"
+  resilient = true, -- issue 13: the MPI backend outlives an agent's death
 }
+local BACKEND = { auto = true, fork = true, mpi = true }
 local EXCEPTION = { raise = 0, ["return"] = 1, proc = 2 }
 -- The most extra arguments (args.n) a call may get: they sit on Lua's
 -- stack, which holds at most 1,000,000 slots (LUAI_MAXSTACK).
@@ -517,6 +538,18 @@ local function check(level, fn, items, opts, extra)
       bad(level, "retries", "non-negative integer", retries)
     end
   end
+
+  local backend = opts.backend
+  if backend == nil then backend = "auto" end
+  if not BACKEND[backend] then
+    bad(level, "backend", "'auto', 'fork' or 'mpi'", backend)
+  end
+  spec.backend, spec.user_N = backend, opts.N
+  local resilient = opts.resilient
+  if resilient ~= nil and type(resilient) ~= "boolean" then
+    bad(level, "resilient", "boolean", resilient)
+  end
+  spec.resilient = resilient or nil
   return spec
 end
 
@@ -660,9 +693,46 @@ local function start(level, fn, items, opts, extra)
   local spec = check(level + 1, fn, items, opts, extra)
   if spec.exception_name == "raise" then spec.make_error = make_raised_error end
   local f, s, c, closer
+  local mpi = spec.backend ~= "fork" and package.loaded["parmap.mpi"]
+  if spec.backend == "mpi" and not mpi then
+    error("parmap: backend 'mpi' needs the script to run under parmap-mpi "
+      .. "(mpirun -n K parmap-mpi script.lua)", level + 1)
+  end
+  if mpi and (spec.backend == "mpi" or (mpi.size() > 1 and not mpi.busy())) then
+    -- issue 13: fn travels by value to the node agents (lua/../src/fnenc.c)
+    local f0 = fn
+    if type(f0) ~= "function" then f0 = function(...) return fn(...) end end
+    local ok, rec = pcall(core.dumpfn, f0)
+    if not ok then error("parmap: " .. tostring(rec), level + 1) end
+    -- items go boxed with their index when a table has nil items (nil
+    -- ends an iterator) or for seed (which needs the map's index)
+    local box = spec.seed ~= nil
+    if spec.from_table == 1 and not box then
+      for i = 1, spec.total do
+        if items[i] == nil then box = true; break end
+      end
+    end
+    local o = { N = spec.user_N, star = spec.star, kwstar = spec.kwstar,
+      args = spec.args, nargs = spec.nargs, has_kw = spec.has_kw,
+      kwargs = spec.kwargs, timeout = spec.timeout, box = box,
+      seed = spec.seed, maxtasks = spec.maxtasks, buffersize = spec.buffersize }
+    for _, name in next, { "init", "finish" } do -- they travel as fn does
+      local h = spec[name]
+      if h ~= nil then
+        if type(h) ~= "function" then
+          local h0 = h
+          h = function(...) return h0(...) end
+        end
+        local ok2, r2 = pcall(core.dumpfn, h, name)
+        if not ok2 then error("parmap: " .. tostring(r2), level + 1) end
+        o[name] = r2
+      end
+    end
+    local m = mpi.start(spec, rec, o)
+    f, s, c, closer = mpi.next, m, nil, m
   -- timeout, seed: with N = 1 too, the items run in one worker process (a
   -- loop cannot stop itself; seeding must not touch the caller's stream)
-  if spec.N == 1 and not spec.timeout and not spec.seed then
+  elseif spec.N == 1 and not spec.timeout and not spec.seed then
     f, s, c, closer = serial(spec)
   else
     local m = core.start(spec)

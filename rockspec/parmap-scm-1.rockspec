@@ -39,7 +39,7 @@ build = {
       ["parmap.core"] = {
          sources = {
             "src/buf.c", "src/codec.c", "src/proc.c", "src/worker.c",
-            "src/map.c", "src/process.c", "src/core.c",
+            "src/map.c", "src/process.c", "src/core.c", "src/fnenc.c",
          },
       },
    },

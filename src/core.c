@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "fnenc.h"
 #include "map.h"
 #include "parmap.h"
 #include "proc.h"
@@ -187,5 +188,6 @@ PARMAP_API int luaopen_parmap_core(lua_State *L) {
   luaL_newlib(L, funcs);
   parmap_map_register(L);
   parmap_process_register(L);
+  parmap_fnenc_register(L); /* closures by value (issue 13) */
   return 1;
 }

@@ -1,0 +1,393 @@
+-- The MPI backend (issue 13): scripts run under
+--   timeout 120 mpirun <MPIRUN_FLAGS> -n 3 build/parmap-mpi script.lua
+-- Not part of `make test`: `make check-mpi` runs this file (it needs
+-- `make mpi`, i.e. an MPI installation). Each script checks itself and
+-- prints what the spec compares; each run is bounded by `timeout`.
+local H = require "helpers"
+
+local BIN = os.getenv("PARMAP_MPI_BIN") or "build/parmap-mpi"
+local MPIRUN = os.getenv("MPIRUN") or "mpirun"
+local FLAGS = os.getenv("MPIRUN_FLAGS")
+  or "--allow-run-as-root --oversubscribe --bind-to none"
+
+-- under `make test` and `make check-mpi`, which build parmap-mpi and set
+-- PARMAP_MPI_BIN; the sanitizer, collector and valgrind runs leave them out
+local have = os.getenv("PARMAP_MPI_BIN") and io.open(BIN, "r")
+if have then have:close() end
+
+-- Run src under mpirun with n ranks; returns output (stdout and stderr),
+-- exit status, and the script's path (already removed).
+local function mpirun(src, n, cmd, env, flags)
+  local path = H.script(src)
+  local p = io.popen(string.format("%s timeout 120 %s %s %s -n %d %s %q 2>&1",
+    env or "", MPIRUN, FLAGS, flags or "", n or 3, cmd or BIN, path))
+  local out = p:read("a")
+  local _, _, code = p:close()
+  os.remove(path)
+  return out, code, path
+end
+
+local describe_mpi = have and describe or function(name, body)
+  describe(name, function()
+    pending("the MPI specs run under make test and make check-mpi")
+  end)
+end
+
+describe_mpi("the MPI backend", function()
+  it("runs the script once, on rank 0, with arg as lua5.4 sets it", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+io.write("\n")
+print("script", arg[1], arg[2], select("#", ...), #parmap.map(function(x) return x end, {1, 2, 3}))
+]] .. "\n")
+    assert.are.equal(0, code, out)
+    local n = select(2, out:gsub("\nscript\t", ""))
+    assert.are.equal(1, n, out)
+    assert.matches("\nscript\tnil\tnil\t0\t3\n", out, 1, true)
+  end)
+
+  it("gives the fork backend's results: the call table, both input kinds, "
+    .. "ordered and not", function()
+    local out, code = mpirun([=[
+local parmap = require "parmap"
+local function key(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  local s = {}
+  for _, k in ipairs(keys) do
+    local v = t[k]
+    s[#s + 1] = tostring(k) .. "=" .. (type(v) == "table" and key(v) or tostring(v))
+  end
+  return "{" .. table.concat(s, ",") .. "}"
+end
+local function run(fn, items, opts, backend)
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  o.backend = backend
+  local src = items
+  if type(items) == "function" then src = items() end
+  local got = {}
+  for i, a, b in parmap(fn, src, o) do got[i] = {a, b} end
+  return key(got)
+end
+local function f(...) return select("#", ...), table.concat({...}, ",") end
+local function g(x, kw) return x, key(kw or {}) end
+local cases = {
+  {f, {1, 2, 3, 4, 5, 6, 7}, {}},
+  {f, {{1, 2}, {3, 4, 5}, {n = 2, 6}}, {star = true}},
+  {f, {1, 2, 3}, {star = parmap.None, args = {8, 9}}},
+  {f, {1, 2, 3}, {args = {n = 2, "a"}}},
+  {g, {{1, {s = 3}}, {2, {}}}, {kwstar = true, kwargs = {s = 2, t = 1}}},
+  {g, {{s = 3}, {u = 4}}, {star = parmap.None, kwstar = true}},
+  {f, {1, 2, 3, n = 5}, {}},
+  {f, {}, {}},
+}
+local bad = 0
+for ci, c in ipairs(cases) do
+  for _, ordered in ipairs {true, false} do
+    for _, kind in ipairs {"table", "iterator"} do
+      local items = c[2]
+      if kind == "iterator" and items.n == nil then
+        items = function()
+          local i = 0
+          return function() i = i + 1; return c[2][i] end
+        end
+      end
+      local opts = {ordered = ordered}
+      for k, v in pairs(c[3]) do opts[k] = v end
+      local a = run(c[1], items, opts, "fork")
+      local b = run(c[1], items, opts, "mpi")
+      if a ~= b then bad = bad + 1; print("case", ci, kind, ordered, a, b) end
+    end
+  end
+end
+local big = {}
+for i = 1, 20000 do big[i] = i end
+local s1 = parmap.map(function(x) return x * 3 end, big)
+local s2 = parmap.map(function(x) return x * 3 end, big, {backend = "fork"})
+for i = 1, 20000 do if s1[i] ~= s2[i] then bad = bad + 1 end end
+print("mismatches", bad)
+]=])
+    assert.are.equal(0, code, out)
+    assert.matches("mismatches\t0\n", out, 1, true)
+  end)
+
+  it("sends closures by value: upvalues, shared upvalues, globals, modules",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local fmt = string.format
+local t = {base = 10}
+local n = 0
+local function bump() n = n + 1; return n end
+local function fact(k) return k <= 1 and 1 or k * fact(k - 1) end
+SCALE = 3
+function twice(x) return 2 * x end
+local r = parmap.map(function(x)
+  local a = bump(); local b = bump()
+  return fmt("%d:%d:%d:%d", t.base + x, fact(x), twice(x) * SCALE, b - a)
+end, {1, 2, 3, 4, 5})
+print(table.concat(r, " "))
+]])
+      assert.are.equal(0, code, out)
+      assert.matches("11:1:6:1 12:2:12:1 13:6:18:1 14:24:24:1 15:120:30:1",
+        out, 1, true)
+    end)
+
+  it("refuses a closure over an open file, naming the upvalue", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local fh = io.stdout
+local ok, err = pcall(parmap.map, function(x) fh:write(x) end, {1, 2})
+print(ok, err)
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("false\tparmap: upvalue 'fh' of fn: cannot send a FILE*; "
+      .. "open it in init", out, 1, true)
+  end)
+
+  it("error objects name the host and the rank", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local host = io.popen("hostname"):read("l")
+for i, r in parmap(function(x) if x == 2 then error("boom") end return x end,
+    {1, 2, 3}, {exception = "return"}) do
+  if parmap.iserror(r) then
+    print("error", i, r.kind, r.host == host, r.rank >= 1 and r.rank <= 2)
+    print(tostring(r):match("^[^\n]*"))
+  end
+end
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("error\t2\terror\ttrue\ttrue\n", out, 1, true)
+    assert.matches("parmap: item 2 failed in worker %d+ on [^ ]+ %(rank %d%): "
+      .. "[^\n]*boom", out)
+  end)
+
+  it("exception = 'raise' raises the error object after every earlier result",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local items = {}
+for i = 1, 1000 do items[i] = i end
+local last = 0
+local ok, e = pcall(function()
+  for i, r in parmap(function(x) if x == 500 then error({code = 7}) end return x end, items) do
+    last = i
+  end
+end)
+print(ok, parmap.iserror(e), e.index, e.err.code, last, e.where ~= nil)
+print("next map", #parmap.map(function(x) return x end, {1, 2, 3}))
+]])
+      assert.are.equal(0, code, out)
+      assert.matches("false\ttrue\t500\t7\t499\ttrue\nnext map\t3\n", out, 1, true)
+    end)
+
+  it("a worker killed inside an agent fails its item; the map goes on",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local core = require "parmap.core"
+local n, died = 0, nil
+for i, r in parmap(function(x)
+  if x == 7 then os.execute("kill -9 " .. core.pid()) end
+  return x
+end, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, {exception = "return"}) do
+  if parmap.iserror(r) then died = r.kind .. " " .. i .. " " .. r.message else n = n + 1 end
+end
+print("ok", n, died)
+]])
+      assert.are.equal(0, code, out)
+      -- the message counts the map's items, not the agent's
+      assert.matches("ok\t9\tdied 7 worker %d+ killed by signal 9 %(Killed%) "
+        .. "while running item 7\n", out)
+    end)
+
+  it("an agent killed ends the job with a message naming its rank; no "
+    .. "process is left", function()
+    local out, code, path = mpirun([[
+local parmap = require "parmap"
+local items = {}
+for i = 1, 40 do items[i] = i end
+parmap.map(function(x)
+  if x == 20 then os.execute("kill -9 $(ps -o ppid= -p $PPID)") end
+  os.execute("sleep 0.05")
+  return x
+end, items)
+print("finished")
+]])
+    assert.are_not.equal(0, code)
+    assert.not_matches("finished", out)
+    -- the launcher's message: Open MPI names the rank and the node,
+    -- MPICH's hydra the pid and the node
+    assert.is_truthy(out:match("rank [12] with PID %d+ on node")
+      or out:match("PID %d+ RUNNING AT"), out)
+    os.execute("sleep 1") -- the workers of the killed agent die with it
+    local p = io.popen("ps -eo args")
+    local left = 0
+    for line in p:lines() do
+      if line:find(path, 1, true) then left = left + 1 end
+    end
+    p:close()
+    assert.are.equal(0, left)
+  end)
+
+  it("leaving a map early stops it on every agent; the next map is right",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local items = {}
+for i = 1, 100000 do items[i] = i end
+for round = 1, 5 do
+  for i in parmap(function(x) return x end, items) do if i == 10 * round then break end end
+end
+local s = 0
+for _, v in ipairs(parmap.map(function(x) return x end, items)) do s = s + v end
+print("sum", s)
+]])
+      assert.are.equal(0, code, out)
+      assert.matches("sum\t5000050000\n", out, 1, true)
+    end)
+
+  it("streams many tiny items from an iterator without deadlock", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local i = 0
+local n, s = 0, 0
+for k, r in parmap(function(x) return x + 1 end, function() i = i + 1; if i <= 300000 then return i end end) do
+  n = n + 1; s = s + r
+  if k ~= n then error("out of order") end
+end
+print("items", n, s)
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("items\t300000\t45000450000\n", out, 1, true)
+  end)
+
+  it("splits a message over the size limit into parts (limit 100 bytes here)",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local items = {}
+for i = 1, 200 do items[i] = string.rep(string.char(65 + i % 26), 1000 + i) end
+local r = parmap.map(function(s) return s .. s:lower(), #s end, items)
+local ok = 0
+for i = 1, 200 do if r[i] == items[i] .. items[i]:lower() then ok = ok + 1 end end
+print("ok", ok)
+]], 3, nil, "env PARMAP_MPI_MAXMSG=100")
+      assert.are.equal(0, code, out)
+      assert.matches("ok\t200\n", out, 1, true)
+    end)
+
+  it("timeout kills a hung worker inside an agent; its item fails with "
+    .. "kind 'timeout'", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local kinds = {}
+for i, r in parmap(function(x)
+  if x == 3 then os.execute("sleep 30") end
+  return x
+end, {1, 2, 3, 4}, {exception = "return", timeout = 1}) do
+  kinds[#kinds + 1] = parmap.iserror(r) and (r.kind .. "@" .. r.index) or tostring(r)
+end
+print("kinds", table.concat(kinds, " "))
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("kinds\t1 2 timeout@3 4\n", out, 1, true)
+  end)
+
+  it("init and finish travel too; seed gives the fork backend's numbers",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local tag = "T"
+local r = parmap.map(function(x) return STATE .. x end, {1, 2, 3},
+  {init = function(id) STATE = tag .. (id > 0 and "+" or "-") end,
+   finish = function() end})
+print("init", table.concat(r, " "))
+local a = parmap.map(function() return math.random(1000000) end, {1, 2, 3, 4, 5, 6}, {seed = 42})
+local b = parmap.map(function() return math.random(1000000) end, {1, 2, 3, 4, 5, 6}, {seed = 42, backend = "fork"})
+print("seed", table.concat(a, ",") == table.concat(b, ","))
+]])
+      assert.are.equal(0, code, out)
+      assert.matches("init\tT+1 T+2 T+3\nseed\ttrue\n", out, 1, true)
+    end)
+
+  it("calls progress with the final count", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local last
+parmap.map(function(x) return x end, {1, 2, 3, 4, 5}, {progress = function(d, t) last = d .. "/" .. tostring(t) end})
+print("progress", last)
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("progress\t5/5\n", out, 1, true)
+  end)
+
+  it("leaves no process behind", function()
+    local out, code, path = mpirun([[
+local parmap = require "parmap"
+parmap.map(function(x) return x end, {1, 2, 3, 4})
+]])
+    assert.are.equal(0, code, out)
+    local p = io.popen("ps -eo args")
+    local left = 0
+    for line in p:lines() do
+      if line:find(path, 1, true) then left = left + 1 end
+    end
+    p:close()
+    assert.are.equal(0, left)
+  end)
+
+  -- Open MPI keeps the job alive after a death with --enable-recovery;
+  -- MPICH's mpirun (hydra) ends it even with -disable-auto-cleanup.
+  local vp = io.popen(MPIRUN .. " --version 2>&1")
+  local openmpi = vp:read("a"):find("Open MPI", 1, true) ~= nil
+  vp:close()
+  local it_openmpi = openmpi and it or pending
+
+  it_openmpi("resilient = true finishes every item when an agent dies "
+    .. "(Open MPI, --enable-recovery)", function()
+    local mark = os.tmpname()
+    os.remove(mark)
+    local out, code, path = mpirun(string.format([[
+local parmap = require "parmap"
+local items = {}
+for i = 1, 40 do items[i] = i end
+local r = parmap.map(function(x)
+  -- the agent running item 20 dies, once
+  if x == 20 and os.execute("mkdir %s 2>/dev/null") then
+    os.execute("kill -9 $(ps -o ppid= -p $PPID)")
+  end
+  os.execute("sleep 0.05")
+  return x * 2
+end, items, {resilient = true})
+local ok = 0
+for i = 1, 40 do if r[i] == 2 * i then ok = ok + 1 end end
+print("resilient", ok)
+print("next map", #parmap.map(function(x) return x end, items))
+]], mark), 3, nil, "env PARMAP_MPI_DEAD_AFTER=2", "--enable-recovery")
+    os.execute("rmdir " .. mark)
+    assert.are.equal(0, code, out)
+    assert.matches("given up", out)
+    assert.matches("resilient\t40\nnext map\t40\n", out, 1, true)
+    os.execute("sleep 1")
+    local p = io.popen("ps -eo args")
+    local left = 0
+    for line in p:lines() do
+      if line:find(path, 1, true) then left = left + 1 end
+    end
+    p:close()
+    assert.are.equal(0, left)
+  end)
+
+  it("a script that plain lua5.4 runs in an MPI job gets a clear error",
+    function()
+      local out = mpirun([[local parmap = require "parmap"; print("ran")]], 2,
+        string.format("env LUA_PATH=%q LUA_CPATH=%q lua5.4", package.path,
+          package.cpath))
+      assert.matches("start it through parmap%-mpi", out)
+      assert.not_matches("ran", out)
+    end)
+end)

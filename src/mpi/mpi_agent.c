@@ -1,0 +1,503 @@
+/*
+** mpi_agent.c: a node agent of parmap-mpi (ranks > 0; see mpi.h).
+**
+** The agent never runs the user's script. It waits for maps from rank 0
+** and runs each on its node's cores with parmap's own fork engine:
+** parmap.parmap(fn, items, {N = ..., ordered = false, exception = "return"}),
+** where items is an iterator over the segments rank 0 sends, and the loop
+** body sends the results back in batches. So whatever works inside a
+** worker works here: errors, deaths, timeouts.
+**
+** The items iterator is the only place the agent blocks on MPI, and only
+** when it holds no segment, after sending every result it holds (mpi.h
+** explains why that cannot deadlock).
+*/
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+
+#include "codec.h"
+#include "engine.h"
+#include "parmap_mpi.h"
+#include "proc.h"
+
+#define FLUSH_BYTES ((size_t)1 << 20)
+#define FLUSH_NS 5000000ull /* 5 ms: a batch never waits longer */
+
+typedef struct Inbox {
+  struct Msg {
+    parmap_buf b;
+    int tag;
+  } *v;
+  int head, n, cap;
+} Inbox;
+
+static struct {
+  Outbox out;
+  Inbox in;
+  uint32_t mapid;
+  int ended, aborted;
+  int lost; /* rank 0 gave an agent up: no MPI_Finalize (it would wait) */
+  int box; /* items go as {item, index} (the input has nil items) */
+  parmap_buf seg; /* the current segment */
+  size_t pos;
+  uint32_t left;
+  int64_t gnext;
+  lua_Integer nlocal;
+  parmap_buf res; /* the batch of results being filled */
+  parmap_buf rec; /* one result */
+  uint32_t nres;
+  uint64_t last_flush, last_pump;
+  unsigned calls;
+} A;
+
+static void nomem(lua_State *L) { luaL_error(L, "parmap-mpi: agent out of memory"); }
+
+/* Receive one message from rank 0 into the inbox. */
+/* The batch of results and the Outbox are shared with the heartbeat
+   thread, which sends a batch that has waited 5 ms (the engine may wait a
+   long time for its workers, with results of a burst still here). */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int pump(lua_State *L, int block) {
+  parmap_buf b = PARMAP_BUF_INIT;
+  int tag, from, r;
+  struct Msg *m;
+  pthread_mutex_lock(&mu);
+  mpi_poll(&A.out);
+  pthread_mutex_unlock(&mu);
+  r = mpi_recv(0, block, &b, &tag, &from);
+  if (r <= 0) {
+    parmap_buf_free(&b);
+    if (r < 0) nomem(L);
+    return 0;
+  }
+  if (A.in.head + A.in.n == A.in.cap) {
+    if (A.in.head > 0) {
+      memmove(A.in.v, A.in.v + A.in.head, (size_t)A.in.n * sizeof *A.in.v);
+      A.in.head = 0;
+    } else {
+      int cap = A.in.cap ? 2 * A.in.cap : 16;
+      void *v = realloc(A.in.v, (size_t)cap * sizeof *A.in.v);
+      if (v == NULL) {
+        parmap_buf_free(&b);
+        nomem(L);
+      }
+      A.in.v = (struct Msg *)v;
+      A.in.cap = cap;
+    }
+  }
+  m = &A.in.v[A.in.head + A.in.n++];
+  m->b = b;
+  m->tag = tag;
+  if (tag == TAG_ABORT && mpi_hdr(&b).mapid == A.mapid) A.aborted = 1;
+  return 1;
+}
+
+/* The oldest message: *b takes its buffer (freeing what b held). */
+static int pop(parmap_buf *b) {
+  struct Msg *m = &A.in.v[A.in.head];
+  int tag = m->tag;
+  parmap_buf_free(b);
+  *b = m->b;
+  A.in.head++;
+  A.in.n--;
+  if (A.in.n == 0) A.in.head = 0;
+  return tag;
+}
+
+/* Send the batch; with mu held. */
+static int flush_locked(void) {
+  MsgHdr h;
+  if (A.nres == 0) return 0;
+  memcpy(&h, A.res.p, sizeof h);
+  h.count = A.nres;
+  memcpy(A.res.p, &h, sizeof h);
+  if (mpi_send(&A.out, &A.res, 0, TAG_RES)) return -1;
+  A.nres = 0;
+  A.last_flush = parmap_now_ns();
+  return 0;
+}
+
+static void flush(lua_State *L) {
+  int r;
+  pthread_mutex_lock(&mu);
+  r = flush_locked();
+  pthread_mutex_unlock(&mu);
+  if (r) nomem(L);
+}
+
+/* A header-only message to rank 0. */
+static void send_hdr(lua_State *L, int tag) {
+  int r;
+  pthread_mutex_lock(&mu);
+  r = mpi_send_hdr(&A.out, 0, tag, A.mapid, 0);
+  pthread_mutex_unlock(&mu);
+  if (r) nomem(L);
+}
+
+/* agent.wait() -> fnrecord, opts | nil (leave) */
+static int a_wait(lua_State *L) {
+  parmap_buf b = PARMAP_BUF_INIT;
+  for (;;) {
+    int tag;
+    MsgHdr h;
+    while (A.in.n == 0) pump(L, 1);
+    tag = pop(&b);
+    h = mpi_hdr(&b);
+    if (tag == TAG_QUIT) {
+      A.lost = h.a != 0;
+      parmap_buf_free(&b);
+      return 0;
+    }
+    if (tag == TAG_MAP) {
+      unsigned long long fnlen;
+      size_t pos = sizeof h;
+      const char *err = NULL;
+      A.mapid = h.mapid;
+      A.ended = A.aborted = 0;
+      A.left = 0;
+      A.nlocal = 0;
+      if (parmap_get_varint(b.p, b.len, &pos, &fnlen) || fnlen > b.len - pos) {
+        parmap_buf_free(&b);
+        luaL_error(L, "parmap-mpi: bad map message");
+      }
+      lua_pushlstring(L, b.p + pos, (size_t)fnlen);
+      pos += (size_t)fnlen;
+      if (parmap_decode(L, b.p, b.len, &pos, lua_upvalueindex(2), &err) != 1) {
+        parmap_buf_free(&b);
+        luaL_error(L, "parmap-mpi: bad map options (%s)", err ? err : "?");
+      }
+      parmap_buf_free(&b);
+      lua_getfield(L, -1, "box");
+      A.box = lua_toboolean(L, -1);
+      lua_pop(L, 1);
+      return 2;
+    }
+    /* what is left of an earlier map: dropped */
+  }
+}
+
+/* agent.items(): the next item (or {item, the map's index} in box mode),
+   or nil at the end. */
+static int a_items(lua_State *L) {
+  for (;;) {
+    if (A.left > 0) {
+      const char *err = NULL;
+      int64_t g = A.gnext++;
+      A.left--;
+      if (parmap_decode(L, A.seg.p, A.seg.len, &A.pos, lua_upvalueindex(2),
+                        &err) != 1)
+        luaL_error(L, "parmap-mpi: bad segment (%s)", err ? err : "?");
+      if (A.box) {
+        lua_createtable(L, 2, 0);
+        lua_insert(L, -2);
+        lua_rawseti(L, -2, 1);
+        lua_pushinteger(L, (lua_Integer)g);
+        lua_rawseti(L, -2, 2);
+      }
+      lua_pushinteger(L, (lua_Integer)g);
+      lua_rawseti(L, lua_upvalueindex(1), ++A.nlocal);
+      return 1;
+    }
+    if (A.ended || A.aborted) return 0;
+    if (A.in.n == 0) {
+      flush(L); /* before waiting: nothing of ours sits here */
+      pump(L, 1);
+      continue;
+    }
+    {
+      MsgHdr h = mpi_hdr(&A.in.v[A.in.head].b);
+      int tag = A.in.v[A.in.head].tag;
+      if (tag == TAG_MAP || tag == TAG_QUIT) { /* not ours: for wait() */
+        A.ended = 1;
+        continue;
+      }
+      tag = pop(&A.seg);
+      if (h.mapid != A.mapid) continue;
+      if (tag == TAG_SEG) {
+        A.pos = sizeof h;
+        A.left = h.count;
+        A.gnext = h.a;
+        send_hdr(L, TAG_CREDIT);
+      } else if (tag == TAG_END) {
+        A.ended = 1;
+      } else if (tag == TAG_ABORT) {
+        A.aborted = 1;
+      }
+    }
+  }
+}
+
+/* agent.global(i): the map's index of this agent's item i */
+static int a_global(lua_State *L) {
+  lua_rawgeti(L, lua_upvalueindex(1), luaL_checkinteger(L, 1));
+  return 1;
+}
+
+/* Is the value at idx a parmap error object? */
+static int is_error(lua_State *L, int idx) {
+  int r = 0;
+  if (luaL_getmetafield(L, idx, "__name") != LUA_TNIL) {
+    const char *s = lua_tostring(L, -1);
+    r = s != NULL && strcmp(s, "parmap.Error") == 0;
+    lua_pop(L, 1);
+  }
+  return r;
+}
+
+/* Encode item i's outcome (the values at 2..top, or an error object) as
+   REC_OK values | REC_ERR kind err message traceback pid into r. */
+static void encode_outcome(lua_State *L, parmap_buf *r, lua_Integer g,
+                           int first, int n) {
+  int scratch = lua_upvalueindex(2);
+  const char *what = NULL;
+  r->len = 0;
+  if (parmap_buf_reserve(r, 1)) nomem(L);
+  if (n == 1 && is_error(L, first)) {
+    static const char *const f[] = {"kind", "err", "message", "traceback", "pid"};
+    int k, top = lua_gettop(L);
+    for (k = 0; k < 5; k++) lua_getfield(L, first, f[k]);
+    r->p[r->len++] = REC_ERR;
+    if (parmap_encode(L, top + 1, 5, r, scratch, &what) != PARMAP_OK) {
+      lua_pushvalue(L, top + 3); /* err cannot travel: its message does */
+      lua_replace(L, top + 2);
+      if (parmap_encode(L, top + 1, 5, r, scratch, &what) != PARMAP_OK)
+        luaL_error(L, "parmap-mpi: cannot send the error of item %d", (int)g);
+    }
+    lua_settop(L, top);
+    return;
+  }
+  r->p[r->len++] = REC_OK;
+  if (n == 1 && parmap_encode_scalar(L, first, r)) return;
+  if (parmap_encode(L, first, n, r, scratch, &what) != PARMAP_OK) {
+    r->len = 1;
+    r->p[0] = REC_ERR;
+    lua_pushliteral(L, "value");
+    lua_pushnil(L);
+    lua_pushfstring(L, "result of item %d: cannot send a %s", (int)g, what);
+    lua_pushliteral(L, "");
+    lua_pushinteger(L, (lua_Integer)getpid());
+    if (parmap_encode(L, lua_gettop(L) - 4, 5, r, scratch, &what)) nomem(L);
+    lua_pop(L, 5);
+  }
+}
+
+/* Queue the outcome of this agent's item i (at base; its values above):
+   0 when rank 0 has closed the map (the engine is then stopped). A batch
+   goes out when it is large, or when the previous one left 5 ms ago or
+   more, so a sparse result never waits (and before the agent waits for
+   items). */
+static int add_result(lua_State *L, int base) {
+  lua_Integer i = lua_tointeger(L, base), g;
+  uint64_t now;
+  lua_rawgeti(L, lua_upvalueindex(1), i);
+  g = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  lua_pushnil(L);
+  lua_rawseti(L, lua_upvalueindex(1), i);
+  encode_outcome(L, &A.rec, g, base + 1, lua_gettop(L) - base);
+  pthread_mutex_lock(&mu);
+  if ((A.nres == 0 && mpi_begin(&A.res, A.mapid, 0, 0, 0)) ||
+      parmap_put_varint(&A.res, (unsigned long long)g) ||
+      parmap_put_varint(&A.res, (unsigned long long)A.rec.len) ||
+      parmap_buf_reserve(&A.res, A.rec.len)) {
+    pthread_mutex_unlock(&mu);
+    nomem(L);
+  }
+  memcpy(A.res.p + A.res.len, A.rec.p, A.rec.len);
+  A.res.len += A.rec.len;
+  A.nres++;
+  now = parmap_now_ns();
+  if ((A.res.len >= FLUSH_BYTES || now - A.last_flush >= FLUSH_NS) &&
+      flush_locked()) {
+    pthread_mutex_unlock(&mu);
+    nomem(L);
+  }
+  pthread_mutex_unlock(&mu);
+  /* rank 0 may have left the map: look every 64 results, or 5 ms */
+  if ((++A.calls & 63) == 0 || now - A.last_pump >= FLUSH_NS) {
+    A.last_pump = now;
+    while (pump(L, 0)) {}
+  }
+  return !A.aborted;
+}
+
+/* agent.drain(f, s, c, fixup): run the engine's loop (for i, ... in f, s, c)
+   here in C, queueing every result; fixup(i, e) first for an error. */
+static int a_drain(lua_State *L) {
+  luaL_checktype(L, 4, LUA_TFUNCTION);
+  for (;;) {
+    int n;
+    lua_settop(L, 4);
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 3);
+    lua_call(L, 2, LUA_MULTRET);
+    n = lua_gettop(L) - 4;
+    if (n == 0 || lua_isnil(L, 5)) return 0;
+    if (n == 2 && is_error(L, 6)) {
+      lua_pushvalue(L, 4);
+      lua_pushvalue(L, 5);
+      lua_pushvalue(L, 6);
+      lua_call(L, 2, 0);
+    }
+    if (!add_result(L, 5)) return 0;
+  }
+}
+
+/* agent.finish(ok, err): the map has ended here. */
+static int a_finish(lua_State *L) {
+  flush(L);
+  if (lua_toboolean(L, 1)) {
+    send_hdr(L, TAG_DONE);
+  } else {
+    parmap_buf b = PARMAP_BUF_INIT;
+    size_t n;
+    const char *s = luaL_tolstring(L, 2, &n);
+    if (mpi_begin(&b, A.mapid, 0, 0, 0) || parmap_buf_reserve(&b, n)) nomem(L);
+    memcpy(b.p + b.len, s, n);
+    b.len += n;
+    pthread_mutex_lock(&mu);
+    n = (size_t)mpi_send(&A.out, &b, 0, TAG_FAIL);
+    pthread_mutex_unlock(&mu);
+    if (n) nomem(L);
+  }
+  return 0;
+}
+
+static const char *const DRIVER =
+    "local agent = ...\n"
+    "local parmap = require 'parmap'\n"
+    "local core = require 'parmap.core'\n"
+    "local call = core.call\n"
+    "local STAR = { [0] = false, [1] = true, [2] = parmap.None }\n"
+    "local function fixup(i, e)\n"
+    "  -- the traceback ends at fn, as the fork engine's does\n"
+    "  e.traceback = e.traceback:gsub(\"\\n\\t%[C%]: in upvalue 'call'.*$\", '')\n"
+    "  -- the engine's messages count this agent's items: the map's index\n"
+    "  e.message = e.message:gsub('item ' .. i .. '%f[%D]', 'item ' .. agent.global(i))\n"
+    "end\n"
+    "local function run(rec, o)\n"
+    "  local fn = core.loadfn(rec)\n"
+    "  local N = o.N or parmap.ncpu()\n"
+    "  local timeout = o.timeout\n"
+    "  -- N = 1 would run fn in this process: a worker process instead\n"
+    "  if N == 1 and not timeout then timeout = 1e9 end\n"
+    "  local opts = { N = N, ordered = false, exception = 'return', timeout = timeout,\n"
+    "    maxtasks = o.maxtasks, buffersize = o.buffersize }\n"
+    "  if o.init then opts.init = core.loadfn(o.init) end\n"
+    "  if o.finish then opts.finish = core.loadfn(o.finish) end\n"
+    "  local args = o.args or {}\n"
+    "  args.n = o.nargs\n"
+    "  if o.box then -- nil items, or seed: the call table applied here\n"
+    "    local star, kwstar, nargs = o.star, o.kwstar == 1, o.nargs\n"
+    "    local has_kw, kwargs, seed = o.has_kw == 1, o.kwargs, o.seed\n"
+    "    local randomseed = math.randomseed\n"
+    "    local f0 = fn\n"
+    "    fn = function(box)\n"
+    "      if seed then randomseed(seed, box[2]) end\n"
+    "      return call(f0, box[1], box[2], star, kwstar, args, nargs, has_kw,\n"
+    "        kwargs, false)\n"
+    "    end\n"
+    "  else\n"
+    "    opts.star, opts.kwstar = STAR[o.star], o.kwstar == 1\n"
+    "    opts.args, opts.kwargs = args, o.kwargs\n"
+    "  end\n"
+    "  local f, s, c, closer <close> = parmap.parmap(fn, agent.items, opts)\n"
+    "  agent.drain(f, s, c, fixup)\n"
+    "end\n"
+    "while true do\n"
+    "  local rec, o = agent.wait()\n"
+    "  if rec == nil then break end\n"
+    "  agent.finish(pcall(run, rec, o))\n"
+    "end\n";
+
+/* The heartbeat: every second a TAG_HB to rank 0, from a thread, so that an
+   agent busy in its engine (waiting for its workers) still says it lives.
+   Rank 0 takes an agent for dead after a silence (resilient maps only).
+   Every 0.1 s it also sends a batch of results that has waited 5 ms. */
+static volatile int hb_stop = 0;
+static void *heartbeat(void *arg) {
+  (void)arg;
+  while (!hb_stop) {
+    int k;
+    MsgHdr h;
+    struct timespec ts = {0, 100000000};
+    for (k = 0; k < 10 && !hb_stop; k++) {
+      uint64_t now;
+      nanosleep(&ts, NULL);
+      now = parmap_now_ns();
+      pthread_mutex_lock(&mu);
+      if (A.nres > 0 && now - A.last_flush >= FLUSH_NS) flush_locked();
+      pthread_mutex_unlock(&mu);
+    }
+    if (hb_stop) break;
+    memset(&h, 0, sizeof h);
+    MPI_Send(&h, (int)sizeof h, MPI_BYTE, 0, TAG_HB, MPI_COMM_WORLD);
+  }
+  return NULL;
+}
+
+int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
+  pthread_t hb;
+  int hb_on = 0;
+  static const luaL_Reg funcs[] = {{"wait", a_wait},
+                                   {"items", a_items},
+                                   {"drain", a_drain},
+                                   {"finish", a_finish},
+                                   {"global", a_global},
+                                   {NULL, NULL}};
+  parmap_buf b = PARMAP_BUF_INIT;
+  char host[256];
+  int ncpu = parmap_ncpu(), status = 0;
+  long online = sysconf(_SC_NPROCESSORS_ONLN);
+  size_t n;
+  if (gethostname(host, sizeof host) != 0) strcpy(host, "?");
+  host[sizeof host - 1] = '\0';
+  n = strlen(host);
+  if (ncpu == 1 && online > 1)
+    fprintf(stderr,
+            "parmap-mpi: warning: rank %d on %s may use 1 CPU of %ld (bound "
+            "to one core?): start with `mpirun --bind-to none` or `srun -c "
+            "<cores>`\n", rank, host, online);
+  if (mpi_begin(&b, 0, 0, ncpu, 0) || parmap_buf_reserve(&b, n)) return 1;
+  memcpy(b.p + b.len, host, n);
+  b.len += n;
+  if (mpi_send(&A.out, &b, 0, TAG_HELLO)) return 1;
+  if (threads == MPI_THREAD_MULTIPLE)
+    hb_on = pthread_create(&hb, NULL, heartbeat, NULL) == 0;
+
+  lua_newtable(L); /* the agent module */
+  lua_newtable(L); /* upvalue 1: local index -> global index */
+  lua_newtable(L); /* upvalue 2: the codec's scratch table */
+  luaL_setfuncs(L, funcs, 2);
+  if (luaL_loadbuffer(L, DRIVER, strlen(DRIVER), "=parmap-mpi agent") != LUA_OK ||
+      (lua_insert(L, -2), lua_pcall(L, 1, 0, 0)) != LUA_OK) {
+    fprintf(stderr, "parmap-mpi: agent %d on %s: %s\n", rank, host,
+            lua_tostring(L, -1));
+    status = 1;
+  }
+  if (hb_on) { /* no heartbeat after BYE: rank 0 then finalizes */
+    hb_stop = 1;
+    pthread_join(hb, NULL);
+  }
+  if (status == 0) mpi_send_hdr(&A.out, 0, TAG_BYE, 0, 0);
+  mpi_drain(&A.out);
+  parmap_buf_free(&A.seg);
+  parmap_buf_free(&A.res);
+  parmap_buf_free(&A.rec);
+  while (A.in.n > 0) pop(&A.seg);
+  parmap_buf_free(&A.seg);
+  free(A.in.v);
+  if (status) MPI_Abort(MPI_COMM_WORLD, 1);
+  return status;
+}
+
+int parmap_mpi_agent_lost(void) { return A.lost; }

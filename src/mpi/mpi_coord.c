@@ -1,0 +1,826 @@
+/*
+** mpi_coord.c: the coordinator on rank 0 (module "parmap.mpi", only in
+** parmap-mpi; see parmap_mpi.h for the protocol).
+**
+** A map sends fn (once per agent: an fnenc record) and the options, then
+** cuts the items into segments: two in flight per agent, one more on each
+** CREDIT. Segment sizes aim at ~25 ms of an agent's work, from the rate at
+** which its results came so far (at first: one item per worker), and no
+** more than a share of what remains of a known total, so agents finish
+** together. Results arrive in batches from any agent; each waits as a
+** string (rank, record) until the loop takes it, in order or as they
+** came. A CREDIT is always answered at once (see handle()): so, ordered,
+** the results that wait for a slow item are bounded only by the input.
+*/
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <lauxlib.h>
+
+#include "codec.h"
+#include "engine.h"
+#include "parmap_mpi.h"
+#include "proc.h"
+
+#define SEG_BYTES ((size_t)4 << 20)
+#define SEG_MAX 65536
+#define SEG_NS 25000000.0 /* 25 ms */
+#define MAP_META "parmap.MpiMap"
+
+typedef struct AgentInfo {
+  int ncpu, dead;
+  uint64_t seen_ns; /* when a message from it came last */
+  char host[256];
+} AgentInfo;
+
+static struct {
+  int size;
+  AgentInfo *ag; /* by rank; ag[0] is rank 0 */
+  Outbox out;
+  uint32_t nextmap;
+  int nopen; /* maps open (one at a time) */
+  int quit, lost;
+  double dead_after; /* ns of silence after which a resilient map gives an
+                        agent up */
+} C;
+
+typedef struct PerAgent {
+  int ended, done;
+  int open; /* rounds of this map it runs (a resilient map may add one) */
+  struct Sent {
+    int64_t first;
+    uint32_t count, left;
+    lua_Integer id; /* the segment's string in M_SEGS */
+  } *sent; /* resilient: its segments not yet fully answered */
+  int nsent, capsent;
+  lua_Integer got;
+  double last;        /* the size of its last segment */
+  uint64_t credit_ns; /* when its last CREDIT came */
+} PerAgent;
+
+/* user values */
+enum {
+  M_ITEMS = 1, M_PENDING, M_MKERR, M_SCRATCH, M_PROGRESS, M_FAIL,
+  M_DESC, M_SEGS, M_MAPMSG, M_NUV = M_MAPMSG
+};
+
+typedef struct MMap {
+  uint32_t id;
+  int from_table, ordered, exception, closed, finished, exhausted, nw;
+  int failrank, resilient;
+  lua_Integer segid;
+  lua_Integer total, pulled, received, emitted, want;
+  /* Results that wait for the loop stay in their batch (a Lua string in
+     the M_PENDING table, by message number); slot g says where. Slots form
+     a ring over the items [lo, lo + rcap) not yet taken by the loop. */
+  struct Slot {
+    uint64_t off;
+    uint32_t msg, len;
+    int rank; /* 0: not here yet, -1: taken */
+  } *ring;
+  lua_Integer lo;
+  size_t rcap;
+  lua_Integer *fifo; /* unordered: the order results came in */
+  size_t fcap, fhead, ftail;
+  uint32_t *mref; /* results of message k not yet taken */
+  uint32_t nmsg, mcap;
+  uint64_t t0;
+  PerAgent *as;
+  parmap_buf seg;
+} MMap;
+
+static void nomem(lua_State *L) { luaL_error(L, "parmap: not enough memory"); }
+
+/* ------------------------------------------------------------ segments */
+
+/* The size of agent r's next segment. An agent sends a CREDIT each time
+   it starts a segment, so the time between two CREDITs is how long it took
+   to eat one: faster than half the aim (~25 ms of work), the next segment
+   is twice as large; slower than twice the aim, half as large; never less
+   than one item per worker, nor more than a share of what remains of a
+   known total (so agents finish together). */
+static int seg_size(MMap *m, int r) {
+  double k, nw = m->nw > 0 ? m->nw : C.ag[r].ncpu, last = m->as[r].last;
+  uint64_t now = parmap_now_ns(), prev = m->as[r].credit_ns;
+  if (nw < 1) nw = 1;
+  k = last > 0 ? last : nw;
+  if (prev > 0) {
+    double dt = (double)(now - prev);
+    if (dt < SEG_NS / 2) k = 2 * k;
+    else if (dt > 2 * SEG_NS) k = k / 2;
+  }
+  if (k < nw) k = nw;
+  if (k > SEG_MAX) k = SEG_MAX;
+  m->as[r].last = k;
+  if (m->total >= 0) {
+    double share = (double)(m->total - m->pulled) / (2.0 * (C.size - 1));
+    if (k > share) k = share;
+  }
+  return k < 1 ? 1 : (int)k;
+}
+
+/* Push the next item, or return 0 when the input has ended. */
+static int pull(lua_State *L, MMap *m, int items) {
+  if (m->exhausted) return 0;
+  if (m->from_table) {
+    if (m->pulled >= m->total) {
+      m->exhausted = 1;
+      return 0;
+    }
+    lua_geti(L, items, m->pulled + 1);
+  } else {
+    lua_pushvalue(L, items);
+    lua_call(L, 0, 1);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      m->exhausted = 1;
+      return 0;
+    }
+  }
+  m->pulled++;
+  if (m->from_table && m->pulled >= m->total) m->exhausted = 1;
+  return 1;
+}
+
+/* Resilient maps: keep the segment (string at idx) sent to agent r until
+   every one of its items has a result, to send it again if r dies. */
+static void remember(lua_State *L, MMap *m, int r, int idx) {
+  PerAgent *a = &m->as[r];
+  MsgHdr h;
+  memcpy(&h, lua_tostring(L, idx), sizeof h);
+  if (a->nsent == a->capsent) {
+    int cap = a->capsent ? 2 * a->capsent : 8;
+    void *v = realloc(a->sent, (size_t)cap * sizeof *a->sent);
+    if (v == NULL) nomem(L);
+    a->sent = (struct Sent *)v;
+    a->capsent = cap;
+  }
+  a->sent[a->nsent].first = h.a;
+  a->sent[a->nsent].count = a->sent[a->nsent].left = h.count;
+  a->sent[a->nsent].id = ++m->segid;
+  a->nsent++;
+  lua_getiuservalue(L, 1, M_SEGS);
+  lua_pushvalue(L, idx);
+  lua_rawseti(L, -2, m->segid);
+  lua_pop(L, 1);
+}
+
+/* Resilient maps: item g's result came from agent r. */
+static void answered(lua_State *L, MMap *m, int r, lua_Integer g) {
+  PerAgent *a = &m->as[r];
+  int i;
+  for (i = 0; i < a->nsent; i++)
+    if (g >= a->sent[i].first && g < a->sent[i].first + a->sent[i].count) {
+      a->sent[i].left--;
+      break;
+    }
+  while (a->nsent > 0 && a->sent[0].left == 0) {
+    lua_getiuservalue(L, 1, M_SEGS);
+    lua_pushnil(L);
+    lua_rawseti(L, -2, a->sent[0].id);
+    lua_pop(L, 1);
+    memmove(a->sent, a->sent + 1, (size_t)(--a->nsent) * sizeof *a->sent);
+  }
+}
+
+/* Send agent r its next segment, or TAG_END when the input has ended.
+   The map userdata is at index 1. */
+static void send_segment(lua_State *L, MMap *m, int r) {
+  int k, count = 0, items, scratch, top = lua_gettop(L);
+  lua_Integer first = m->pulled + 1;
+  if (m->as[r].ended) return;
+  lua_getiuservalue(L, 1, M_ITEMS);
+  items = lua_gettop(L);
+  lua_getiuservalue(L, 1, M_SCRATCH);
+  scratch = lua_gettop(L);
+  k = seg_size(m, r);
+  if (mpi_begin(&m->seg, m->id, 0, first, 0)) nomem(L);
+  while (count < k && m->seg.len < SEG_BYTES && pull(L, m, items)) {
+    const char *what = NULL;
+    if (!parmap_encode_scalar(L, -1, &m->seg) &&
+        parmap_encode(L, lua_gettop(L), 1, &m->seg, scratch, &what) !=
+            PARMAP_OK) {
+      lua_getiuservalue(L, 1, M_DESC);
+      lua_pushliteral(L, "item");
+      lua_pushinteger(L, m->pulled);
+      lua_pushvalue(L, -4);
+      lua_call(L, 3, 1);
+      lua_error(L);
+    }
+    lua_pop(L, 1);
+    count++;
+  }
+  if (count > 0) {
+    MsgHdr h;
+    memcpy(&h, m->seg.p, sizeof h);
+    h.count = (uint32_t)count;
+    memcpy(m->seg.p, &h, sizeof h);
+    if (m->resilient) {
+      lua_pushlstring(L, m->seg.p, m->seg.len);
+      remember(L, m, r, lua_gettop(L));
+      lua_pop(L, 1);
+    }
+    if (mpi_send(&C.out, &m->seg, r, TAG_SEG)) nomem(L);
+  }
+  if (m->exhausted) {
+    if (mpi_send_hdr(&C.out, r, TAG_END, m->id, 0)) nomem(L);
+    m->as[r].ended = 1;
+  }
+  lua_settop(L, top);
+}
+
+/* ------------------------------------------------------------ messages */
+
+static struct Slot *slot(MMap *m, lua_Integer g) {
+  return &m->ring[(size_t)g % m->rcap];
+}
+
+/* Make room for item g in the ring. */
+static int ring_fit(MMap *m, lua_Integer g) {
+  while ((size_t)(g - m->lo) >= m->rcap) {
+    size_t cap = m->rcap ? 2 * m->rcap : 1024, k;
+    struct Slot *r = (struct Slot *)calloc(cap, sizeof *r);
+    if (r == NULL) return -1;
+    for (k = 0; k < m->rcap; k++) {
+      lua_Integer h = m->lo + (lua_Integer)k;
+      r[(size_t)h % cap] = m->ring[(size_t)h % m->rcap];
+    }
+    free(m->ring);
+    m->ring = r;
+    m->rcap = cap;
+  }
+  return 0;
+}
+
+static int fifo_push(MMap *m, lua_Integer g) {
+  if (m->ftail == m->fcap) {
+    if (m->fhead > 0) {
+      memmove(m->fifo, m->fifo + m->fhead,
+              (m->ftail - m->fhead) * sizeof *m->fifo);
+      m->ftail -= m->fhead;
+      m->fhead = 0;
+    } else {
+      size_t cap = m->fcap ? 2 * m->fcap : 1024;
+      void *v = realloc(m->fifo, cap * sizeof *m->fifo);
+      if (v == NULL) return -1;
+      m->fifo = (lua_Integer *)v;
+      m->fcap = cap;
+    }
+  }
+  m->fifo[m->ftail++] = g;
+  return 0;
+}
+
+/* A batch of results from rank `from`, the string at index msgi. */
+static void take_results(lua_State *L, MMap *m, int msgi, int from) {
+  size_t blen, pos = sizeof(MsgHdr);
+  const char *b = lua_tolstring(L, msgi, &blen);
+  MsgHdr h;
+  uint32_t i, k;
+  memcpy(&h, b, sizeof h);
+  if (m->nmsg + 1 >= m->mcap) {
+    uint32_t cap = m->mcap ? 2 * m->mcap : 256;
+    void *v = realloc(m->mref, cap * sizeof *m->mref);
+    if (v == NULL) nomem(L);
+    m->mref = (uint32_t *)v;
+    m->mcap = cap;
+  }
+  k = ++m->nmsg;
+  m->mref[k] = 0;
+  for (i = 0; i < h.count; i++) {
+    unsigned long long g, len;
+    struct Slot *sl;
+    if (parmap_get_varint(b, blen, &pos, &g) ||
+        parmap_get_varint(b, blen, &pos, &len) || len > blen - pos ||
+        len < 1 || g < 1 || (lua_Integer)g > m->pulled ||
+        (!m->resilient && (lua_Integer)g < m->lo))
+      luaL_error(L, "parmap: bad results from rank %d", from);
+    if (m->resilient) {
+      answered(L, m, from, (lua_Integer)g);
+      /* sent again after a death that was not one: the first result won */
+      if ((lua_Integer)g < m->lo ||
+          ((size_t)((lua_Integer)g - m->lo) < m->rcap &&
+           slot(m, (lua_Integer)g)->rank != 0)) {
+        pos += (size_t)len;
+        continue;
+      }
+    }
+    if (ring_fit(m, (lua_Integer)g)) nomem(L);
+    sl = slot(m, (lua_Integer)g);
+    if (sl->rank != 0) luaL_error(L, "parmap: rank %d sent item %d twice", from, (int)g);
+    sl->off = pos;
+    sl->len = (uint32_t)len;
+    sl->msg = k;
+    sl->rank = from;
+    pos += (size_t)len;
+    m->mref[k]++;
+    m->received++;
+    m->as[from].got++;
+    if (!m->ordered && fifo_push(m, (lua_Integer)g)) nomem(L);
+  }
+  lua_getiuservalue(L, 1, M_PENDING);
+  lua_pushvalue(L, msgi);
+  lua_rawseti(L, -2, k);
+  lua_pop(L, 1);
+}
+
+static void handle(lua_State *L, MMap *m, parmap_buf *b, int msgi, int tag,
+                   int from) {
+  MsgHdr h = mpi_hdr(b);
+  if (m == NULL || h.mapid != m->id || from < 1 || from >= C.size) return;
+  if (m->closed && tag != TAG_DONE && tag != TAG_FAIL) return;
+  switch (tag) {
+    case TAG_CREDIT:
+      /* answered at once, always: an agent may be waiting for items with
+         some pulled into a chunk its engine has not sent to a worker yet,
+         so holding a CREDIT back (to bound what waits here) can deadlock */
+      send_segment(L, m, from);
+      m->as[from].credit_ns = parmap_now_ns();
+      break;
+    case TAG_RES:
+      take_results(L, m, msgi, from);
+      break;
+    case TAG_DONE:
+      if (--m->as[from].open <= 0) m->as[from].done = 1;
+      break;
+    case TAG_FAIL:
+      if (--m->as[from].open <= 0) m->as[from].done = 1;
+      if (m->failrank == 0) {
+        m->failrank = from;
+        lua_pushlstring(L, b->p + sizeof h, b->len - sizeof h);
+        lua_setiuservalue(L, 1, M_FAIL);
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+static void agent_died(lua_State *L, MMap *m, int r);
+
+/* Wait for one message from any agent and handle it (or, in a resilient
+   map, for the silence that gives an agent up). Polls, then sleeps 10 us
+   doubling to 0.2 ms: MPI_Probe would spin a core the workers need. */
+static void wait_one(lua_State *L, MMap *m) {
+  parmap_buf b = PARMAP_BUF_INIT;
+  int tag, from, r, spins = 0;
+  long delay = 10000;
+  uint64_t last_check = parmap_now_ns();
+  for (;;) {
+    mpi_poll(&C.out);
+    r = mpi_recv(MPI_ANY_SOURCE, 0, &b, &tag, &from);
+    if (r != 0) break;
+    if (m != NULL && m->resilient && !m->closed) {
+      uint64_t now = parmap_now_ns();
+      if (now - last_check > 100000000ull) { /* every 0.1 s */
+        int k;
+        last_check = now;
+        for (k = 1; k < C.size; k++)
+          if (!C.ag[k].dead && m->as[k].open > 0 &&
+              (double)(now - C.ag[k].seen_ns) > C.dead_after) {
+            agent_died(L, m, k);
+            return;
+          }
+      }
+    }
+    if (++spins > 64) {
+      struct timespec ts;
+      ts.tv_sec = 0;
+      ts.tv_nsec = delay;
+      nanosleep(&ts, NULL);
+      if (delay < 200000) delay *= 2;
+    }
+  }
+  if (r < 0) {
+    parmap_buf_free(&b);
+    nomem(L);
+  }
+  if (from >= 1 && from < C.size) {
+    C.ag[from].seen_ns = parmap_now_ns();
+    if (C.ag[from].dead) { /* given up: what it still says is dropped */
+      parmap_buf_free(&b);
+      return;
+    }
+  }
+  /* handle() may raise: the message's memory goes first into a string */
+  lua_pushlstring(L, b.p, b.len);
+  parmap_buf_free(&b);
+  {
+    parmap_buf view;
+    size_t n;
+    view.p = (char *)lua_tolstring(L, -1, &n);
+    view.len = view.cap = n;
+    view.mapped = 0;
+    handle(L, m, &view, lua_gettop(L), tag, from);
+  }
+  lua_pop(L, 1);
+}
+
+/* Resilient maps: agent r is silent past C.dead_after. Its unanswered
+   segments go, after the map's MAP message again, to a live agent as one
+   more round (MAP, SEGs, END: its engine runs it after its current one);
+   r's later messages are dropped, and r gets no QUIT. */
+static void agent_died(lua_State *L, MMap *m, int r) {
+  PerAgent *a = &m->as[r];
+  int s, i, top = lua_gettop(L);
+  C.ag[r].dead = 1;
+  C.lost = 1;
+  a->open = 0;
+  a->done = a->ended = 1;
+  for (s = 1; s < C.size; s++)
+    if (!C.ag[s].dead) break;
+  fprintf(stderr, "parmap-mpi: rank %d on %s sent nothing for %.0f s: given "
+          "up, %d of its segments go to rank %d\n", r, C.ag[r].host,
+          C.dead_after / 1e9, a->nsent, s < C.size ? s : -1);
+  if (s >= C.size) luaL_error(L, "parmap: every agent is gone (the last: rank %d on %s)", r, C.ag[r].host);
+  if (a->nsent > 0) {
+    parmap_buf b = PARMAP_BUF_INIT;
+    size_t n;
+    const char *p;
+    lua_getiuservalue(L, 1, M_MAPMSG);
+    p = lua_tolstring(L, -1, &n);
+    if (parmap_buf_reserve(&b, n)) nomem(L);
+    memcpy(b.p, p, n);
+    b.len = n;
+    if (mpi_send(&C.out, &b, s, TAG_MAP)) nomem(L);
+    lua_getiuservalue(L, 1, M_SEGS);
+    for (i = 0; i < a->nsent; i++) {
+      int seg;
+      lua_rawgeti(L, -1, a->sent[i].id);
+      seg = lua_gettop(L);
+      remember(L, m, s, seg);
+      p = lua_tolstring(L, seg, &n);
+      if (parmap_buf_reserve(&b, n)) nomem(L);
+      memcpy(b.p, p, n);
+      b.len = n;
+      if (mpi_send(&C.out, &b, s, TAG_SEG)) nomem(L);
+      lua_pushnil(L);
+      lua_rawseti(L, seg - 1, a->sent[i].id);
+      lua_pop(L, 1);
+    }
+    if (mpi_send_hdr(&C.out, s, TAG_END, m->id, 0)) nomem(L);
+    m->as[s].open++;
+    m->as[s].done = 0;
+    a->nsent = 0;
+  }
+  lua_settop(L, top);
+}
+
+/* ------------------------------------------------------------ the map */
+
+static void stop(lua_State *L, MMap *m) {
+  int r;
+  if (m->closed) return;
+  m->closed = 1;
+  C.nopen--;
+  if (m->finished || C.quit) return;
+  /* no wait for the agents' DONE: an agent sees ABORT only between two
+     results, which may be long; what they still send for this map is
+     dropped, and the next map's messages queue behind */
+  for (r = 1; r < C.size; r++)
+    if (!C.ag[r].dead && mpi_send_hdr(&C.out, r, TAG_ABORT, m->id, 0)) nomem(L);
+}
+
+static int map_close(lua_State *L) {
+  MMap *m = (MMap *)luaL_checkudata(L, 1, MAP_META);
+  stop(L, m);
+  return 0;
+}
+
+static int map_gc(lua_State *L) {
+  MMap *m = (MMap *)luaL_checkudata(L, 1, MAP_META);
+  if (!m->closed && !C.quit) stop(L, m);
+  parmap_buf_free(&m->seg);
+  if (m->as != NULL) {
+    int r;
+    for (r = 0; r < C.size; r++) free(m->as[r].sent);
+  }
+  free(m->as);
+  free(m->ring);
+  free(m->fifo);
+  free(m->mref);
+  m->as = NULL;
+  m->ring = NULL;
+  m->fifo = NULL;
+  m->mref = NULL;
+  return 0;
+}
+
+static void call_progress(lua_State *L, MMap *m, int finished) {
+  if (lua_getiuservalue(L, 1, M_PROGRESS) == LUA_TNIL) {
+    lua_pop(L, 1);
+    return;
+  }
+  lua_pushinteger(L, m->emitted);
+  if (m->total >= 0) lua_pushinteger(L, m->total);
+  else lua_pushnil(L);
+  lua_pushboolean(L, finished);
+  lua_call(L, 3, 0);
+}
+
+/* Push item g's results (the map at 1); returns the count with g first. */
+static int emit(lua_State *L, MMap *m, lua_Integer g) {
+  size_t len, pos = 0;
+  const char *s, *err = NULL;
+  int rank, n, base;
+  struct Slot *sl = slot(m, g);
+  uint32_t k = sl->msg;
+  rank = sl->rank;
+  lua_getiuservalue(L, 1, M_PENDING);
+  lua_rawgeti(L, -1, k);
+  s = lua_tostring(L, -1) + sl->off; /* the batch string stays on the stack */
+  len = sl->len;
+  if (--m->mref[k] == 0) {
+    lua_pushnil(L);
+    lua_rawseti(L, -3, k);
+  }
+  lua_remove(L, -2);
+  sl->rank = -1;
+  while (m->lo <= m->pulled && m->rcap > 0 && slot(m, m->lo)->rank == -1) {
+    slot(m, m->lo)->rank = 0;
+    m->lo++;
+  }
+  m->emitted++;
+  call_progress(L, m, 0);
+  base = lua_gettop(L); /* the record string */
+  lua_getiuservalue(L, 1, M_SCRATCH); /* base + 1 */
+  if (s[pos] == REC_OK) {
+    pos++;
+    lua_pushinteger(L, g);
+    n = parmap_decode(L, s, len, &pos, base + 1, &err);
+    if (n < 0) luaL_error(L, "parmap: bad result of item %d (%s)", (int)g, err);
+    lua_remove(L, base + 1);
+    lua_remove(L, base);
+    return n + 1;
+  }
+  pos++;
+  lua_getiuservalue(L, 1, M_MKERR); /* base + 2 */
+  lua_pushinteger(L, g);
+  n = parmap_decode(L, s, len, &pos, base + 1, &err);
+  if (n != 5) luaL_error(L, "parmap: bad error of item %d", (int)g);
+  lua_call(L, 6, 1); /* make_error(index, kind, err, message, tb, pid) */
+  lua_pushstring(L, C.ag[rank].host);
+  lua_setfield(L, -2, "host");
+  lua_pushinteger(L, rank);
+  lua_setfield(L, -2, "rank");
+  if (m->exception == EXC_RETURN) {
+    lua_pushinteger(L, g);
+    lua_insert(L, -2);
+    lua_remove(L, base + 1);
+    lua_remove(L, base);
+    return 2;
+  }
+  stop(L, m);
+  if (m->exception == EXC_PROC) lua_getfield(L, -1, "err");
+  return lua_error(L);
+}
+
+static int map_next(lua_State *L) {
+  MMap *m = (MMap *)luaL_checkudata(L, 1, MAP_META);
+  lua_settop(L, 1);
+  if (m->closed) return 0;
+  for (;;) {
+    if (m->failrank) {
+      lua_getiuservalue(L, 1, M_FAIL);
+      stop(L, m);
+      return luaL_error(L, "parmap: the map failed on rank %d (%s): %s",
+                        m->failrank, C.ag[m->failrank].host,
+                        lua_tostring(L, -1));
+    }
+    if (m->ordered) {
+      if (m->rcap > 0 && (size_t)(m->want - m->lo) < m->rcap &&
+          slot(m, m->want)->rank > 0)
+        return emit(L, m, m->want++);
+    } else if (m->fhead < m->ftail) {
+      return emit(L, m, m->fifo[m->fhead++]);
+    }
+    if (m->exhausted && m->emitted == m->pulled) {
+      m->finished = 1;
+      stop(L, m);
+      call_progress(L, m, 1);
+      return 0;
+    }
+    wait_one(L, m);
+  }
+}
+
+/* start(spec, fnrecord, agent_opts) -> map: spec as lua/parmap.lua's check
+   makes it; agent_opts what the agents' engines get. */
+static int mpi_start(lua_State *L) {
+  MMap *m;
+  parmap_buf msg = PARMAP_BUF_INIT;
+  size_t fnlen;
+  const char *fnrec = luaL_checklstring(L, 2, &fnlen), *what = NULL;
+  int r, rc;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  if (C.size < 2) return luaL_error(L, "parmap: backend 'mpi' needs 2 ranks or more");
+  for (r = 1; r < C.size && C.ag[r].dead; r++) {}
+  if (r >= C.size) return luaL_error(L, "parmap: backend 'mpi': every agent is gone");
+  if (C.nopen > 0)
+    return luaL_error(L, "parmap: backend 'mpi' runs one map at a time "
+                      "(close the other map first)");
+  lua_settop(L, 3);
+  for (;;) { /* what is left of earlier maps, and heartbeats: dropped */
+    parmap_buf b = PARMAP_BUF_INIT;
+    int tag, from, got = mpi_recv(MPI_ANY_SOURCE, 0, &b, &tag, &from);
+    parmap_buf_free(&b);
+    if (got <= 0) break;
+  }
+  m = (MMap *)lua_newuserdatauv(L, sizeof *m, M_NUV); /* 4 */
+  memset(m, 0, sizeof *m);
+  m->closed = 1; /* until started */
+  luaL_setmetatable(L, MAP_META);
+  m->as = (PerAgent *)calloc((size_t)C.size, sizeof *m->as);
+  if (m->as == NULL) nomem(L);
+  m->id = ++C.nextmap;
+  lua_getfield(L, 1, "items");
+  lua_setiuservalue(L, 4, M_ITEMS);
+  lua_newtable(L);
+  lua_setiuservalue(L, 4, M_PENDING);
+  lua_getfield(L, 1, "make_error");
+  lua_setiuservalue(L, 4, M_MKERR);
+  lua_newtable(L);
+  lua_setiuservalue(L, 4, M_SCRATCH);
+  lua_getfield(L, 1, "progress");
+  lua_setiuservalue(L, 4, M_PROGRESS);
+  lua_getfield(L, 1, "describe");
+  lua_setiuservalue(L, 4, M_DESC);
+  lua_newtable(L);
+  lua_setiuservalue(L, 4, M_SEGS);
+  lua_getfield(L, 1, "resilient");
+  m->resilient = lua_toboolean(L, -1);
+  lua_getfield(L, 1, "from_table");
+  m->from_table = (int)lua_tointeger(L, -1) == 1;
+  lua_getfield(L, 1, "total");
+  m->total = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : -1;
+  if (!m->from_table) m->total = -1; /* the iterator decides */
+  lua_getfield(L, 1, "ordered");
+  m->ordered = (int)lua_tointeger(L, -1) == 1;
+  lua_getfield(L, 1, "exception");
+  m->exception = (int)lua_tointeger(L, -1);
+  lua_getfield(L, 3, "N");
+  m->nw = (int)lua_tointeger(L, -1);
+  lua_settop(L, 4);
+  m->want = 1;
+  m->lo = 1;
+  m->t0 = parmap_now_ns();
+  if (m->from_table && m->total == 0) m->exhausted = 1;
+
+  /* the map message: fn's record, then the agents' options */
+  if (mpi_begin(&msg, m->id, 0, 0, 0) || parmap_put_varint(&msg, fnlen) ||
+      parmap_buf_reserve(&msg, fnlen)) {
+    parmap_buf_free(&msg);
+    nomem(L);
+  }
+  memcpy(msg.p + msg.len, fnrec, fnlen);
+  msg.len += fnlen;
+  lua_newtable(L); /* 5: scratch */
+  rc = parmap_encode(L, 3, 1, &msg, 5, &what);
+  lua_pop(L, 1);
+  if (rc != PARMAP_OK) {
+    parmap_buf_free(&msg);
+    return luaL_error(L, "parmap: options 'args' and 'kwargs' must hold only "
+                      "values that travel (found a %s)", what);
+  }
+  lua_pushlstring(L, msg.p, msg.len); /* for a round after a death */
+  lua_setiuservalue(L, 4, M_MAPMSG);
+  m->closed = 0;
+  C.nopen++;
+  for (r = 1; r < C.size; r++) {
+    parmap_buf copy = PARMAP_BUF_INIT;
+    if (C.ag[r].dead) {
+      m->as[r].done = m->as[r].ended = 1;
+      continue;
+    }
+    m->as[r].open = 1;
+    C.ag[r].seen_ns = parmap_now_ns(); /* its silence counts from here */
+    if (parmap_buf_reserve(&copy, msg.len)) {
+      parmap_buf_free(&msg);
+      nomem(L);
+    }
+    memcpy(copy.p, msg.p, msg.len);
+    copy.len = msg.len;
+    if (mpi_send(&C.out, &copy, r, TAG_MAP)) {
+      parmap_buf_free(&copy);
+      parmap_buf_free(&msg);
+      nomem(L);
+    }
+  }
+  parmap_buf_free(&msg);
+  lua_replace(L, 1); /* the map at index 1, as send_segment expects */
+  lua_settop(L, 1);
+  for (r = 1; r < C.size; r++) {
+    send_segment(L, m, r);
+    send_segment(L, m, r);
+  }
+  return 1;
+}
+
+static int mpi_size(lua_State *L) {
+  lua_pushinteger(L, C.size);
+  return 1;
+}
+
+/* hosts() -> {[rank] = {host = ..., ncpu = ...}} for the agents */
+static int mpi_hosts(lua_State *L) {
+  int r;
+  lua_createtable(L, C.size, 0);
+  for (r = 1; r < C.size; r++) {
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, C.ag[r].host);
+    lua_setfield(L, -2, "host");
+    lua_pushinteger(L, C.ag[r].ncpu);
+    lua_setfield(L, -2, "ncpu");
+    lua_rawseti(L, -2, r);
+  }
+  return 1;
+}
+
+static int mpi_busy(lua_State *L) {
+  lua_pushboolean(L, C.nopen > 0);
+  return 1;
+}
+
+int parmap_mpi_coord_open(lua_State *L) {
+  static const luaL_Reg funcs[] = {{"start", mpi_start},
+                                   {"next", map_next},
+                                   {"size", mpi_size},
+                                   {"hosts", mpi_hosts},
+                                   {"busy", mpi_busy},
+                                   {NULL, NULL}};
+  static const luaL_Reg meta[] = {{"__close", map_close},
+                                  {"__gc", map_gc},
+                                  {NULL, NULL}};
+  if (luaL_newmetatable(L, MAP_META)) {
+    luaL_setfuncs(L, meta, 0);
+    lua_newtable(L);
+    lua_pushcfunction(L, map_close);
+    lua_setfield(L, -2, "close");
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  luaL_newlib(L, funcs);
+  return 1;
+}
+
+void parmap_mpi_coord_init(int size) {
+  int i;
+  const char *e = getenv("PARMAP_MPI_DEAD_AFTER");
+  C.size = size;
+  C.dead_after = (e && atof(e) > 0 ? atof(e) : 10.0) * 1e9;
+  C.ag = (AgentInfo *)calloc((size_t)size, sizeof *C.ag);
+  if (C.ag == NULL) {
+    fprintf(stderr, "parmap-mpi: out of memory\n");
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  for (i = 1; i < size; i++) {
+    parmap_buf b = PARMAP_BUF_INIT;
+    int tag, from;
+    size_t n;
+    if (mpi_recv(MPI_ANY_SOURCE, 1, &b, &tag, &from) == 1 && tag == TAG_HB) {
+      parmap_buf_free(&b);
+      i--; /* a heartbeat before another agent's HELLO */
+      continue;
+    }
+    if (tag != TAG_HELLO || from < 1 || from >= size) {
+      fprintf(stderr, "parmap-mpi: unexpected message at start\n");
+      MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    C.ag[from].ncpu = (int)mpi_hdr(&b).a;
+    n = b.len - sizeof(MsgHdr);
+    if (n >= sizeof C.ag[from].host) n = sizeof C.ag[from].host - 1;
+    memcpy(C.ag[from].host, b.p + sizeof(MsgHdr), n);
+    C.ag[from].host[n] = '\0';
+    parmap_buf_free(&b);
+  }
+}
+
+void parmap_mpi_coord_quit(void) {
+  int r;
+  if (C.quit) return;
+  C.quit = 1;
+  for (r = 1; r < C.size; r++)
+    if (!C.ag[r].dead) /* a = 1: a rank is lost, do not MPI_Finalize */
+      mpi_send_hdr(&C.out, r, TAG_QUIT, 0, C.lost);
+  /* every message still coming (the DONE of a last map) is received:
+     MPI_Finalize with unreceived messages makes some transports warn */
+  for (r = 1; r < C.size; r++)
+    if (C.ag[r].dead) C.ag[r].seen_ns = 1; /* counted as gone */
+  for (;;) {
+    parmap_buf b = PARMAP_BUF_INIT;
+    int tag, from, k, left = 0;
+    for (k = 1; k < C.size; k++) left += !C.ag[k].dead && C.ag[k].seen_ns != 1;
+    if (left == 0) break;
+    if (mpi_recv(MPI_ANY_SOURCE, 1, &b, &tag, &from) < 0) break;
+    if (tag == TAG_BYE && from >= 1 && from < C.size) C.ag[from].seen_ns = 1;
+    parmap_buf_free(&b);
+    mpi_poll(&C.out);
+  }
+  mpi_drain(&C.out);
+}
+
+int parmap_mpi_coord_lost(void) { return C.lost; }
