@@ -715,7 +715,8 @@ local function start(level, fn, items, opts, extra)
     local o = { N = spec.user_N, star = spec.star, kwstar = spec.kwstar,
       args = spec.args, nargs = spec.nargs, has_kw = spec.has_kw,
       kwargs = spec.kwargs, timeout = spec.timeout, box = box,
-      seed = spec.seed, maxtasks = spec.maxtasks, buffersize = spec.buffersize }
+      seed = spec.seed, maxtasks = spec.maxtasks, retries = spec.retries,
+      buffersize = spec.buffersize }
     for _, name in next, { "init", "finish" } do -- they travel as fn does
       local h = spec[name]
       if h ~= nil then

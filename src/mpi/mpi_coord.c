@@ -560,8 +560,9 @@ static int emit(lua_State *L, MMap *m, lua_Integer g) {
   lua_getiuservalue(L, 1, M_MKERR); /* base + 2 */
   lua_pushinteger(L, g);
   n = parmap_decode(L, s, len, &pos, base + 1, &err);
-  if (n != 5) luaL_error(L, "parmap: bad error of item %d", (int)g);
-  lua_call(L, 6, 1); /* make_error(index, kind, err, message, tb, pid) */
+  if (n != 5 && n != 6) luaL_error(L, "parmap: bad error of item %d", (int)g);
+  lua_call(L, n + 1, 1); /* make_error(index, kind, err, message, tb, pid
+                            [, attempts]) */
   lua_pushstring(L, C.ag[rank].host);
   lua_setfield(L, -2, "host");
   lua_pushinteger(L, rank);
