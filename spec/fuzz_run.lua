@@ -313,6 +313,10 @@ local function item_error_ok(err)
   local s = tostring(err)
   return parmap.iserror(err) or s:match("^parmap: item %d+") ~= nil
     or s:match("^[^\n]-: parmap: item %d+") ~= nil
+    -- exception = "proc" raises the engine's own message of a timeout or
+    -- a death as it is (a tiny timeout such as 1e-300 times items out)
+    or s:match("^item %d+ timed out after ") ~= nil
+    or s:match("^worker %d+ .- while running item %d+") ~= nil
 end
 
 -- The tokens an error must show for these options (one of them), by the
