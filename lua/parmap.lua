@@ -60,7 +60,7 @@ local caller = core.caller
 local function serial_init(init, fail)
   local status, err, message, traceback = caller({ fn = init })(1, 0, true)
   if status ~= "ok" then
-    fail(nil, "init", err, message, traceback, core.pid(), { worker = 1 })
+    fail(nil, "init", err, message, traceback, core.pid(), nil, { worker = 1 })
   end
 end
 
@@ -81,6 +81,7 @@ local function serial(spec)
   local state = setmetatable({ closed = false }, Serial)
   local i, ended, busy = 0, false, false
   local init, fin, started = spec.init, spec.finish, false
+  local retries = spec.retries or 0
   -- fn, the items iterator and progress run inside a step: stepping the
   -- map again from there is an error ("busy"); an error ends the map
   local guard = setmetatable({}, { __close = function(_, err)
@@ -93,14 +94,21 @@ local function serial(spec)
     return i, ...
   end
 
+  -- retries: fn runs again while it raises and runs are left; a bad
+  -- shape would fail alike, so it is not run again
+  local function again(item, runs, status, ...)
+    if status ~= "error" or runs > retries then return runs, status, ... end
+    return again(item, runs + 1, call(item, i, true))
+  end
+
   -- the failure record goes to the map's handler: the one policy
-  local function outcome(status, ...)
+  local function outcome(runs, status, ...)
     if status == "ok" then return finish(...) end
     if status == "shape" then
       return finish(fail(i, "shape", nil, (...), "", core.pid()))
     end
     local err, message, traceback = ...
-    return finish(fail(i, "error", err, message, traceback, core.pid()))
+    return finish(fail(i, "error", err, message, traceback, core.pid(), runs))
   end
 
   local function step()
@@ -128,10 +136,10 @@ local function serial(spec)
       if init then serial_init(init, fail) end
     end
     i = i + 1
-    if proc then -- the policy raises err as raised: no need to catch it
-      return finish(call(item, i, false))
+    if proc and retries == 0 then -- the policy raises err as raised: no
+      return finish(call(item, i, false)) -- need to catch it
     end
-    return outcome(call(item, i, true))
+    return outcome(again(item, 1, call(item, i, true)))
   end
   return step, nil, nil, state
 end
@@ -157,7 +165,8 @@ local function mpi_start(level, spec)
   local o = { N = spec.user_N, star = spec.star, kwstar = spec.kwstar,
     args = spec.args, nargs = spec.nargs, has_kw = spec.has_kw,
     kwargs = spec.kwargs, timeout = spec.timeout, box = box,
-    seed = spec.seed, maxtasks = spec.maxtasks, buffersize = spec.buffersize }
+    seed = spec.seed, maxtasks = spec.maxtasks, retries = spec.retries,
+    buffersize = spec.buffersize }
   for _, name in next, { "init", "finish" } do -- they travel as fn does
     local h = spec[name]
     if h ~= nil then

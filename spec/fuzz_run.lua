@@ -134,7 +134,8 @@ for _, e in ipairs(POOL) do
   if type(e[2]()) == "number" or e[1] == '"4"' then NUMBERS[#NUMBERS + 1] = e end
 end
 local NUMERIC = { N = true, chunksize = true, total = true, timeout = true,
-  n_chunks = true, n_eval = true, n_min = true }
+  n_chunks = true, n_eval = true, n_min = true, seed = true, buffersize = true,
+  maxtasks = true, retries = true }
 
 -- Good values of each option (the draws mix these with any()).
 local function iter(n)
@@ -158,9 +159,17 @@ local GOOD = {
   n_chunks = { { "1", 1 }, { "2", 2 } },
   n_eval = { { "1", 1 }, { "2", 2 } },
   n_min = { { "0", 0 }, { "1", 1 } },
+  seed = { { "0", 0 }, { "-7", -7 }, { "maxint", math.maxinteger } },
+  buffersize = { { "1", 1 }, { "2", 2 }, { "5000", 5000 } },
+  maxtasks = { { "1", 1 }, { "2", 2 } },
+  retries = { { "0", 0 }, { "1", 1 }, { "2", 2 } },
+  init = { { "fn", function() end } },
+  finish = { { "fn", function() end } },
+  backend = { { '"auto"', "auto" }, { '"fork"', "fork" } },
 }
 local MAP_OPTIONS = { "N", "star", "kwstar", "args", "kwargs", "chunksize",
-  "ordered", "progress", "total", "exception", "timeout" }
+  "ordered", "progress", "total", "exception", "timeout", "seed", "buffersize",
+  "maxtasks", "retries", "init", "finish", "backend" }
 local RP_OPTIONS = { "args", "kwargs", "exception" }
 local PE_OPTIONS = { "n_chunks", "n_eval", "n_min", "N", "ordered",
   "exception", "timeout", "args", "kwargs", "chunksize" }
@@ -258,8 +267,17 @@ local function bad_option(k, v)
     return not (type(v) == "number" and v > 0) and "'timeout'" or nil
   elseif k == "n_chunks" or k == "n_eval" then
     return not (i and i >= 1) and ("'" .. k .. "'") or nil
-  elseif k == "n_min" then
-    return not (i and i >= 0) and "'n_min'" or nil
+  elseif k == "n_min" or k == "retries" then
+    return not (i and i >= 0) and ("'" .. k .. "'") or nil
+  elseif k == "seed" then
+    return not i and "'seed'" or nil
+  elseif k == "buffersize" or k == "maxtasks" then
+    return not (i and i >= 1) and ("'" .. k .. "'") or nil
+  elseif k == "init" or k == "finish" then
+    return not callable(v) and ("'" .. k .. "'") or nil
+  elseif k == "backend" then
+    -- "mpi" outside parmap-mpi is refused too, naming the backend
+    return not (v == "auto" or v == "fork") and "backend" or nil
   end
   return "unknown option"
 end
@@ -416,6 +434,7 @@ local function run_map(k, seed, entry)
   local o = type(opts) == "table" and opts or {}
   local N = int(o.N) or core.ncpu()
   local forking = N > 1 or (type(o.timeout) == "number" and o.timeout < math.huge)
+    or (int(o.seed) ~= nil) -- N = 1 with a seed runs in a worker process
   if #bad == 0 then
     -- a valid map must end: unending or huge inputs only where the loop
     -- takes a few results and breaks; forks within the budget

@@ -314,6 +314,38 @@ print("seed", table.concat(a, ",") == table.concat(b, ","))
       assert.matches("init\tT+1 T+2 T+3\nseed\ttrue\n", out, 1, true)
     end)
 
+  it("retries run inside the agents; the error says attempts", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local dir = os.tmpname()
+os.remove(dir)
+assert(os.execute("mkdir " .. dir))
+local function bump(x) -- runs of item x, counted in a file (workers are processes)
+  local f = io.open(dir .. "/" .. x)
+  local n = f and #f:read("a") or 0
+  if f then f:close() end
+  f = assert(io.open(dir .. "/" .. x, "a"))
+  f:write("x")
+  f:close()
+  return n + 1
+end
+local r = parmap.map(function(x)
+  if bump(x) == 1 then error("first") end
+  return x * 10
+end, {1, 2, 3, 4}, {retries = 1})
+print("retried", table.concat(r, " "))
+local got = {}
+for i, e in parmap(function(x) bump("e" .. x); error("always") end, {1, 2},
+  {retries = 2, exception = "return"}) do
+  got[#got + 1] = e.kind .. "@" .. e.attempts
+end
+print("attempts", table.concat(got, " "))
+os.execute("rm -rf " .. dir)
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("retried\t10 20 30 40\nattempts\terror@3 error@3\n", out, 1, true)
+  end)
+
   it("calls progress with the final count", function()
     local out, code = mpirun([[
 local parmap = require "parmap"

@@ -219,9 +219,9 @@ int parmap_encode_scalar(lua_State *L, int idx, parmap_buf *b) {
   int t = lua_type(L, idx);
   if (t == LUA_TSTRING) str = lua_tolstring(L, idx, &n);
   else if (t != LUA_TNUMBER && t != LUA_TBOOLEAN && t != LUA_TNIL) return 0;
-  /* count, tag, varint or 8 bytes, and n bytes: one reservation */
-  if (n > SIZE_MAX - 2 - PARMAP_VARINT_MAX ||
-      parmap_buf_reserve(b, n + 2 + PARMAP_VARINT_MAX))
+  /* count, tag, varint or 8 bytes, and n bytes: one reservation (a Lua
+     string is far shorter than SIZE_MAX: the sum cannot wrap) */
+  if (parmap_buf_reserve(b, n + 2 + PARMAP_VARINT_MAX))
     return 0; /* let parmap_encode raise */
   q = b->p + b->len;
   *q++ = 1; /* one value */

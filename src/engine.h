@@ -56,6 +56,7 @@ typedef struct Config {
   int has_seed;   /* seed option: math.randomseed(seed, index) per item */
   lua_Integer seed;
   lua_Integer maxtasks; /* items a worker process runs in all, 0: no limit */
+  lua_Integer retries;  /* runs more an item that failed may get, 0: none */
 } Config;
 
 /* Frame headers. Both ends are the same machine: native byte order. */
@@ -67,7 +68,8 @@ typedef struct TaskHdr {
   uint32_t magic, count;
   int64_t from;     /* index of the first item */
   uint64_t bodylen; /* serialized items (iterator input), else 0 */
-  uint64_t reserved;
+  uint64_t tries;   /* retries: runs item `from` already had (and lost to
+                       a death or a timeout); the other items had none */
 } TaskHdr;
 
 typedef struct ResultHdr {

@@ -43,6 +43,8 @@ typedef struct WState {
   size_t mark;      /* where item k's result record starts in out */
   size_t mark_pos;  /* where item k's own record starts in in */
   size_t pos;       /* next item in `in` (iterator input) */
+  uint32_t tries_k; /* retries: the item that tries counts for */
+  uint64_t tries;   /* ... its runs that failed so far */
   uint64_t last;    /* last flush (coarse clock) */
 } WState;
 
@@ -181,6 +183,8 @@ static void run_segment(WState *w, const TaskHdr *h) {
   w->h = h;
   w->k = 0;
   w->pos = 0;
+  w->tries_k = 0; /* the first item may have lost runs to deaths */
+  w->tries = h->tries;
   w->pending = 0;
   w->last = coarse_ns();
   while (w->k < h->count) {
@@ -198,6 +202,17 @@ static void run_segment(WState *w, const TaskHdr *h) {
       if (!w->cfg->from_table && w->pos == w->mark_pos) parmap_child_exit(PARMAP_EXIT_INTERNAL);
       w->out.len = w->mark;
       clear_table(L, w->oscratch);
+      if (w->cfg->retries > 0) { /* runs left? then again, here and now */
+        if (w->tries_k != w->k) {
+          w->tries_k = w->k;
+          w->tries = 0;
+        }
+        if ((lua_Integer)++w->tries <= w->cfg->retries) {
+          lua_settop(L, top);
+          w->pos = w->mark_pos; /* its item is decoded again */
+          continue;
+        }
+      }
       put_failure(w, lua_gettop(L));
       lua_settop(L, top);
       w->k++;

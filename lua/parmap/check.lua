@@ -44,6 +44,7 @@ C.OPTIONS = {
   init = true,
   finish = true,
   maxtasks = true,
+  retries = true,
   buffersize = true,
   backend = true, -- issue 13: "auto", "fork" or "mpi"
   resilient = true, -- issue 13: the MPI backend outlives an agent's death
@@ -397,6 +398,14 @@ function C.map_spec(level, fn, items, opts, extra)
   end
 
   positive(level, spec, opts, "maxtasks")
+
+  local retries = opts.retries
+  if retries ~= nil then
+    spec.retries = integer(retries)
+    if not spec.retries or spec.retries < 0 then
+      bad(level, "retries", "non-negative integer", retries)
+    end
+  end
 
   local backend = opts.backend
   if backend == nil then backend = "auto" end

@@ -38,10 +38,12 @@ end
 -- kind: "error" (fn raised), "value" (a result cannot travel), "died" (the
 -- worker ended), "timeout" (the item ran past opts.timeout), "init" (the
 -- init option raised; the field worker names the worker). index is nil for
--- a ReturnProcess and for "init".
-function E.make_error(index, kind, err, message, traceback, pid)
+-- a ReturnProcess and for "init". attempts: how many times the item ran (1
+-- without the retries option).
+function E.make_error(index, kind, err, message, traceback, pid, attempts)
   return setmetatable({ index = index, kind = kind, err = err,
-    message = message, traceback = traceback or "", pid = pid }, Error)
+    message = message, traceback = traceback or "", pid = pid,
+    attempts = attempts or 1 }, Error)
 end
 local make_error = E.make_error
 
@@ -101,11 +103,12 @@ local apply = E.apply
 
 -- A map's failure handler, built once per map: the C core (and the serial
 -- loop) hand it a failure record (index, kind, err, message, traceback,
--- pid[, fields]) once the map is stopped or may go on; it raises, or
--- returns the error object for the loop.
+-- pid[, attempts[, fields]]) once the map is stopped or may go on; it
+-- raises, or returns the error object for the loop.
 function E.handler(exception)
-  return function(index, kind, err, message, traceback, pid, fields)
-    local e = make_error(index, kind, err, message, traceback, pid)
+  return function(index, kind, err, message, traceback, pid, attempts,
+                  fields)
+    local e = make_error(index, kind, err, message, traceback, pid, attempts)
     if fields ~= nil then -- {worker = id} for init; MPI: {host =, rank =}
       for k, v in next, fields do e[k] = v end
     end

@@ -46,7 +46,14 @@ enum { M_RUNNING = 0, M_DONE, M_CLOSED };
 typedef struct Seg {
   int slot;
   lua_Integer from, to; /* items from..to-1 */
+  uint64_t tries;       /* retries: runs item `from` already lost */
 } Seg;
+
+/* retries: the runs an item lost to deaths and timeouts (only items that
+   had one are listed) */
+typedef struct Tries {
+  lua_Integer index, n;
+} Tries;
 
 typedef struct Worker {
   pid_t pid; /* 0: no process */
@@ -81,6 +88,8 @@ typedef struct Slot {
   size_t *offs;         /* offs[k]: item start+k in `in`; count+1 of them */
   size_t offs_cap;
   parmap_buf fail; /* error records for items not to run: index, len, bytes */
+  Tries *tries;    /* retries: items that lost a run to a death, a timeout */
+  int ntries, tries_cap;
 } Slot;
 
 #define MAP_MAGIC 0x70617261706d6170ull /* "parapmap" */
@@ -128,6 +137,9 @@ static void add_failure(lua_State *L, Map *m, Slot *s, lua_Integer index,
                         const char *kind, const char *message, pid_t pid);
 static int finished(Map *m);
 static lua_Integer next_failure(const Slot *s, lua_Integer from, size_t *at);
+static lua_Integer tries_of(const Slot *s, lua_Integer index);
+static lua_Integer add_try(lua_State *L, Slot *s, lua_Integer index);
+static void cut_tried(const Slot *s, Seg *g);
 static void nomem(lua_State *L);
 static Slot *ready(Map *m);
 static void release(Map *m);

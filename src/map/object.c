@@ -58,21 +58,36 @@ static void progress(lua_State *L, Map *m, int finished) {
 }
 
 /* An error record (kind, err, message, traceback, pid) at base + 1..5 for
-   item `index`: the policy (U_FAIL) decides. When it raises, the map is
-   stopped first; else index and the error object it returns. */
-static int failed(lua_State *L, Map *m, lua_Integer index, int base, int n) {
+   item `index`, which lost `lost` runs to deaths and timeouts: the policy
+   (U_FAIL) raises it (step then stops the map), or returns the error
+   object: index and it. */
+static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
+                  int base, int n) {
   int k;
+  lua_Integer attempts;
+  const char *kind;
   if (n != 5 || lua_type(L, base + 1) != LUA_TSTRING ||
       lua_type(L, base + 3) != LUA_TSTRING) {
     return luaL_error(L, "parmap: corrupt error record for item %I",
                       (LUAI_UACINT)index);
   }
-  /* raising stops the map: step does, once out of the engine */
+  /* its runs: fn raised in every one the worker gave it (its retries less
+     those lost before); a death or timeout ended each one counted; a
+     result that cannot travel ends it at once */
+  kind = lua_tostring(L, base + 1);
+  if (strcmp(kind, "error") == 0)
+    attempts = m->cfg.retries + 1;
+  else if (strcmp(kind, "died") == 0 || strcmp(kind, "timeout") == 0)
+    attempts = lost;
+  else
+    attempts = lost + 1;
+  if (attempts < 1) attempts = 1;
   lua_getiuservalue(L, m->self, U_FAIL);
   lua_pushinteger(L, index);
   for (k = 1; k <= 5; k++) lua_pushvalue(L, base + k);
-  lua_call(L, 6, 1); /* fail(index, kind, err, message, tb, pid): raises,
-                        or returns the error object */
+  lua_pushinteger(L, attempts);
+  lua_call(L, 7, 1); /* fail(index, kind, err, message, tb, pid, attempts):
+                        raises, or returns the error object */
   lua_pushinteger(L, index);
   lua_insert(L, -2);
   return 2;
@@ -83,6 +98,7 @@ static int emit(lua_State *L, Map *m, Slot *s) {
   lua_Integer index = s->start + s->consumed;
   size_t pos = s->rpos + 1;
   int status, n, base;
+  lua_Integer lost = 0;
   const char *err = NULL;
   if (s->rpos >= s->out.len) { /* a frame announced more than it carried */
     return luaL_error(L, "parmap: corrupt result for item %I: no record",
@@ -103,12 +119,14 @@ static int emit(lua_State *L, Map *m, Slot *s) {
   }
   s->rpos = pos;
   m->taken++;
+  if (status != REC_OK) /* read before the slot may be released */
+    lost = s->ntries > 0 ? tries_of(s, index) : 0;
   if (++s->consumed == s->count) {
     if (m->cfg.ordered) m->seq_take++;
     if (!s->busy) release_slot(m, s); /* else when its segment ends */
     pump(L, m, 0); /* workers may be waiting for this room */
   }
-  return status == REC_OK ? n + 1 : failed(L, m, index, base, n);
+  return status == REC_OK ? n + 1 : failed(L, m, lost, index, base, n);
 }
 
 /* The body of a step, run under lua_pcall by step(): push the next
@@ -271,6 +289,7 @@ static void read_config(lua_State *L, Config *c) {
   c->chunksize = parmap_countfield(L, 1, "chunksize", "chunksize", 1, 0);
   if (c->chunksize > PARMAP_MAX_CHUNK) c->chunksize = PARMAP_MAX_CHUNK;
   c->maxtasks = parmap_countfield(L, 1, "maxtasks", "maxtasks", 1, 0);
+  c->retries = parmap_countfield(L, 1, "retries", "retries", 0, 0);
   n = parmap_countfield(L, 1, "N", "N", 1, 1);
   if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
   if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;

@@ -100,6 +100,8 @@ static void assign(Map *m, int wi, Slot *s) {
   g->slot = (int)(s - m->slots);
   g->from = s->next;
   g->to = (stop > 0 && stop < end) ? stop : end;
+  g->tries = 0;
+  if (s->ntries > 0) cut_tried(s, g);
   if (m->cfg.maxtasks > 0 && g->to - g->from > m->cfg.maxtasks - w->handed)
     g->to = g->from + (m->cfg.maxtasks - w->handed); /* its last items */
   w->handed += g->to - g->from;
@@ -199,7 +201,9 @@ static void on_death(lua_State *L, Map *m, int wi) {
     lua_Integer open = seg_first_open(m, w, k);
     s->next = open;
     unbusy(m, s);
-    if (bad >= open && bad < w->q[k].to) {
+    /* retries: the item goes back with the others, for a fresh worker */
+    if (bad >= open && bad < w->q[k].to &&
+        add_try(L, s, bad) > m->cfg.retries) {
       if (w->timed_out)
         snprintf(msg, sizeof msg,
                  "item %lld timed out after %g s (worker %d was killed)",
@@ -251,7 +255,7 @@ static int send_more(Map *m, Worker *w) {
       w->shdr.count = (uint32_t)seg_len(g);
       w->shdr.from = (int64_t)g->from;
       w->shdr.bodylen = blen;
-      w->shdr.reserved = 0;
+      w->shdr.tries = g->tries;
     }
     total = FRAME_HDR + blen;
     if (w->sent < FRAME_HDR)
@@ -299,10 +303,11 @@ static void init_error(lua_State *L, Map *m, Worker *w, const char *p,
   lua_getiuservalue(L, m->self, U_FAIL);
   lua_pushnil(L); /* no item */
   for (k = 2; k <= 6; k++) lua_pushvalue(L, base + k);
+  lua_pushnil(L); /* attempts */
   lua_createtable(L, 0, 1);
   lua_pushinteger(L, id);
   lua_setfield(L, -2, "worker");
-  lua_call(L, 7, 1); /* fail(nil, "init", err, message, tb, pid,
+  lua_call(L, 8, 1); /* fail(nil, "init", err, message, tb, pid, nil,
                         {worker = id}) */
   lua_error(L);
 }

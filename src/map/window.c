@@ -105,6 +105,46 @@ static void take_failure(lua_State *L, Map *m, Slot *s, size_t at) {
   m->done++;
 }
 
+/* ---------------------------------------------------------------- retries */
+
+/* The runs item `index` of s lost to deaths and timeouts so far. */
+static lua_Integer tries_of(const Slot *s, lua_Integer index) {
+  int i;
+  for (i = 0; i < s->ntries; i++)
+    if (s->tries[i].index == index) return s->tries[i].n;
+  return 0;
+}
+
+/* Item `index` of s lost a run to a death or a timeout: returns how many
+   it lost so far. Only runs when a worker died, never on the hot path. */
+static lua_Integer add_try(lua_State *L, Slot *s, lua_Integer index) {
+  int i;
+  for (i = 0; i < s->ntries; i++)
+    if (s->tries[i].index == index) return ++s->tries[i].n;
+  if (s->ntries == s->tries_cap) {
+    int cap = s->tries_cap ? 2 * s->tries_cap : 4;
+    Tries *p = (Tries *)realloc(s->tries, (size_t)cap * sizeof *p);
+    if (p == NULL) nomem(L);
+    s->tries = p;
+    s->tries_cap = cap;
+  }
+  s->tries[s->ntries].index = index;
+  s->tries[s->ntries].n = 1;
+  return s->tries[s->ntries++].n;
+}
+
+/* A segment starting at g->from: an item that lost runs is handed out
+   first in a segment of its own start, so that the header can tell the
+   worker its count (TaskHdr.tries) and fn's retries there are cut short. */
+static void cut_tried(const Slot *s, Seg *g) {
+  int i;
+  for (i = 0; i < s->ntries; i++) {
+    lua_Integer ix = s->tries[i].index;
+    if (ix == g->from) g->tries = (uint64_t)s->tries[i].n;
+    else if (ix > g->from && ix < g->to) g->to = ix;
+  }
+}
+
 /* ---------------------------------------------------------------- chunks */
 
 /* The size of the next chunk; new_chunk commits it to last_size. For
@@ -276,6 +316,7 @@ static Slot *new_chunk(lua_State *L, Map *m) {
   s->start = m->next_index;
   s->count = 0;
   s->in.len = s->out.len = s->fail.len = 0;
+  s->ntries = 0;
   s->rpos = 0;
   s->recv = s->consumed = 0;
   s->next = s->start;
@@ -319,6 +360,7 @@ static void release(Map *m) {
       parmap_buf_free(&m->slots[i].out);
       parmap_buf_free(&m->slots[i].in);
       parmap_buf_free(&m->slots[i].fail);
+      free(m->slots[i].tries);
       free(m->slots[i].offs);
     }
     free(m->slots);

@@ -261,14 +261,15 @@ static void encode_outcome(lua_State *L, parmap_buf *r, lua_Integer g,
   r->len = 0;
   if (parmap_buf_reserve(r, 1)) nomem(L);
   if (n == 1 && is_error(L, first)) {
-    static const char *const f[] = {"kind", "err", "message", "traceback", "pid"};
+    static const char *const f[] = {"kind", "err", "message", "traceback",
+                                    "pid", "attempts"};
     int k, top = lua_gettop(L);
-    for (k = 0; k < 5; k++) lua_getfield(L, first, f[k]);
+    for (k = 0; k < 6; k++) lua_getfield(L, first, f[k]);
     r->p[r->len++] = REC_ERR;
-    if (parmap_encode(L, top + 1, 5, r, scratch, &what) != PARMAP_OK) {
+    if (parmap_encode(L, top + 1, 6, r, scratch, &what) != PARMAP_OK) {
       lua_pushvalue(L, top + 3); /* err cannot travel: its message does */
       lua_replace(L, top + 2);
-      if (parmap_encode(L, top + 1, 5, r, scratch, &what) != PARMAP_OK)
+      if (parmap_encode(L, top + 1, 6, r, scratch, &what) != PARMAP_OK)
         luaL_error(L, "parmap-mpi: cannot send the error of item %d", (int)g);
     }
     lua_settop(L, top);
@@ -284,8 +285,9 @@ static void encode_outcome(lua_State *L, parmap_buf *r, lua_Integer g,
     lua_pushfstring(L, "result of item %d: cannot send a %s", (int)g, what);
     lua_pushliteral(L, "");
     lua_pushinteger(L, (lua_Integer)getpid());
-    if (parmap_encode(L, lua_gettop(L) - 4, 5, r, scratch, &what)) nomem(L);
-    lua_pop(L, 5);
+    lua_pushinteger(L, 1); /* attempts */
+    if (parmap_encode(L, lua_gettop(L) - 5, 6, r, scratch, &what)) nomem(L);
+    lua_pop(L, 6);
   }
 }
 
@@ -390,7 +392,7 @@ static const char *const DRIVER =
     "  -- N = 1 would run fn in this process: a worker process instead\n"
     "  if N == 1 and not timeout then timeout = 1e9 end\n"
     "  local opts = { N = N, ordered = false, exception = 'return', timeout = timeout,\n"
-    "    maxtasks = o.maxtasks, buffersize = o.buffersize }\n"
+    "    maxtasks = o.maxtasks, retries = o.retries, buffersize = o.buffersize }\n"
     "  if o.init then opts.init = core.loadfn(o.init) end\n"
     "  if o.finish then opts.finish = core.loadfn(o.finish) end\n"
     "  local args = o.args or {}\n"

@@ -561,7 +561,8 @@ static int emit(lua_State *L, MMap *m, lua_Integer g) {
   lua_getiuservalue(L, 1, M_POLICY); /* base + 2 */
   lua_pushinteger(L, g);
   n = parmap_decode(L, s, len, &pos, base + 1, &err);
-  if (n != 5) luaL_error(L, "parmap: bad error of item %d", (int)g);
+  if (n != 5 && n != 6) luaL_error(L, "parmap: bad error of item %d", (int)g);
+  if (n == 5) lua_pushnil(L); /* attempts: 1 */
   lua_createtable(L, 0, 2); /* where it failed */
   lua_pushstring(L, C.ag[rank].host);
   lua_setfield(L, -2, "host");
@@ -569,7 +570,8 @@ static int emit(lua_State *L, MMap *m, lua_Integer g) {
   lua_setfield(L, -2, "rank");
   /* the one error policy (lua/parmap/errors.lua) decides; when it raises,
      the map is stopped first */
-  if (lua_pcall(L, 7, 1, 0) != LUA_OK) {
+  /* fail(index, kind, err, message, tb, pid, attempts, {host, rank}) */
+  if (lua_pcall(L, 8, 1, 0) != LUA_OK) {
     stop(L, m);
     return lua_error(L);
   }
