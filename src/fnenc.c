@@ -824,14 +824,12 @@ static void get_value(Dec *d) {
     case V_GLOBALS:
       lua_pushvalue(L, d->base + D_GLOBALS);
       return;
-    case V_MOD:
-      s = get_str(d, &n);
-      push_module(d, s, n);
-      return;
+    case V_MOD: /* a module; V_MODF: a field of one */
     case V_MODF:
       s = get_str(d, &n);
-      k = get_str(d, &kn);
+      k = tag == V_MODF ? get_str(d, &kn) : NULL;
       push_module(d, s, n);
+      if (tag == V_MOD) return;
       if (!lua_istable(L, -1))
         luaL_error(L, "parmap: module '%s' is not a table here",
                    lua_pushlstring(L, s, n));
