@@ -408,6 +408,66 @@ int parmap_decode_plain(lua_State *L, const char *p, size_t len,
   return parmap_decode_scalar(L, p, len, pos);
 }
 
+/* One value for parmap_skip: *ntab counts the tables it opens. */
+static int skip_value(const char *p, size_t len, size_t *i,
+                      unsigned long long *ntab) {
+  unsigned long long v;
+  int tag;
+  if (*i >= len) return -1;
+  tag = (unsigned char)p[(*i)++];
+  if (tag & T_SMALL) return 0;
+  switch (tag) {
+    case T_NIL: case T_FALSE: case T_TRUE:
+      return 0;
+    case T_INT: case T_TREF:
+      return parmap_get_varint(p, len, i, &v);
+    case T_FLOAT:
+      if (len - *i < sizeof(double)) return -1;
+      *i += sizeof(double);
+      return 0;
+    case T_STR:
+      if (parmap_get_varint(p, len, i, &v) || v > len - *i) return -1;
+      *i += (size_t)v;
+      return 0;
+    case T_TNEW:
+      ++*ntab;
+      return parmap_get_varint(p, len, i, &v);
+    default:
+      return -1;
+  }
+}
+
+int parmap_skip(const char *p, size_t len, size_t *pos) {
+  unsigned long long n, k, ntab = 0, q;
+  size_t i = *pos;
+  if (i < len && len - i >= 2 && p[i] == 1) { /* one scalar, the common case */
+    int tag = (unsigned char)p[i + 1];
+    if (tag & T_SMALL) {
+      *pos = i + 2;
+      return 0;
+    }
+  }
+  if (parmap_get_varint(p, len, &i, &n) || n > len - i) return -1;
+  for (k = 0; k < n; k++)
+    if (skip_value(p, len, &i, &ntab)) return -1;
+  for (q = 1; q <= ntab; q++) { /* the bodies; they may open more tables */
+    if (parmap_get_varint(p, len, &i, &n) || n > len - i) return -1;
+    for (k = 0; k < n; k++)
+      if (skip_value(p, len, &i, &ntab)) return -1;
+    for (;;) {
+      if (i >= len) return -1;
+      if ((unsigned char)p[i] == T_END) {
+        i++;
+        break;
+      }
+      if (skip_value(p, len, &i, &ntab) || skip_value(p, len, &i, &ntab))
+        return -1;
+    }
+  }
+  *pos = i;
+  return 0;
+}
+
 int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
                   int scratch, const char **err) {
   Dec d;

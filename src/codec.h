@@ -52,6 +52,14 @@ int parmap_decode(lua_State *L, const char *p, size_t len, size_t *pos,
 */
 int parmap_decode_scalar(lua_State *L, const char *p, size_t len, size_t *pos);
 
+/*
+** Move *pos past the record that starts at p[*pos] without decoding it
+** (the MPI agent relays records it never reads). Returns 0, or -1 when the
+** record is malformed or truncated (*pos unchanged). It checks the layout
+** only; the decoder that reads the record later checks the rest.
+*/
+int parmap_skip(const char *p, size_t len, size_t *pos);
+
 /* parmap_decode_scalar for a number, a boolean or nil only: it allocates
    nothing, so it runs no finalizer and raises no error. */
 int parmap_decode_plain(lua_State *L, const char *p, size_t len, size_t *pos);

@@ -36,6 +36,8 @@
 #define BIG_BUF (4u << 20) /* result buffers past this go to the pool */
 #define POOL 2             /* big buffers a map keeps for reuse */
 #define EXIT_CHECK_MS 200  /* how often waitpid checks on workers */
+#define RELAYED (-1000)    /* emit: the record went to the sink */
+#define SINK_STOP (-1001)  /* ... and the sink stops the map */
 /* collect preallocates its result table up to this many slots (as the
    codec does, PARMAP_MAX_PREALLOC): a wrong total cannot make it take
    gigabytes before the first result */
@@ -129,6 +131,9 @@ typedef struct Map {
   parmap_buf pool[POOL]; /* big result buffers of released slots */
   pid_t *retired; /* recycled workers (maxtasks) not reaped yet */
   int nretired, retired_cap;
+  const ParmapRawSource *raw; /* items from a C source (the MPI agent) */
+  ParmapSink sink;            /* results to a C sink (parmap_map_relay) */
+  void *sink_ud;
 } Map;
 
 /* The window (window.c): chunks and their slots, the items pulled from an

@@ -105,15 +105,25 @@ static int emit(lua_State *L, Map *m, Slot *s) {
                       (LUAI_UACINT)index);
   }
   status = (unsigned char)s->out.p[s->rpos];
-  lua_pushinteger(L, index);
-  base = lua_gettop(L);
-  n = parmap_decode_scalar(L, s->out.p, s->out.len, &pos);
-  if (n == 0) { /* not one scalar: the general decoder, with its scratch */
-    lua_getiuservalue(L, m->self, U_SCRATCH);
-    n = parmap_decode(L, s->out.p, s->out.len, &pos, base + 1, &err);
-    lua_remove(L, base + 1);
+  if (m->sink && status == REC_OK) { /* relayed as it is (the MPI agent) */
+    if (parmap_skip(s->out.p, s->out.len, &pos))
+      return luaL_error(L, "parmap: corrupt result for item %I",
+                        (LUAI_UACINT)index);
+    n = m->sink(m->sink_ud, index, s->out.p + s->rpos, pos - s->rpos)
+            ? SINK_STOP
+            : RELAYED;
+    base = 0;
+  } else {
+    lua_pushinteger(L, index);
+    base = lua_gettop(L);
+    n = parmap_decode_scalar(L, s->out.p, s->out.len, &pos);
+    if (n == 0) { /* not one scalar: the general decoder, with its scratch */
+      lua_getiuservalue(L, m->self, U_SCRATCH);
+      n = parmap_decode(L, s->out.p, s->out.len, &pos, base + 1, &err);
+      lua_remove(L, base + 1);
+    }
   }
-  if (n < 0) {
+  if (base != 0 && n < 0) { /* base 0: relayed */
     return luaL_error(L, "parmap: corrupt result for item %I: %s",
                       (LUAI_UACINT)index, err);
   }
@@ -126,6 +136,7 @@ static int emit(lua_State *L, Map *m, Slot *s) {
     if (!s->busy) release_slot(m, s); /* else when its segment ends */
     pump(L, m, 0); /* workers may be waiting for this room */
   }
+  if (n == RELAYED || n == SINK_STOP) return n;
   return status == REC_OK ? n + 1 : failed(L, m, lost, index, base, n);
 }
 
@@ -166,6 +177,14 @@ static int step_body(lua_State *L) {
   Map *m = (Map *)lua_touserdata(L, 1);
   unsigned k = 0;
   m->self = 1;
+  if (m->sink) { /* parmap_map_relay: on to the first failure */
+    int n;
+    while ((n = advance(L, m)) == RELAYED)
+      if (++k % HOOK_EVERY == 0) parmap_run_hooks(L);
+    if (n != SINK_STOP) return n;
+    lua_pushboolean(L, 0);
+    return 1;
+  }
   if (lua_gettop(L) < 2) return advance(L, m);
   for (;;) {
     lua_Integer i;
@@ -255,6 +274,14 @@ static int map_next(lua_State *L) {
   return step(L, m, 1);
 }
 
+int parmap_map_relay(lua_State *L, int idx, ParmapSink sink, void *ud) {
+  Map *m = checkmap(L, idx);
+  lua_pushvalue(L, idx);
+  m->sink = sink;
+  m->sink_ud = ud;
+  return step(L, m, 1);
+}
+
 /* collect(map): a table t with t[i] = the first value of item i, and the
    highest index. parmap.map without a Lua loop per item. */
 static int map_collect(lua_State *L) {
@@ -334,6 +361,9 @@ static int first_dispatch(lua_State *L) {
   return 0;
 }
 
+static const ParmapRawSource *raw_source;
+void parmap_map_rawsource(const ParmapRawSource *src) { raw_source = src; }
+
 /* core.start(spec): fork and hand out the first work; returns the map. */
 static int map_start(lua_State *L) {
   Map *m;
@@ -351,6 +381,9 @@ static int map_start(lua_State *L) {
   read_config(L, &m->cfg);
   parmap_pushfield(L, 1, "items", m->cfg.from_table ? LUA_TTABLE : LUA_TNONE,
                    0);
+  if (raw_source && !m->cfg.from_table &&
+      lua_tocfunction(L, -1) == raw_source->items)
+    m->raw = raw_source;
   lua_setiuservalue(L, ud, U_ITEMS);
   parmap_setfields(L, 1, ud, "fn", m->cfg.nargs, CALL_UV, FIELDS, U_SCRATCH);
   m->nw = m->cfg.N;

@@ -292,6 +292,36 @@ static void pull_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
   if (m->close_req) m->exhausted = 1;
 }
 
+/* Items from the map's raw source (the MPI agent): records copied as
+   they came, never decoded here. */
+static void raw_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
+  offs_reserve(L, s, (size_t)(size < 64 ? size : 64) + 1);
+  s->offs[0] = 0;
+  while (s->count < size && !m->close_req) {
+    const char *p;
+    size_t len, pos = 0;
+    lua_Integer n = m->raw->peek(L, &p, &len), k;
+    if (n <= 0) {
+      m->exhausted = 1;
+      return;
+    }
+    if (n > size - s->count) n = size - s->count;
+    offs_reserve(L, s, (size_t)(s->count + n) + 1);
+    for (k = 1; k <= n; k++) {
+      if (parmap_skip(p, len, &pos))
+        luaL_error(L, "parmap: corrupt record of item %I",
+                   (LUAI_UACINT)(s->start + s->count + k - 1));
+      s->offs[s->count + k] = s->in.len + pos;
+    }
+    reserve(L, &s->in, pos);
+    memcpy(s->in.p + s->in.len, p, pos);
+    s->in.len += pos;
+    s->count += n;
+    m->raw->take(L, n, pos);
+  }
+  if (m->close_req) m->exhausted = 1;
+}
+
 /* Make the next chunk, or return NULL when there is no room or no input. */
 static Slot *new_chunk(lua_State *L, Map *m) {
   Slot *s;
@@ -325,6 +355,8 @@ static Slot *new_chunk(lua_State *L, Map *m) {
     lua_Integer rem = m->cfg.total - m->next_index + 1;
     s->count = size < rem ? size : rem;
     if (s->count >= rem) m->exhausted = 1;
+  } else if (m->raw) {
+    raw_items(L, m, s, size);
   } else {
     pull_items(L, m, s, size);
   }

@@ -24,6 +24,7 @@
 
 #include "codec.h"
 #include "engine.h"
+#include "map.h"
 #include "parmap_mpi.h"
 #include "proc.h"
 
@@ -44,12 +45,17 @@ static struct {
   uint32_t mapid;
   int ended, aborted;
   int lost; /* rank 0 gave an agent up: no MPI_Finalize (it would wait) */
-  int box; /* items go as {item, index} (the input has nil items) */
   parmap_buf seg; /* the current segment */
   size_t pos;
   uint32_t left;
   int64_t gnext;
   lua_Integer nlocal;
+  /* local index -> the map's index: one run per segment (or part of
+     one), dropped from the front once every item of it is answered */
+  struct Run {
+    lua_Integer local, global, count, left;
+  } *runs;
+  int rhead, rn, rcap, rlast;
   parmap_buf res; /* the batch of results being filled */
   parmap_buf rec; /* one result */
   uint32_t nres;
@@ -142,6 +148,75 @@ static void send_hdr(lua_State *L, int tag) {
   if (r) nomem(L);
 }
 
+/* Items local..local+n-1 are the map's global..global+n-1. */
+static void add_run(lua_State *L, lua_Integer local, lua_Integer global,
+                    lua_Integer n) {
+  struct Run *r;
+  if (A.rn > 0) {
+    r = &A.runs[A.rhead + A.rn - 1];
+    if (r->local + r->count == local && r->global + r->count == global) {
+      r->count += n;
+      r->left += n;
+      return;
+    }
+  }
+  if (A.rhead + A.rn == A.rcap) {
+    if (A.rhead > 0) {
+      memmove(A.runs, A.runs + A.rhead, (size_t)A.rn * sizeof *A.runs);
+      A.rlast -= A.rhead;
+      A.rhead = 0;
+    } else {
+      int cap = A.rcap ? 2 * A.rcap : 64;
+      void *v = realloc(A.runs, (size_t)cap * sizeof *A.runs);
+      if (v == NULL) nomem(L);
+      A.runs = (struct Run *)v;
+      A.rcap = cap;
+    }
+  }
+  r = &A.runs[A.rhead + A.rn++];
+  r->local = local;
+  r->global = global;
+  r->count = r->left = n;
+}
+
+/* The run of local item i (results come in runs: the last one found is
+   tried first). */
+static struct Run *run_of(lua_State *L, lua_Integer i) {
+  int lo = A.rhead, hi = A.rhead + A.rn - 1;
+  struct Run *r;
+  if (A.rlast >= lo && A.rlast <= hi) {
+    r = &A.runs[A.rlast];
+    if (i >= r->local && i < r->local + r->count) return r;
+  }
+  while (lo <= hi) {
+    int mid = lo + (hi - lo) / 2;
+    r = &A.runs[mid];
+    if (i < r->local)
+      hi = mid - 1;
+    else if (i >= r->local + r->count)
+      lo = mid + 1;
+    else {
+      A.rlast = mid;
+      return r;
+    }
+  }
+  luaL_error(L, "parmap-mpi: no item %d in this agent", (int)i);
+  return NULL;
+}
+
+/* The map's index of local item i, whose result is being sent. */
+static lua_Integer answer(lua_State *L, lua_Integer i) {
+  struct Run *r = run_of(L, i);
+  lua_Integer g = r->global + (i - r->local);
+  r->left--;
+  while (A.rn > 0 && A.runs[A.rhead].left == 0) {
+    A.rhead++;
+    A.rn--;
+  }
+  if (A.rn == 0) A.rhead = 0;
+  return g;
+}
+
 /* agent.wait() -> fnrecord, opts | nil (leave) */
 static int a_wait(lua_State *L) {
   parmap_buf b = PARMAP_BUF_INIT;
@@ -164,80 +239,102 @@ static int a_wait(lua_State *L) {
       A.ended = A.aborted = 0;
       A.left = 0;
       A.nlocal = 0;
+      A.rhead = A.rn = A.rlast = 0;
       if (parmap_get_varint(b.p, b.len, &pos, &fnlen) || fnlen > b.len - pos) {
         parmap_buf_free(&b);
         luaL_error(L, "parmap-mpi: bad map message");
       }
       lua_pushlstring(L, b.p + pos, (size_t)fnlen);
       pos += (size_t)fnlen;
-      if (parmap_decode(L, b.p, b.len, &pos, lua_upvalueindex(2), &err) != 1) {
+      if (parmap_decode(L, b.p, b.len, &pos, lua_upvalueindex(1), &err) != 1) {
         parmap_buf_free(&b);
         luaL_error(L, "parmap-mpi: bad map options (%s)", err ? err : "?");
       }
       parmap_buf_free(&b);
-      lua_getfield(L, -1, "box");
-      A.box = lua_toboolean(L, -1);
-      lua_pop(L, 1);
       return 2;
     }
     /* what is left of an earlier map: dropped */
   }
 }
 
-/* agent.items(): the next item (or {item, the map's index} in box mode),
-   or nil at the end. */
-static int a_items(lua_State *L) {
-  for (;;) {
-    if (A.left > 0) {
-      const char *err = NULL;
-      int64_t g = A.gnext++;
-      A.left--;
-      if (parmap_decode(L, A.seg.p, A.seg.len, &A.pos, lua_upvalueindex(2),
-                        &err) != 1)
-        luaL_error(L, "parmap-mpi: bad segment (%s)", err ? err : "?");
-      if (A.box) {
-        lua_createtable(L, 2, 0);
-        lua_insert(L, -2);
-        lua_rawseti(L, -2, 1);
-        lua_pushinteger(L, (lua_Integer)g);
-        lua_rawseti(L, -2, 2);
-      }
-      lua_pushinteger(L, (lua_Integer)g);
-      lua_rawseti(L, lua_upvalueindex(1), ++A.nlocal);
-      return 1;
-    }
+/* Make sure a segment has items left: 1, or 0 at the end of the map's
+   input (rank 0 ended it or left the map). Waits for rank 0 only when
+   holding no segment, after sending every result held. */
+static int segment(lua_State *L) {
+  while (A.left == 0) {
+    MsgHdr h;
+    int tag;
     if (A.ended || A.aborted) return 0;
     if (A.in.n == 0) {
       flush(L); /* before waiting: nothing of ours sits here */
       pump(L, 1);
       continue;
     }
-    {
-      MsgHdr h = mpi_hdr(&A.in.v[A.in.head].b);
-      int tag = A.in.v[A.in.head].tag;
-      if (tag == TAG_MAP || tag == TAG_QUIT) { /* not ours: for wait() */
-        A.ended = 1;
-        continue;
-      }
-      tag = pop(&A.seg);
-      if (h.mapid != A.mapid) continue;
-      if (tag == TAG_SEG) {
-        A.pos = sizeof h;
-        A.left = h.count;
-        A.gnext = h.a;
-        send_hdr(L, TAG_CREDIT);
-      } else if (tag == TAG_END) {
-        A.ended = 1;
-      } else if (tag == TAG_ABORT) {
-        A.aborted = 1;
-      }
+    h = mpi_hdr(&A.in.v[A.in.head].b);
+    tag = A.in.v[A.in.head].tag;
+    if (tag == TAG_MAP || tag == TAG_QUIT) { /* not ours: for wait() */
+      A.ended = 1;
+      continue;
+    }
+    tag = pop(&A.seg);
+    if (h.mapid != A.mapid) continue;
+    if (tag == TAG_SEG) {
+      A.pos = sizeof h;
+      A.left = h.count;
+      A.gnext = h.a;
+      send_hdr(L, TAG_CREDIT);
+    } else if (tag == TAG_END) {
+      A.ended = 1;
+    } else if (tag == TAG_ABORT) {
+      A.aborted = 1;
     }
   }
+  return 1;
+}
+
+/* The engine's raw source (map.h): the segment's records as they came. */
+static lua_Integer raw_peek(lua_State *L, const char **p, size_t *len) {
+  if (!segment(L)) return 0;
+  *p = A.seg.p + A.pos;
+  *len = A.seg.len - A.pos;
+  return (lua_Integer)A.left;
+}
+static void raw_take(lua_State *L, lua_Integer n, size_t nbytes) {
+  add_run(L, A.nlocal + 1, A.gnext, n);
+  A.nlocal += n;
+  A.gnext += n;
+  A.left -= (uint32_t)n;
+  A.pos += nbytes;
+}
+/* agent.raw: the items function that stands for the raw source; never
+   called (the engine takes the records instead). */
+static int a_raw(lua_State *L) {
+  return luaL_error(L, "parmap-mpi: the raw items source was called");
+}
+static const ParmapRawSource RAW = {a_raw, raw_peek, raw_take};
+
+/* agent.items(): the next item as {item, the map's index} (box mode: the
+   input has nil items, or seed needs the index), or nil at the end. */
+static int a_items(lua_State *L) {
+  const char *err = NULL;
+  if (!segment(L)) return 0;
+  if (parmap_decode(L, A.seg.p, A.seg.len, &A.pos, lua_upvalueindex(1),
+                    &err) != 1)
+    luaL_error(L, "parmap-mpi: bad segment (%s)", err ? err : "?");
+  lua_createtable(L, 2, 0);
+  lua_insert(L, -2);
+  lua_rawseti(L, -2, 1);
+  lua_pushinteger(L, (lua_Integer)A.gnext);
+  lua_rawseti(L, -2, 2);
+  raw_take(L, 1, 0);
+  return 1;
 }
 
 /* agent.global(i): the map's index of this agent's item i */
 static int a_global(lua_State *L) {
-  lua_rawgeti(L, lua_upvalueindex(1), luaL_checkinteger(L, 1));
+  lua_Integer i = luaL_checkinteger(L, 1);
+  struct Run *r = run_of(L, i);
+  lua_pushinteger(L, r->global + (i - r->local));
   return 1;
 }
 
@@ -256,7 +353,7 @@ static int is_error(lua_State *L, int idx) {
    REC_OK values | REC_ERR kind err message traceback pid into r. */
 static void encode_outcome(lua_State *L, parmap_buf *r, lua_Integer g,
                            int first, int n) {
-  int scratch = lua_upvalueindex(2);
+  int scratch = lua_upvalueindex(1);
   const char *what = NULL;
   r->len = 0;
   if (parmap_buf_reserve(r, 1)) nomem(L);
@@ -291,66 +388,68 @@ static void encode_outcome(lua_State *L, parmap_buf *r, lua_Integer g,
   }
 }
 
-/* Queue the outcome of this agent's item i (at base; its values above):
-   0 when rank 0 has closed the map (the engine is then stopped). A batch
-   goes out when it is large, or when the previous one left 5 ms ago or
-   more, so a sparse result never waits (and before the agent waits for
-   items). */
-static int add_result(lua_State *L, int base) {
-  lua_Integer i = lua_tointeger(L, base), g;
-  uint64_t now;
-  lua_rawgeti(L, lua_upvalueindex(1), i);
-  g = lua_tointeger(L, -1);
-  lua_pop(L, 1);
-  lua_pushnil(L);
-  lua_rawseti(L, lua_upvalueindex(1), i);
-  encode_outcome(L, &A.rec, g, base + 1, lua_gettop(L) - base);
+/* Queue the record of the map's item g for rank 0. A batch goes out
+   when it is large, or when the previous one left 5 ms ago or more, so a
+   sparse result never waits (the clock is read for a batch's first result
+   and every 64th; the heartbeat thread sends one that waits longer, and
+   segment() all before the agent waits for items). Returns 0 when rank 0
+   has closed the map (the engine is then stopped). */
+static int queue(lua_State *L, lua_Integer g, const char *rec, size_t len) {
+  int err = 0, look = 0;
+  uint64_t now = 0;
   pthread_mutex_lock(&mu);
   if ((A.nres == 0 && mpi_begin(&A.res, A.mapid, 0, 0, 0)) ||
-      parmap_put_varint(&A.res, (unsigned long long)g) ||
-      parmap_put_varint(&A.res, (unsigned long long)A.rec.len) ||
-      parmap_buf_reserve(&A.res, A.rec.len)) {
-    pthread_mutex_unlock(&mu);
-    nomem(L);
-  }
-  memcpy(A.res.p + A.res.len, A.rec.p, A.rec.len);
-  A.res.len += A.rec.len;
-  A.nres++;
-  now = parmap_now_ns();
-  if ((A.res.len >= FLUSH_BYTES || now - A.last_flush >= FLUSH_NS) &&
-      flush_locked()) {
-    pthread_mutex_unlock(&mu);
-    nomem(L);
+      parmap_buf_reserve(&A.res, 2 * PARMAP_VARINT_MAX + len)) {
+    err = 1;
+  } else {
+    char *q = A.res.p + A.res.len;
+    q = parmap_varint_unsafe(q, (unsigned long long)g);
+    q = parmap_varint_unsafe(q, (unsigned long long)len);
+    memcpy(q, rec, len);
+    A.res.len = (size_t)(q - A.res.p) + len;
+    if ((++A.nres & 63) == 1 || A.res.len >= FLUSH_BYTES) {
+      now = parmap_now_ns();
+      if (A.res.len >= FLUSH_BYTES || now - A.last_flush >= FLUSH_NS)
+        err = flush_locked();
+      look = now - A.last_pump >= FLUSH_NS;
+    }
   }
   pthread_mutex_unlock(&mu);
+  if (err) nomem(L);
   /* rank 0 may have left the map: look every 64 results, or 5 ms */
-  if ((++A.calls & 63) == 0 || now - A.last_pump >= FLUSH_NS) {
-    A.last_pump = now;
+  if ((++A.calls & 63) == 0 || look) {
+    if (now) A.last_pump = now;
     while (pump(L, 0)) {}
   }
   return !A.aborted;
 }
 
-/* agent.drain(f, s, c, fixup): run the engine's loop (for i, ... in f, s, c)
-   here in C, queueing every result; fixup(i, e) first for an error. */
+/* The engine's sink (map.h): a result record of local item i, relayed as
+   the worker wrote it. */
+static int relay(void *ud, lua_Integer i, const char *rec, size_t len) {
+  lua_State *L = (lua_State *)ud;
+  return !queue(L, answer(L, i), rec, len);
+}
+
+/* Queue the error object at base + 1 of local item i (at base). */
+static int add_error(lua_State *L, int base) {
+  lua_Integer g = answer(L, lua_tointeger(L, base));
+  encode_outcome(L, &A.rec, g, base + 1, lua_gettop(L) - base);
+  return queue(L, g, A.rec.p, A.rec.len);
+}
+
+/* agent.drain(map, fixup): relay the map's results to rank 0 until it is
+   over (or rank 0 left it); fixup(i, e) first for an error. */
 static int a_drain(lua_State *L) {
-  luaL_checktype(L, 4, LUA_TFUNCTION);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
   for (;;) {
-    int n;
-    lua_settop(L, 4);
-    lua_pushvalue(L, 1);
+    lua_settop(L, 2);
+    if (parmap_map_relay(L, 1, relay, L) != 2) return 0;
     lua_pushvalue(L, 2);
     lua_pushvalue(L, 3);
-    lua_call(L, 2, LUA_MULTRET);
-    n = lua_gettop(L) - 4;
-    if (n == 0 || lua_isnil(L, 5)) return 0;
-    if (n == 2 && is_error(L, 6)) {
-      lua_pushvalue(L, 4);
-      lua_pushvalue(L, 5);
-      lua_pushvalue(L, 6);
-      lua_call(L, 2, 0);
-    }
-    if (!add_result(L, 5)) return 0;
+    lua_pushvalue(L, 4);
+    lua_call(L, 2, 0);
+    if (!add_error(L, 3)) return 0;
   }
 }
 
@@ -409,8 +508,10 @@ static const char *const DRIVER =
     "    opts.star, opts.kwstar = STAR[o.star], o.kwstar\n"
     "    opts.args, opts.kwargs = args, o.kwargs\n"
     "  end\n"
-    "  local f, s, c, closer <close> = parmap.parmap(fn, agent.items, opts)\n"
-    "  agent.drain(f, s, c, fixup)\n"
+    "  local items = agent.raw -- the records go through as they came\n"
+    "  if o.box then items = agent.items end\n"
+    "  local _, m, _, closer <close> = parmap.parmap(fn, items, opts)\n"
+    "  agent.drain(m, fixup)\n"
     "end\n"
     "while true do\n"
     "  local rec, o = agent.wait()\n"
@@ -452,6 +553,7 @@ int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
                                    {"drain", a_drain},
                                    {"finish", a_finish},
                                    {"global", a_global},
+                                   {"raw", a_raw},
                                    {NULL, NULL}};
   parmap_buf b = PARMAP_BUF_INIT;
   char host[256];
@@ -474,9 +576,9 @@ int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
     hb_on = pthread_create(&hb, NULL, heartbeat, NULL) == 0;
 
   lua_newtable(L); /* the agent module */
-  lua_newtable(L); /* upvalue 1: local index -> global index */
-  lua_newtable(L); /* upvalue 2: the codec's scratch table */
-  luaL_setfuncs(L, funcs, 2);
+  lua_newtable(L); /* upvalue 1: the codec's scratch table */
+  luaL_setfuncs(L, funcs, 1);
+  parmap_map_rawsource(&RAW);
   if (luaL_loadbuffer(L, DRIVER, strlen(DRIVER), "=parmap-mpi agent") != LUA_OK ||
       (lua_insert(L, -2), lua_pcall(L, 1, 0, 0)) != LUA_OK) {
     fprintf(stderr, "parmap-mpi: agent %d on %s: %s\n", rank, host,
@@ -495,6 +597,7 @@ int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
   while (A.in.n > 0) pop(&A.seg);
   parmap_buf_free(&A.seg);
   free(A.in.v);
+  free(A.runs);
   if (status) MPI_Abort(MPI_COMM_WORLD, 1);
   return status;
 }
