@@ -227,6 +227,8 @@ function M.map(fn, items, opts, ...)
   if f == core.next then -- parallel: collected in C, no Lua loop per item
     return core.collect(s)
   end
+  local mpi = package.loaded["parmap.mpi"]
+  if mpi and f == mpi.next then return mpi.collect(s) end
   local out, n = {}, 0
   for i, r in f, s, c do
     out[i] = r

@@ -20,6 +20,7 @@
 
 #include <lauxlib.h>
 
+#include "child.h"
 #include "codec.h"
 #include "engine.h"
 #include "parmap_mpi.h"
@@ -68,8 +69,12 @@ enum {
   M_DESC, M_SEGS, M_MAPMSG, M_NUV = M_MAPMSG
 };
 
+#define MMAP_MAGIC 0x6d70696d61706d70ull /* "pmapimpm" */
+
 typedef struct MMap {
+  uint64_t magic;
   uint32_t id;
+  int has_progress;
   int from_table, ordered, closed, finished, exhausted, nw;
   int failrank, resilient;
   lua_Integer segid;
@@ -87,6 +92,7 @@ typedef struct MMap {
   lua_Integer *fifo; /* unordered: the order results came in */
   size_t fcap, fhead, ftail;
   uint32_t *mref; /* results of message k not yet taken */
+  const char **mptr; /* message k's bytes (its string in M_PENDING) */
   uint32_t nmsg, mcap;
   uint64_t t0;
   PerAgent *as;
@@ -287,10 +293,14 @@ static void take_results(lua_State *L, MMap *m, int msgi, int from) {
     void *v = realloc(m->mref, cap * sizeof *m->mref);
     if (v == NULL) nomem(L);
     m->mref = (uint32_t *)v;
+    v = realloc((void *)m->mptr, cap * sizeof *m->mptr);
+    if (v == NULL) nomem(L);
+    m->mptr = (const char **)v;
     m->mcap = cap;
   }
   k = ++m->nmsg;
   m->mref[k] = 0;
+  m->mptr[k] = b; /* kept alive by M_PENDING below */
   for (i = 0; i < h.count; i++) {
     unsigned long long g, len;
     struct Slot *sl;
@@ -503,6 +513,8 @@ static int map_gc(lua_State *L) {
   free(m->ring);
   free(m->fifo);
   free(m->mref);
+  free((void *)m->mptr);
+  m->mptr = NULL;
   m->as = NULL;
   m->ring = NULL;
   m->fifo = NULL;
@@ -511,6 +523,7 @@ static int map_gc(lua_State *L) {
 }
 
 static void call_progress(lua_State *L, MMap *m, int finished) {
+  if (!m->has_progress) return;
   if (lua_getiuservalue(L, 1, M_PROGRESS) == LUA_TNIL) {
     lua_pop(L, 1);
     return;
@@ -526,43 +539,49 @@ static void call_progress(lua_State *L, MMap *m, int finished) {
 static int emit(lua_State *L, MMap *m, lua_Integer g) {
   size_t len, pos = 0;
   const char *s, *err = NULL;
-  int rank, n, base;
+  int rank, n, base, last;
   struct Slot *sl = slot(m, g);
   uint32_t k = sl->msg;
   rank = sl->rank;
-  lua_getiuservalue(L, 1, M_PENDING);
-  lua_rawgeti(L, -1, k);
-  s = lua_tostring(L, -1) + sl->off; /* the batch string stays on the stack */
+  s = m->mptr[k] + sl->off;
   len = sl->len;
-  if (--m->mref[k] == 0) {
+  last = --m->mref[k] == 0;
+  if (last) { /* the batch string stays on the stack while it is read */
+    lua_getiuservalue(L, 1, M_PENDING);
+    lua_rawgeti(L, -1, k);
     lua_pushnil(L);
     lua_rawseti(L, -3, k);
+    lua_remove(L, -2);
   }
-  lua_remove(L, -2);
   sl->rank = -1;
   while (m->lo <= m->pulled && m->rcap > 0 && slot(m, m->lo)->rank == -1) {
     slot(m, m->lo)->rank = 0;
     m->lo++;
   }
   m->emitted++;
-  call_progress(L, m, 0);
-  base = lua_gettop(L); /* the record string */
-  lua_getiuservalue(L, 1, M_SCRATCH); /* base + 1 */
+  base = lua_gettop(L); /* the batch string, or just below what is pushed */
   if (s[pos] == REC_OK) {
     pos++;
     lua_pushinteger(L, g);
-    n = parmap_decode(L, s, len, &pos, base + 1, &err);
-    if (n < 0) luaL_error(L, "parmap: bad result of item %d (%s)", (int)g, err);
-    lua_remove(L, base + 1);
-    lua_remove(L, base);
+    if ((n = parmap_decode_scalar(L, s, len, &pos)) == 0) {
+      lua_getiuservalue(L, 1, M_SCRATCH);
+      n = parmap_decode(L, s, len, &pos, base + 2, &err);
+      if (n < 0)
+        luaL_error(L, "parmap: bad result of item %d (%s)", (int)g, err);
+      lua_remove(L, base + 2);
+    }
+    if (last) lua_remove(L, base);
+    call_progress(L, m, 0); /* when s is read: it may take more results */
     return n + 1;
   }
   pos++;
+  lua_getiuservalue(L, 1, M_SCRATCH); /* base + 1 */
   lua_getiuservalue(L, 1, M_POLICY); /* base + 2 */
   lua_pushinteger(L, g);
   n = parmap_decode(L, s, len, &pos, base + 1, &err);
   if (n != 5 && n != 6) luaL_error(L, "parmap: bad error of item %d", (int)g);
   if (n == 5) lua_pushnil(L); /* attempts: 1 */
+  call_progress(L, m, 0);
   lua_createtable(L, 0, 2); /* where it failed */
   lua_pushstring(L, C.ag[rank].host);
   lua_setfield(L, -2, "host");
@@ -578,13 +597,22 @@ static int emit(lua_State *L, MMap *m, lua_Integer g) {
   lua_pushinteger(L, g);
   lua_insert(L, -2);
   lua_remove(L, base + 1);
-  lua_remove(L, base);
+  if (last) lua_remove(L, base);
   return 2;
 }
 
-static int map_next(lua_State *L) {
-  MMap *m = (MMap *)luaL_checkudata(L, 1, MAP_META);
-  lua_settop(L, 1);
+/* The map at idx: called once per item, so a size-and-magic test instead
+   of luaL_checkudata's registry lookup. */
+static MMap *checkmap(lua_State *L, int idx) {
+  MMap *m = (MMap *)lua_touserdata(L, idx);
+  if (m == NULL || lua_rawlen(L, idx) != sizeof(MMap) || m->magic != MMAP_MAGIC)
+    luaL_typeerror(L, idx, MAP_META);
+  return m;
+}
+
+/* The next item (the map at 1): pushes its index and values and returns
+   their count, or 0 when the map is over. */
+static int advance(lua_State *L, MMap *m) {
   if (m->closed) return 0;
   for (;;) {
     if (m->failrank) {
@@ -609,6 +637,40 @@ static int map_next(lua_State *L) {
     }
     wait_one(L, m);
   }
+}
+
+static int map_next(lua_State *L) {
+  MMap *m = checkmap(L, 1);
+  lua_settop(L, 1);
+  return advance(L, m);
+}
+
+/* collect(map) -> t, n: t[i] = the first value of item i, n the highest
+   index; parmap.map without a Lua loop per item. */
+#define HOOK_EVERY 1024
+static int map_collect(lua_State *L) {
+  MMap *m = checkmap(L, 1);
+  lua_Integer top = 0;
+  unsigned k = 0;
+  lua_settop(L, 1);
+  lua_createtable(L, m->total > 0 && m->total < (1 << 26) ? (int)m->total : 0,
+                  0);
+  for (;;) {
+    lua_Integer i;
+    int n;
+    lua_settop(L, 2);
+    if (++k % HOOK_EVERY == 0) parmap_run_hooks(L); /* Ctrl-C gets in */
+    if ((n = advance(L, m)) == 0) break;
+    i = lua_tointeger(L, -n);
+    if (n > 1) {
+      lua_settop(L, lua_gettop(L) - n + 2);
+      lua_rawseti(L, 2, i);
+    }
+    if (i > top) top = i;
+  }
+  lua_settop(L, 2);
+  lua_pushinteger(L, top);
+  return 2;
 }
 
 /* start(spec, fnrecord, agent_opts) -> map: spec as lua/parmap.lua's check
@@ -636,6 +698,7 @@ static int mpi_start(lua_State *L) {
   }
   m = (MMap *)lua_newuserdatauv(L, sizeof *m, M_NUV); /* 4 */
   memset(m, 0, sizeof *m);
+  m->magic = MMAP_MAGIC;
   m->closed = 1; /* until started */
   luaL_setmetatable(L, MAP_META);
   m->as = (PerAgent *)calloc((size_t)C.size, sizeof *m->as);
@@ -649,7 +712,7 @@ static int mpi_start(lua_State *L) {
   lua_setiuservalue(L, 4, M_POLICY);
   lua_newtable(L);
   lua_setiuservalue(L, 4, M_SCRATCH);
-  lua_getfield(L, 1, "progress");
+  m->has_progress = lua_getfield(L, 1, "progress") != LUA_TNIL;
   lua_setiuservalue(L, 4, M_PROGRESS);
   lua_getfield(L, 1, "describe");
   lua_setiuservalue(L, 4, M_DESC);
@@ -748,6 +811,7 @@ static int mpi_busy(lua_State *L) {
 int parmap_mpi_coord_open(lua_State *L) {
   static const luaL_Reg funcs[] = {{"start", mpi_start},
                                    {"next", map_next},
+                                   {"collect", map_collect},
                                    {"size", mpi_size},
                                    {"hosts", mpi_hosts},
                                    {"busy", mpi_busy},
