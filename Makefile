@@ -201,6 +201,9 @@ print-core-src:
 .PHONY: bench
 bench: all
 	LUA_PATH='lua/?.lua;;' LUA_CPATH='$(BUILD)/?.so;;' $(LUA) bench/run.lua
+	@if command -v $(MPICC) >/dev/null 2>&1 && command -v $(MPIRUN) >/dev/null 2>&1; then \
+	  echo; echo "MPI backend (make bench-mpi):"; $(MAKE) --no-print-directory bench-mpi; \
+	else echo "(no MPI here: the MPI rows need openmpi-bin libopenmpi-dev)"; fi
 # --- end bench (issue 6) ---
 
 # --- mpi (issue 13) ---
