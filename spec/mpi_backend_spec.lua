@@ -261,6 +261,66 @@ print("sum", s)
       assert.matches("sum\t5000050000\n", out, 1, true)
     end)
 
+  it("a callback that steps its own map gets 'map is busy'; the map stops "
+    .. "and the next one runs", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local f, s, c, cl
+f, s, c, cl = parmap.parmap(function(x) return x end, {1, 2, 3, 4, 5, 6},
+  { progress = function() if s then f(s) end end })
+local ok, e = pcall(function() for _ in f, s, c do end end)
+print("reentry", ok, (tostring(e):match("map is busy")))
+print("open", require("parmap.mpi").busy())
+print("next", #parmap.map(function(x) return x end, {1, 2, 3}))
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("reentry\tfalse\tmap is busy\n", out, 1, true)
+    assert.matches("open\tfalse\n", out, 1, true)
+    assert.matches("next\t3\n", out, 1, true)
+  end)
+
+  it("an items iterator's error comes after the items pulled before it, "
+    .. "and an item that cannot travel fails at its turn, as on the fork "
+    .. "backend", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local function run(backend, items)
+  local got, k = {}, 0
+  local it = type(items) == "function" and items or function() k = k + 1; return items[k] end
+  local ok, e = pcall(function()
+    for i, r in parmap.parmap(function(x) return x end, it, { backend = backend, N = 2 }) do
+      got[#got + 1] = i .. "=" .. tostring(r)
+    end
+  end)
+  return table.concat(got, ",") .. " | " .. tostring(e)
+end
+local function boom()
+  local n = 0
+  return function()
+    n = n + 1
+    if n == 6 then error("boom at 6", 0) end
+    if n <= 10 then return n end
+  end
+end
+local co = coroutine.create(print)
+for _, b in ipairs { "fork", "mpi" } do
+  print(b, "iterator", run(b, boom()))
+  print(b, "shape", run(b, { 1, 2, co, 4 }))
+  print(b, "first", run(b, { co, 2 }))
+end
+print("open", require("parmap.mpi").busy())
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("fork\titerator\t1=1,2=2,3=3,4=4,5=5 | boom at 6\n", out, 1, true)
+    for _, case in ipairs { "iterator", "shape", "first" } do
+      local fork = ("\n" .. out):match("\nfork\t" .. case .. "\t([^\n]*)\n")
+      assert.is_truthy(fork, out)
+      assert.matches("\nmpi\t" .. case .. "\t" .. fork, out, 1, true)
+    end
+    assert.matches("shape\t1=1,2=2 | parmap: item 3: cannot send a thread\n", out, 1, true)
+    assert.matches("open\tfalse\n", out, 1, true)
+  end)
+
   it("streams many tiny items from an iterator without deadlock", function()
     local out, code = mpirun([[
 local parmap = require "parmap"

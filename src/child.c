@@ -390,6 +390,16 @@ void parmap_run_hooks(lua_State *L) {
   lua_call(L, 0, 0);
 }
 
+int parmap_is_interrupt(lua_State *L, int idx) {
+  static const char tail[] = "interrupted!";
+  size_t n;
+  const char *msg;
+  if (lua_type(L, idx) != LUA_TSTRING) return 0;
+  msg = lua_tolstring(L, idx, &n);
+  return n >= sizeof tail - 1 &&
+         memcmp(msg + n - (sizeof tail - 1), tail, sizeof tail - 1) == 0;
+}
+
 void parmap_clear_interrupt(lua_State *L) {
   const int lstop = LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT;
   if (lua_gethook(L) != NULL && lua_gethookmask(L) == lstop &&

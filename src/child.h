@@ -92,6 +92,11 @@ void parmap_put_result(lua_State *L, parmap_buf *b, int first, int scratch,
    after a timed wait, lest the interrupt be lost. */
 void parmap_run_hooks(lua_State *L);
 
+/* Is the value at idx the error lua.c's SIGINT hook raises ("...:
+   interrupted!")? An items iterator's error is kept until the items pulled
+   before it have run; Ctrl-C must not wait for them. */
+int parmap_is_interrupt(lua_State *L, int idx);
+
 /* Milliseconds to wait for a deadline (ns of parmap_now_ns; negative:
    none): at most cap, 0 once it has passed, else rounded up. */
 int parmap_deadline_ms(int64_t deadline_ns, int cap);

@@ -254,19 +254,6 @@ static int pull(lua_State *L) {
   return 0;
 }
 
-/* Is the value at idx the error lua.c's SIGINT hook raises ("...:
-   interrupted!")? An iterator error is kept until the items pulled before it
-   have run; Ctrl-C must not wait for them. */
-static int is_interrupt(lua_State *L, int idx) {
-  static const char tail[] = "interrupted!";
-  size_t n;
-  const char *msg;
-  if (lua_type(L, idx) != LUA_TSTRING) return 0;
-  msg = lua_tolstring(L, idx, &n);
-  return n >= sizeof tail - 1 &&
-         memcmp(msg + n - (sizeof tail - 1), tail, sizeof tail - 1) == 0;
-}
-
 /* Pull up to `size` items into slot s. An error of the iterator is kept
    (U_IERR) and ends the input; the step raises it after the last item. */
 static void pull_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
@@ -280,7 +267,7 @@ static void pull_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
   if ((status = lua_pcall(L, 3, 0, 0)) != LUA_OK) {
     m->self = self;
     s->in.len = s->offs[s->count]; /* drop a half-encoded item */
-    if (status == LUA_ERRMEM || is_interrupt(L, -1))
+    if (status == LUA_ERRMEM || parmap_is_interrupt(L, -1))
       lua_error(L); /* out of memory, or Ctrl-C: stop at once, not after
                        the window of items already pulled has run */
     m->exhausted = 1;

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 
@@ -66,7 +67,7 @@ typedef struct PerAgent {
 /* user values */
 enum {
   M_ITEMS = 1, M_PENDING, M_POLICY, M_SCRATCH, M_PROGRESS, M_FAIL,
-  M_DESC, M_SEGS, M_MAPMSG, M_NUV = M_MAPMSG
+  M_DESC, M_SEGS, M_MAPMSG, M_IERR, M_NUV = M_IERR
 };
 
 #define MMAP_MAGIC 0x6d70696d61706d70ull /* "pmapimpm" */
@@ -77,6 +78,11 @@ typedef struct MMap {
   int has_progress;
   int from_table, ordered, closed, finished, exhausted, nw;
   int failrank, resilient;
+  int busy; /* a step runs: a callback that steps the map gets an error */
+  int ierr; /* the items iterator raised: its error (M_IERR) comes after
+               the items pulled before it */
+  int segn;      /* items in seg so far */
+  size_t segok;  /* seg's length after its last whole item */
   lua_Integer segid;
   lua_Integer total, pulled, received, emitted, want;
   /* Results that wait for the loop stay in their batch (a Lua string in
@@ -193,37 +199,97 @@ static void answered(lua_State *L, MMap *m, int r, lua_Integer g) {
   }
 }
 
-/* Send agent r its next segment, or TAG_END when the input has ended.
-   The map userdata is at index 1. */
-static void send_segment(lua_State *L, MMap *m, int r) {
-  int k, count = 0, items, scratch, top = lua_gettop(L);
-  lua_Integer first = m->pulled + 1;
-  if (m->as[r].ended) return;
+static void take_results(lua_State *L, MMap *m, int msgi, int from);
+#define LOCAL (C.size) /* the "rank" of a result made on rank 0 */
+
+/* Item g (its value at idx) cannot travel: it fails at its turn, as on
+   the fork backend, with a result made here (a REC_ERR record of kind
+   "shape", from rank 0). */
+static void local_failure(lua_State *L, MMap *m, lua_Integer g, int idx) {
+  parmap_buf b = PARMAP_BUF_INIT, rec = PARMAP_BUF_INIT;
+  int top = lua_gettop(L), ok;
+  idx = lua_absindex(L, idx);
+  lua_getiuservalue(L, 1, M_DESC);
+  lua_pushliteral(L, "item");
+  lua_pushinteger(L, g);
+  lua_pushvalue(L, idx);
+  lua_call(L, 3, 1); /* top + 1: the message */
+  lua_getiuservalue(L, 1, M_SCRATCH); /* top + 2 */
+  parmap_put_error(L, &rec, top + 2, "shape", top + 1, lua_tostring(L, top + 1),
+                   "", 0);
+  ok = mpi_begin(&b, m->id, 1, 0, 0) == 0 &&
+       parmap_put_varint(&b, (unsigned long long)g) == 0 &&
+       parmap_put_varint(&b, rec.len) == 0 &&
+       parmap_buf_reserve(&b, rec.len) == 0;
+  if (ok) {
+    memcpy(b.p + b.len, rec.p, rec.len);
+    b.len += rec.len;
+    lua_pushlstring(L, b.p, b.len);
+  }
+  parmap_buf_free(&b);
+  parmap_buf_free(&rec);
+  if (!ok) nomem(L);
+  take_results(L, m, lua_gettop(L), LOCAL);
+  lua_settop(L, top);
+}
+
+/* fill(map, k): pull and encode up to k items into the segment m->seg,
+   protected (send_segment): m->segn and m->segok say how far it got. An
+   item that cannot travel fails at its turn, and ends the segment (a
+   segment is a run of indices), unless it would be the first. */
+static int fill(lua_State *L) {
+  MMap *m = (MMap *)lua_touserdata(L, 1);
+  int k = (int)lua_tointeger(L, 2), items = 3, scratch = 4;
   lua_getiuservalue(L, 1, M_ITEMS);
-  items = lua_gettop(L);
   lua_getiuservalue(L, 1, M_SCRATCH);
-  scratch = lua_gettop(L);
-  k = seg_size(m, r);
-  if (mpi_begin(&m->seg, m->id, 0, first, 0)) nomem(L);
-  while (count < k && m->seg.len < SEG_BYTES && pull(L, m, items)) {
+  while (m->segn < k && m->seg.len < SEG_BYTES && !m->closed &&
+         pull(L, m, items)) {
     const char *what = NULL;
     if (!parmap_encode_scalar(L, -1, &m->seg) &&
         parmap_encode(L, lua_gettop(L), 1, &m->seg, scratch, &what) !=
             PARMAP_OK) {
-      lua_getiuservalue(L, 1, M_DESC);
-      lua_pushliteral(L, "item");
-      lua_pushinteger(L, m->pulled);
-      lua_pushvalue(L, -4);
-      lua_call(L, 3, 1);
-      lua_error(L);
+      local_failure(L, m, m->pulled, -1);
+      lua_pop(L, 1);
+      if (m->segn > 0) break;
+      { /* the segment starts after it */
+        MsgHdr h;
+        memcpy(&h, m->seg.p, sizeof h);
+        h.a = m->pulled + 1;
+        memcpy(m->seg.p, &h, sizeof h);
+        continue;
+      }
     }
     lua_pop(L, 1);
-    count++;
+    m->segn++;
+    m->segok = m->seg.len;
   }
-  if (count > 0) {
+  return 0;
+}
+
+/* Send agent r its next segment, or TAG_END when the input has ended.
+   The map userdata is at index 1. An error of the items iterator ends the
+   input: the items pulled before it run, and it is raised after them. */
+static void send_segment(lua_State *L, MMap *m, int r) {
+  int status, top = lua_gettop(L);
+  if (m->as[r].ended) return;
+  if (mpi_begin(&m->seg, m->id, 0, m->pulled + 1, 0)) nomem(L);
+  m->segn = 0;
+  m->segok = m->seg.len;
+  lua_pushcfunction(L, fill);
+  lua_pushvalue(L, 1);
+  lua_pushinteger(L, seg_size(m, r));
+  status = lua_pcall(L, 2, 0, 0);
+  if (status != LUA_OK) {
+    if (status == LUA_ERRMEM || parmap_is_interrupt(L, -1))
+      lua_error(L); /* out of memory, or Ctrl-C: at once (the map stops) */
+    m->seg.len = m->segok; /* drop a half-encoded item */
+    m->exhausted = m->ierr = 1;
+    lua_setiuservalue(L, 1, M_IERR);
+  }
+  if (m->segn > 0) {
     MsgHdr h;
     memcpy(&h, m->seg.p, sizeof h);
-    h.count = (uint32_t)count;
+    h.count = (uint32_t)m->segn;
     memcpy(m->seg.p, &h, sizeof h);
     if (m->resilient) {
       lua_pushlstring(L, m->seg.p, m->seg.len);
@@ -309,7 +375,7 @@ static void take_results(lua_State *L, MMap *m, int msgi, int from) {
         len < 1 || g < 1 || (lua_Integer)g > m->pulled ||
         (!m->resilient && (lua_Integer)g < m->lo))
       luaL_error(L, "parmap: bad results from rank %d", from);
-    if (m->resilient) {
+    if (m->resilient && from != LOCAL) {
       answered(L, m, from, (lua_Integer)g);
       /* sent again after a death that was not one: the first result won */
       if ((lua_Integer)g < m->lo ||
@@ -329,7 +395,7 @@ static void take_results(lua_State *L, MMap *m, int msgi, int from) {
     pos += (size_t)len;
     m->mref[k]++;
     m->received++;
-    m->as[from].got++;
+    if (from != LOCAL) m->as[from].got++;
     if (!m->ordered && fifo_push(m, (lua_Integer)g)) nomem(L);
   }
   lua_getiuservalue(L, 1, M_PENDING);
@@ -535,6 +601,16 @@ static void call_progress(lua_State *L, MMap *m, int finished) {
   lua_call(L, 3, 0);
 }
 
+/* The loop took the result in sl. */
+static void consumed(MMap *m, struct Slot *sl) {
+  sl->rank = -1;
+  while (m->lo <= m->pulled && m->rcap > 0 && slot(m, m->lo)->rank == -1) {
+    slot(m, m->lo)->rank = 0;
+    m->lo++;
+  }
+  m->emitted++;
+}
+
 /* Push item g's results (the map at 1); returns the count with g first. */
 static int emit(lua_State *L, MMap *m, lua_Integer g) {
   size_t len, pos = 0;
@@ -553,12 +629,7 @@ static int emit(lua_State *L, MMap *m, lua_Integer g) {
     lua_rawseti(L, -3, k);
     lua_remove(L, -2);
   }
-  sl->rank = -1;
-  while (m->lo <= m->pulled && m->rcap > 0 && slot(m, m->lo)->rank == -1) {
-    slot(m, m->lo)->rank = 0;
-    m->lo++;
-  }
-  m->emitted++;
+  consumed(m, sl);
   base = lua_gettop(L); /* the batch string, or just below what is pushed */
   if (s[pos] == REC_OK) {
     pos++;
@@ -582,6 +653,7 @@ static int emit(lua_State *L, MMap *m, lua_Integer g) {
   if (n != 5 && n != 6) luaL_error(L, "parmap: bad error of item %d", (int)g);
   if (n == 5) lua_pushnil(L); /* attempts: 1 */
   call_progress(L, m, 0);
+  if (rank == LOCAL) rank = 0; /* it failed here, on rank 0 */
   lua_createtable(L, 0, 2); /* where it failed */
   lua_pushstring(L, C.ag[rank].host);
   lua_setfield(L, -2, "host");
@@ -611,10 +683,11 @@ static MMap *checkmap(lua_State *L, int idx) {
 }
 
 /* The next item (the map at 1): pushes its index and values and returns
-   their count, or 0 when the map is over. */
+   their count, or 0 when the map is over (then the items iterator's
+   error, if it raised, is raised). */
 static int advance(lua_State *L, MMap *m) {
-  if (m->closed) return 0;
   for (;;) {
+    if (m->closed) return 0; /* closed from a callback: the loop ends */
     if (m->failrank) {
       lua_getiuservalue(L, 1, M_FAIL);
       stop(L, m);
@@ -630,6 +703,11 @@ static int advance(lua_State *L, MMap *m) {
       return emit(L, m, m->fifo[m->fhead++]);
     }
     if (m->exhausted && m->emitted == m->pulled) {
+      if (m->ierr) { /* every item pulled is delivered: now the error */
+        stop(L, m);
+        lua_getiuservalue(L, 1, M_IERR);
+        return lua_error(L);
+      }
       m->finished = 1;
       stop(L, m);
       call_progress(L, m, 1);
@@ -639,22 +717,17 @@ static int advance(lua_State *L, MMap *m) {
   }
 }
 
-static int map_next(lua_State *L) {
-  MMap *m = checkmap(L, 1);
-  lua_settop(L, 1);
-  return advance(L, m);
+static int next_body(lua_State *L) {
+  return advance(L, (MMap *)lua_touserdata(L, 1));
 }
 
-/* collect(map) -> t, n: t[i] = the first value of item i, n the highest
-   index; parmap.map without a Lua loop per item. */
+/* collect's loop (map, t): t[i] = the first value of item i; returns t
+   and the highest index. */
 #define HOOK_EVERY 1024
-static int map_collect(lua_State *L) {
-  MMap *m = checkmap(L, 1);
+static int collect_body(lua_State *L) {
+  MMap *m = (MMap *)lua_touserdata(L, 1);
   lua_Integer top = 0;
   unsigned k = 0;
-  lua_settop(L, 1);
-  lua_createtable(L, m->total > 0 && m->total < (1 << 26) ? (int)m->total : 0,
-                  0);
   for (;;) {
     lua_Integer i;
     int n;
@@ -671,6 +744,86 @@ static int map_collect(lua_State *L) {
   lua_settop(L, 2);
   lua_pushinteger(L, top);
   return 2;
+}
+
+/* Run body on the map at 1 (nargs arguments from there) as one protected
+   step, the map busy: a callback (progress, the items iterator, the error
+   policy), a finalizer or a hook that steps the map again gets an error,
+   and an error stops the map before it goes on up (as the fork engine's
+   step does). */
+static int step(lua_State *L, MMap *m, lua_CFunction body, int nargs) {
+  int status, top;
+  if (m->busy)
+    return luaL_error(L, "parmap: map is busy (stepped from inside its own "
+                         "step: a progress callback, the items iterator, a "
+                         "finalizer or a hook)");
+  top = lua_gettop(L) - nargs;
+  lua_pushcfunction(L, body);
+  lua_rotate(L, top + 1, 1);
+  m->busy = 1;
+  status = lua_pcall(L, nargs, LUA_MULTRET, 0);
+  m->busy = 0;
+  if (status != LUA_OK) {
+    stop(L, m);
+    return lua_error(L);
+  }
+  return lua_gettop(L) - top;
+}
+
+/* next(map). The most common result, a number (or boolean, nil) whose
+   batch holds more, is taken without a protected call: decoding it
+   allocates nothing, so no user code (a finalizer) can run meanwhile. */
+static int map_next(lua_State *L) {
+  MMap *m = checkmap(L, 1);
+  lua_settop(L, 1);
+  if (!m->busy && !m->closed && !m->has_progress && !m->failrank) {
+    lua_Integer g = 0;
+    if (m->ordered) {
+      if (m->rcap > 0 && (size_t)(m->want - m->lo) < m->rcap &&
+          slot(m, m->want)->rank > 0)
+        g = m->want;
+    } else if (m->fhead < m->ftail) {
+      g = m->fifo[m->fhead];
+    }
+    if (g > 0) {
+      struct Slot *sl = slot(m, g);
+      const char *p = m->mptr[sl->msg] + sl->off;
+      size_t pos = 1;
+      if (m->mref[sl->msg] > 1 && p[0] == REC_OK) {
+        lua_pushinteger(L, g);
+        if (parmap_decode_plain(L, p, sl->len, &pos)) {
+          m->mref[sl->msg]--;
+          consumed(m, sl);
+          if (m->ordered) m->want++;
+          else m->fhead++;
+          return 2;
+        }
+        lua_pop(L, 1);
+      }
+    }
+  }
+  return step(L, m, next_body, 1);
+}
+
+/* collect(map) -> t, n: t[i] = the first value of item i, n the highest
+   index; parmap.map without a Lua loop per item. */
+static int map_collect(lua_State *L) {
+  MMap *m = checkmap(L, 1);
+  lua_settop(L, 1);
+  lua_createtable(L, m->total > 0 && m->total < (1 << 26) ? (int)m->total : 0,
+                  0);
+  return step(L, m, collect_body, 2);
+}
+
+/* Two segments to every agent, protected (mpi_start). */
+static int first_segments(lua_State *L) {
+  MMap *m = (MMap *)lua_touserdata(L, 1);
+  int r;
+  for (r = 1; r < C.size; r++) {
+    send_segment(L, m, r);
+    send_segment(L, m, r);
+  }
+  return 0;
 }
 
 /* start(spec, fnrecord, agent_opts) -> map: spec as lua/parmap.lua's check
@@ -776,9 +929,14 @@ static int mpi_start(lua_State *L) {
   parmap_buf_free(&msg);
   lua_replace(L, 1); /* the map at index 1, as send_segment expects */
   lua_settop(L, 1);
-  for (r = 1; r < C.size; r++) {
-    send_segment(L, m, r);
-    send_segment(L, m, r);
+  lua_pushcfunction(L, first_segments);
+  lua_pushvalue(L, 1);
+  m->busy = 1;
+  rc = lua_pcall(L, 1, 0, 0);
+  m->busy = 0;
+  if (rc != LUA_OK) { /* nothing holds the map yet: it stops here */
+    stop(L, m);
+    return lua_error(L);
   }
   return 1;
 }
@@ -841,6 +999,8 @@ void parmap_mpi_coord_init(int size) {
     fprintf(stderr, "parmap-mpi: out of memory\n");
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
+  if (gethostname(C.ag[0].host, sizeof C.ag[0].host - 1) != 0)
+    strcpy(C.ag[0].host, "?");
   for (i = 1; i < size; i++) {
     parmap_buf b = PARMAP_BUF_INIT;
     int tag, from;
