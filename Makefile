@@ -117,10 +117,12 @@ ASAN_BUILD := build-asan
 check-asan: test-deps
 	@$(MAKE) --no-print-directory BUILD=$(ASAN_BUILD) \
 	  CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
-	  LDFLAGS="-fsanitize=address,undefined" WERROR=-Werror all hosts testhelper
+	  LDFLAGS="-fsanitize=address,undefined" WERROR=-Werror all hosts testhelper mpi
 	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	  PARMAP_MPI_BIN=$(ASAN_BUILD)/parmap-mpi \
+	  MPIRUN_FLAGS="$(MPIRUN_FLAGS) -x ASAN_OPTIONS -x UBSAN_OPTIONS" \
 	  PARMAP_BUILD=$(ASAN_BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 
 check-valgrind: test-deps
