@@ -215,9 +215,9 @@ bench: all
 # MPIRUN_RESILIENT_FLAGS names the flags that keep a job alive after a
 # death (default: --enable-recovery with Open MPI's mpirun, else the
 # resilient spec is pending):
-# make check-mpi MPIRUN=srun MPIRUN_FLAGS='--mpi=pmix -O'
+# make check-mpi MPIRUN=srun MPIRUN_FLAGS='--mpi=pmix -O -c 2'
 # make check-mpi MPICC=mpicc.mpich BUILD=build-mpich MPIRUN=srun \
-#   MPIRUN_FLAGS='--mpi=pmi2 -O -K1' MPIRUN_RESILIENT_FLAGS=--kill-on-bad-exit=0
+#   MPIRUN_FLAGS='--mpi=pmi2 -O -c 2 -K1' MPIRUN_RESILIENT_FLAGS=--kill-on-bad-exit=0
 MPICC    ?= mpicc
 MPIRUN   ?= mpirun
 MPIRUN_FLAGS ?= --allow-run-as-root --oversubscribe --bind-to none

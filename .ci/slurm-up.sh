@@ -5,8 +5,11 @@
 # cgroup.conf if absent (or if SLURM_UP_FORCE=1), starts munged, slurmctld
 # and slurmd (as root) unless they run, and waits until sinfo shows the node
 # idle. Everything on localhost; NodeName is this host's short name, CPUs
-# are nproc's. Stop it: .ci/slurm-up.sh stop (kills the three daemons by
-# their pid files).
+# are nproc's. Processes are tracked without cgroups (proctrack/linuxproc)
+# and bound to their CPUs by task/affinity, as on a cluster: `srun -n 3`
+# on 2 CPUs needs -O (--overcommit), and then shares ONE CPU unless -c 2.
+# Stop it: .ci/slurm-up.sh stop (kills the three daemons by their pid
+# files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,12 +24,21 @@ STATE=/var/spool/slurmctld
 SPOOL=/var/spool/slurmd
 LOG=/var/log/slurm
 
-pidalive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+pidfile() { if [ "$1" = munged ]; then echo /run/munge/munged.pid; else echo "$RUN/$1.pid"; fi; }
+pidalive() { local f; f=$(pidfile "$1"); [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; }
+stop() {  # stop these daemons (by their pid files) and wait until gone
+  local f pid
+  for f in "$@"; do
+    pidalive "$f" || continue
+    pid=$(cat "$(pidfile "$f")")
+    $SUDO kill "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    echo "stopped $f"
+  done
+}
 
 if [ "${1:-}" = stop ]; then
-  for f in slurmd slurmctld munged; do
-    if pidalive "$RUN/$f.pid"; then $SUDO kill "$(cat "$RUN/$f.pid")"; echo "stopped $f"; fi
-  done
+  stop slurmd slurmctld munged
   exit 0
 fi
 
@@ -50,7 +62,7 @@ SlurmdUser=root
 AuthType=auth/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 SwitchType=switch/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
@@ -72,6 +84,7 @@ NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
   echo "wrote $CONF"
+  stop slurmd slurmctld  # started again below, with it
 fi
 if [ ! -f /etc/slurm/cgroup.conf ] || [ "${SLURM_UP_FORCE:-0}" = 1 ]; then
   # Not used for tracking or confinement (proctrack/linuxproc, task/none:
@@ -92,20 +105,18 @@ $SUDO mkdir -p /run/munge /var/log/munge /var/lib/munge
 $SUDO chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
 $SUDO chmod 0400 /etc/munge/munge.key
 $SUDO chmod 0755 /run/munge
-if ! pidalive "$RUN/munged.pid" && ! pidalive /run/munge/munged.pid; then
-  $SUDO -u munge /usr/sbin/munged 2>/dev/null || $SUDO runuser -u munge -- /usr/sbin/munged
-  sleep 0.5
-  [ -f /run/munge/munged.pid ] && $SUDO cp /run/munge/munged.pid "$RUN/munged.pid"
+if ! pidalive munged; then
+  if [ -z "$SUDO" ]; then runuser -u munge -- /usr/sbin/munged; else sudo -u munge /usr/sbin/munged; fi
   echo "started munged"
 fi
 munge -n | unmunge >/dev/null
 
 # 4. slurmctld, slurmd
-if ! pidalive "$RUN/slurmctld.pid"; then
+if ! pidalive slurmctld; then
   $SUDO /usr/sbin/slurmctld
   echo "started slurmctld"
 fi
-if ! pidalive "$RUN/slurmd.pid"; then
+if ! pidalive slurmd; then
   $SUDO /usr/sbin/slurmd
   echo "started slurmd"
 fi
