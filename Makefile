@@ -216,9 +216,17 @@ bench: all
 # $(MPIRUN_FLAGS) -n 3 parmap-mpi` alone (`make test` runs it with the
 # other specs); for MPICH:
 # make check-mpi MPICC=mpicc.mpich MPIRUN=mpirun.mpich MPIRUN_FLAGS= BUILD=build-mpich
+# Under Slurm (a one-node one: .ci/slurm-up.sh), srun launches, and
+# MPIRUN_RESILIENT_FLAGS names the flags that keep a job alive after a
+# death (default: --enable-recovery with Open MPI's mpirun, else the
+# resilient spec is pending):
+# make check-mpi MPIRUN=srun MPIRUN_FLAGS='--mpi=pmix -O -c 2'
+# make check-mpi MPICC=mpicc.mpich BUILD=build-mpich MPIRUN=srun \
+#   MPIRUN_FLAGS='--mpi=pmi2 -O -c 2 -K1' MPIRUN_RESILIENT_FLAGS=--kill-on-bad-exit=0
 MPICC    ?= mpicc
 MPIRUN   ?= mpirun
 MPIRUN_FLAGS ?= --allow-run-as-root --oversubscribe --bind-to none
+MPIRUN_RESILIENT_FLAGS ?=
 MPI_BIN  := $(BUILD)/parmap-mpi
 MPI_SRC  := src/mpi/mpi_main.c src/mpi/mpi_agent.c src/mpi/mpi_coord.c \
             src/mpi/mpi_proto.c
@@ -230,7 +238,8 @@ $(MPI_BIN): $(MPI_SRC) src/mpi/parmap_mpi.h $(HEADERS) $(BUILD)/libparmap.a
 	  $(MPI_SRC) $(BUILD)/libparmap.a $(HOST_LIBS)
 check-mpi: test-deps
 	@$(MAKE) --no-print-directory WERROR=-Werror all mpi
-	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" PARMAP_SPECS=spec/mpi_backend_spec.lua \
+	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" \
+	  MPIRUN_RESILIENT_FLAGS="$(MPIRUN_RESILIENT_FLAGS)" PARMAP_SPECS=spec/mpi_backend_spec.lua \
 	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 # `make bench-mpi`: bench/mpi.lua, the MPI backend against the fork backend
 # on this machine (MPI_BENCH_RANKS ranks, default 2: rank 0 and one agent).

@@ -21,6 +21,17 @@ do
       .. "mpirun -n K parmap-mpi script.lua (or srun ... parmap-mpi "
       .. "script.lua)", size), 2)
   end
+  -- parmap-mpi itself, started K times by a launcher whose process
+  -- management its MPI does not speak (srun --mpi=none or pmix with MPICH):
+  -- each process is a job of one (a singleton), rank 0, and runs the script.
+  local mpi = package.loaded["parmap.mpi"]
+  if size > 1 and mpi and mpi.size() == 1 then
+    error(string.format("parmap: parmap-mpi runs as one of %d processes, but "
+      .. "MPI sees a job of 1: the launcher did not connect them, so each "
+      .. "would run all of the script; with srun name the MPI's plugin: "
+      .. "srun --mpi=pmix for Open MPI, --mpi=pmi2 for MPICH (srun "
+      .. "--mpi=list)", size), 2)
+  end
 end
 local Check = require "parmap.check"
 local Errors = require "parmap.errors"

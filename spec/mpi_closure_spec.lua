@@ -386,8 +386,8 @@ describe("the backend option", function()
 end)
 
 describe("parmap in an MPI job not started by parmap-mpi", function()
-  local function run(env)
-    local path = H.script('local parmap = require "parmap"; print("ran")\n')
+  local function run(env, pre)
+    local path = H.script((pre or "") .. 'local parmap = require "parmap"; print("ran")\n')
     local p = io.popen(env .. " " .. H.lua_cmd(path) .. " 2>&1")
     local out = p:read("a")
     p:close()
@@ -407,5 +407,35 @@ describe("parmap in an MPI job not started by parmap-mpi", function()
   it("loads in a job of one process, and under parmap-mpi", function()
     assert.are.equal("ran\n", run("env -u PARMAP_MPI OMPI_COMM_WORLD_SIZE=1"))
     assert.are.equal("ran\n", run("env PARMAP_MPI=1 OMPI_COMM_WORLD_SIZE=4"))
+  end)
+
+  it("loads in a Slurm batch script run directly: SLURM_NTASKS counts the "
+    .. "job's tasks, not the processes of this step", function()
+    assert.are.equal("ran\n", run("env -u PARMAP_MPI -u SLURM_STEP_NUM_TASKS "
+      .. "SLURM_JOB_ID=7 SLURM_NTASKS=3 SLURM_NPROCS=3"))
+  end)
+
+  -- parmap-mpi preloads parmap.mpi; here a stand-in gives MPI's job size
+  local function mpi_of(size)
+    return string.format('package.loaded["parmap.mpi"] = {size = function() '
+      .. 'return %d end}\n', size)
+  end
+
+  it("refuses parmap-mpi started K times as K jobs of one (srun without "
+    .. "the MPI's --mpi plugin), naming the plugins", function()
+    for _, var in ipairs { "SLURM_STEP_NUM_TASKS", "PMI_SIZE" } do
+      local out = run("env PARMAP_MPI=1 " .. var .. "=3", mpi_of(1))
+      assert.matches("parmap%-mpi runs as one of 3 processes, but MPI sees "
+        .. "a job of 1", out)
+      assert.matches("srun %-%-mpi=pmix for Open MPI, %-%-mpi=pmi2 for MPICH", out)
+      assert.not_matches("ran", out)
+    end
+  end)
+
+  it("loads under parmap-mpi when MPI sees the launcher's processes, or "
+    .. "when there is no launcher", function()
+    assert.are.equal("ran\n", run("env PARMAP_MPI=1 SLURM_STEP_NUM_TASKS=3", mpi_of(3)))
+    assert.are.equal("ran\n", run("env -u SLURM_STEP_NUM_TASKS -u OMPI_COMM_WORLD_SIZE "
+      .. "-u PMI_SIZE -u PMIX_SIZE PARMAP_MPI=1", mpi_of(1)))
   end)
 end)
