@@ -49,6 +49,7 @@ M._VERSION = "0.1.0"
 -- star = parmap.None: the item is counted but not passed.
 M.None = Check.none()
 M.MAX_ARGS = Check.MAX_ARGS
+M.MAX_RETRIES = Check.MAX_RETRIES
 M._describe = Errors.describe -- for tests
 
 --- Is v an error object of parmap?

@@ -267,8 +267,10 @@ local function bad_option(k, v)
     return not (type(v) == "number" and v > 0) and "'timeout'" or nil
   elseif k == "n_chunks" or k == "n_eval" then
     return not (i and i >= 1) and ("'" .. k .. "'") or nil
-  elseif k == "n_min" or k == "retries" then
+  elseif k == "n_min" then
     return not (i and i >= 0) and ("'" .. k .. "'") or nil
+  elseif k == "retries" then
+    return not (i and i >= 0 and i <= parmap.MAX_RETRIES) and "'retries'" or nil
   elseif k == "seed" then
     return not i and "'seed'" or nil
   elseif k == "buffersize" or k == "maxtasks" then

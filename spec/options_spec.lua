@@ -72,6 +72,8 @@ local ROWS = {
     "bad option 'args.n' (non-negative integer expected, got string \"1\")" },
   { "args.n past MAX_ARGS", function() local r = parmap.map(id, {}, { args = { n = 1e6 // 1 } }); return r end,
     "bad option 'args.n' (at most 100000 arguments, got 1000000)" },
+  { "retries past MAX_RETRIES", function() local r = parmap.map(id, {}, { retries = 1 << 40 }); return r end,
+    "bad option 'retries' (integer from 0 to 10000 expected, got 1099511627776)" },
   { "args' __len giving 0.5", function() local r = parmap.map(id, {}, { args = len(0.5) }); return r end,
     "bad option 'args' (#args returned 0.5 (its __len), not a non-negative integer)" },
   -- unknown options: the closest name

@@ -58,6 +58,9 @@ local BACKEND = { auto = true, fork = true, mpi = true }
 -- The most extra arguments (args.n) a call may get: they sit on Lua's
 -- stack, which holds at most 1,000,000 slots (LUAI_MAXSTACK).
 C.MAX_ARGS = 100000
+-- retries: an fn that always raises would otherwise run for ever (the
+-- fuzz drew retries = 2^40 with one)
+C.MAX_RETRIES = 10000
 local MAX_ARGS = C.MAX_ARGS
 
 function C.callable(f)
@@ -404,6 +407,8 @@ function C.map_spec(level, fn, items, opts, extra)
     spec.retries = integer(retries)
     if not spec.retries or spec.retries < 0 then
       bad(level, "retries", "non-negative integer", retries)
+    elseif spec.retries > C.MAX_RETRIES then
+      bad(level, "retries", "integer from 0 to " .. C.MAX_RETRIES, retries)
     end
   end
 
