@@ -9,7 +9,8 @@
 ** For every input: decode records one after another from the start (as
 ** the parent reads a slot), and for each record that decodes, encode its
 ** values again and decode that (it must round-trip to the same count and
-** length); the one-scalar fast path must agree with the general decoder.
+** length); the one-scalar fast path must agree with the general decoder,
+** and parmap_skip must end every record the decoder takes where it does.
 **
 ** Built with -DPARMAP_FUZZ_SEEDS instead, it is a program that writes the
 ** seed corpus: `fuzz_seeds DIR` (see spec/corpus/README). Built with
@@ -86,9 +87,16 @@ static int one_input(lua_State *L) {
   check(spos == 0 || spos <= len, "the fast path moved past the end");
   while (pos < len) {
     const char *err = NULL;
-    size_t before = pos;
+    size_t before = pos, kpos = pos;
+    int skipped = parmap_skip(p, len, &kpos) == 0;
     int n = parmap_decode(L, p, len, &pos, SCRATCH, &err);
     scratch_empty(L);
+    /* the MPI agent's skip (it relays records unread) ends where the
+       decoder does on every record the decoder takes */
+    check(skipped ? kpos > before && kpos <= len : kpos == before,
+          "parmap_skip moved wrongly");
+    if (n >= 0)
+      check(skipped && kpos == pos, "parmap_skip ends elsewhere than the decoder");
     if (n < 0) {
       check(err != NULL, "an error without a reason");
       check(pos == before, "a failed decode moved the position");
