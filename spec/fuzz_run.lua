@@ -329,6 +329,15 @@ local function arg_error_ok(err, tokens, prefix)
   return false, "names none of " .. table.concat(tokens, " ")
 end
 
+-- Under parmap-mpi (maps go to the node agents), fn, init and finish
+-- travel by value: a C function in no loaded module (ipairs' iterator, a
+-- fuzz value) is refused naming which one, as the README says.
+local mpi = package.loaded["parmap.mpi"]
+local MPI = mpi ~= nil and mpi.size() > 1
+local function mpi_refusal(err)
+  return MPI and tostring(err):match("^[^\n]-: parmap: [%w_' ]-: cannot send a ") ~= nil
+end
+
 local function item_error_ok(err)
   local s = tostring(err)
   return parmap.iserror(err) or s:match("^parmap: item %d+") ~= nil
@@ -496,7 +505,7 @@ local function run_map(k, seed, entry)
     -- fn or progress(done, total) may raise anything: next, ipairs' iterator
     local user_raises = (fn ~= cheap and fn ~= callable_tbl)
       or o.progress == next or o.progress == ipairs_aux
-    if not item_error_ok(err) and not user_raises then
+    if not item_error_ok(err) and not user_raises and not mpi_refusal(err) then
       return fail(k, seed, desc, "unexpected error: " .. tostring(err))
     end
     stats.item_errors = stats.item_errors + 1

@@ -326,6 +326,30 @@ print("open", require("parmap.mpi").busy())
     assert.matches("open\tfalse\n", out, 1, true)
   end)
 
+  it("the argument fuzz (spec/fuzz_run.lua) finds nothing under parmap-mpi, "
+    .. "where maps go to the agents", function()
+    -- a new seed each run explores; CI uses a fixed one (as fuzz_spec)
+    local seed = tonumber(os.getenv("PARMAP_FUZZ_SEED") or "")
+      or (os.getenv("CI") and 20261129) or os.time()
+    local out, code = mpirun(string.format([[
+local mpi = require "parmap.mpi"
+local n, start = 0, mpi.start
+mpi.start = function(...) n = n + 1; return start(...) end
+local fails = require("fuzz_run")(%d, 1, 2000, 60)
+print("mpi maps", n)
+os.exit(fails == 0 and 0 or 1)
+]], seed))
+    local report = {}
+    for line in out:gmatch("[^\n]+") do
+      if line:match("^FUZZ%-FAIL") and #report < 10 then report[#report + 1] = line end
+    end
+    assert.are.equal(0, code, string.format("seed %d (replay: PARMAP_FUZZ_SEED=%d)\n%s\n%s",
+      seed, seed, table.concat(report, "\n"), out:sub(-1500)))
+    assert.matches("FUZZ%-DONE[^\n]* fails=0", out)
+    -- most valid maps went to the agents
+    assert.is_true(tonumber(out:match("mpi maps\t(%d+)")) > 100, out:sub(-500))
+  end)
+
   it("streams many tiny items from an iterator without deadlock", function()
     local out, code = mpirun([[
 local parmap = require "parmap"
@@ -371,6 +395,28 @@ print("kinds", table.concat(kinds, " "))
 ]])
     assert.are.equal(0, code, out)
     assert.matches("kinds\t1 2 timeout@3 4\n", out, 1, true)
+  end)
+
+  it("an init that raises gives the fork backend's error object (kind "
+    .. "'init', worker, where), with host and rank", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local function try(backend)
+  local ok, e = pcall(parmap.map, function(x) return x end, { 1, 2, 3 },
+    { backend = backend, N = 2, init = function(id) error("no db " .. id, 0) end })
+  print(backend, ok, parmap.iserror(e), e.kind, type(e.worker), e.err:match("^no db %d$") ~= nil,
+    e.where and e.where:match(":3$") ~= nil, e.rank, e.host ~= nil)
+  print(backend .. " text", (tostring(e):gsub("\n.*", "")))
+end
+try("fork")
+try("mpi")
+print("open", require("parmap.mpi").busy())
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("fork\tfalse\ttrue\tinit\tnumber\ttrue\ttrue\tnil\tfalse\n", out, 1, true)
+    assert.matches("mpi\tfalse\ttrue\tinit\tnumber\ttrue\ttrue\t[12]\ttrue\n", out)
+    assert.matches("mpi text\tparmap: init failed in worker %d %(pid %d+%) on %S+ %(rank [12]%): no db %d\n", out)
+    assert.matches("open\tfalse\n", out, 1, true)
   end)
 
   it("init and finish travel too; seed gives the fork backend's numbers",

@@ -19,8 +19,9 @@ E.Error = Error
 function Error.__tostring(e)
   local s
   if e.kind == "init" then -- a worker's init raised: no item ran there
-    s = format("parmap: init failed in worker %d (pid %d): %s", e.worker,
-      e.pid, e.message)
+    s = format("parmap: init failed in worker %d (pid %d)%s: %s", e.worker,
+      e.pid, e.rank and format(" on %s (rank %d)", tostring(e.host), e.rank)
+      or "", e.message)
   elseif e.index == nil then -- a ReturnProcess
     s = format("parmap: process %d failed: %s", e.pid, e.message)
   elseif e.rank then -- the MPI backend: a worker of a node agent

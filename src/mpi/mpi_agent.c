@@ -459,16 +459,39 @@ static int a_finish(lua_State *L) {
   if (lua_toboolean(L, 1)) {
     send_hdr(L, TAG_DONE);
   } else {
+    /* FAIL_ERROR and the error object's record (an init that raised: rank 0
+       raises the same object), or FAIL_TEXT and the message */
     parmap_buf b = PARMAP_BUF_INIT;
     size_t n;
-    const char *s = luaL_tolstring(L, 2, &n);
-    if (mpi_begin(&b, A.mapid, 0, 0, 0) || parmap_buf_reserve(&b, n)) nomem(L);
-    memcpy(b.p + b.len, s, n);
-    b.len += n;
+    int r;
+    if (mpi_begin(&b, A.mapid, 0, 0, 0) || parmap_buf_reserve(&b, 1)) nomem(L);
+    if (is_error(L, 2)) {
+      static const char *const f[] = {"kind", "err", "message", "traceback",
+                                      "pid", "attempts", "worker"};
+      const char *what = NULL;
+      int k, top;
+      lua_settop(L, 2);
+      top = lua_gettop(L);
+      for (k = 0; k < 7; k++) lua_getfield(L, 2, f[k]);
+      b.p[b.len++] = FAIL_ERROR;
+      lua_newtable(L); /* scratch */
+      if (parmap_encode(L, top + 1, 7, &b, top + 8, &what) != PARMAP_OK) {
+        lua_pushvalue(L, top + 3); /* err cannot travel: its message does */
+        lua_replace(L, top + 2);
+        if (parmap_encode(L, top + 1, 7, &b, top + 8, &what) != PARMAP_OK)
+          nomem(L);
+      }
+    } else {
+      const char *s = luaL_tolstring(L, 2, &n);
+      b.p[b.len++] = FAIL_TEXT;
+      if (parmap_buf_reserve(&b, n)) nomem(L);
+      memcpy(b.p + b.len, s, n);
+      b.len += n;
+    }
     pthread_mutex_lock(&mu);
-    n = (size_t)mpi_send(&A.out, &b, 0, TAG_FAIL);
+    r = mpi_send(&A.out, &b, 0, TAG_FAIL);
     pthread_mutex_unlock(&mu);
-    if (n) nomem(L);
+    if (r) nomem(L);
   }
   return 0;
 }

@@ -682,19 +682,47 @@ static MMap *checkmap(lua_State *L, int idx) {
   return m;
 }
 
+/* The map could not run on agent m->failrank (its TAG_FAIL in M_FAIL):
+   an error object (a worker's init raised) goes to the policy with host
+   and rank, as the fork engine's does, which raises it at the caller's
+   line; a message is raised naming the rank. The map stops first. */
+static int agent_failed(lua_State *L, MMap *m) {
+  size_t len, pos = 1;
+  const char *s, *err = NULL;
+  int r = m->failrank, base;
+  stop(L, m);
+  lua_getiuservalue(L, 1, M_FAIL);
+  s = lua_tolstring(L, -1, &len);
+  if (len < 1 || s[0] != FAIL_ERROR)
+    return luaL_error(L, "parmap: the map failed on rank %d (%s): %s", r,
+                      C.ag[r].host, len > 0 ? s + 1 : "");
+  base = lua_gettop(L);
+  lua_getiuservalue(L, 1, M_SCRATCH); /* base + 1 */
+  lua_getiuservalue(L, 1, M_POLICY);  /* base + 2 */
+  lua_pushnil(L);                     /* no item */
+  if (parmap_decode(L, s, len, &pos, base + 1, &err) != 7 ||
+      lua_type(L, base + 4) != LUA_TSTRING)
+    return luaL_error(L, "parmap: the map failed on rank %d (%s): a bad "
+                      "error record", r, C.ag[r].host);
+  lua_createtable(L, 0, 3); /* where it failed */
+  lua_rotate(L, -2, 1);     /* worker (the 7th value) on top */
+  lua_setfield(L, -2, "worker");
+  lua_pushstring(L, C.ag[r].host);
+  lua_setfield(L, -2, "host");
+  lua_pushinteger(L, r);
+  lua_setfield(L, -2, "rank");
+  /* fail(nil, kind, err, message, tb, pid, attempts, {worker, host, rank}) */
+  lua_call(L, 8, 1);
+  return lua_error(L); /* the policy returned it (exception = "return") */
+}
+
 /* The next item (the map at 1): pushes its index and values and returns
    their count, or 0 when the map is over (then the items iterator's
    error, if it raised, is raised). */
 static int advance(lua_State *L, MMap *m) {
   for (;;) {
     if (m->closed) return 0; /* closed from a callback: the loop ends */
-    if (m->failrank) {
-      lua_getiuservalue(L, 1, M_FAIL);
-      stop(L, m);
-      return luaL_error(L, "parmap: the map failed on rank %d (%s): %s",
-                        m->failrank, C.ag[m->failrank].host,
-                        lua_tostring(L, -1));
-    }
+    if (m->failrank) return agent_failed(L, m);
     if (m->ordered) {
       if (m->rcap > 0 && (size_t)(m->want - m->lo) < m->rcap &&
           slot(m, m->want)->rank > 0)

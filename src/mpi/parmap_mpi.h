@@ -20,7 +20,10 @@
 **               TAG_RES    count results: varint index, REC_OK|REC_ERR,
 **                          codec record (values | kind err msg tb pid)
 **               TAG_DONE   the agent's engine has ended this map
-**               TAG_FAIL   the map could not run on the agent (message)
+**               TAG_FAIL   the map could not run on the agent: FAIL_TEXT
+**                          and a message, or FAIL_ERROR and a codec record
+**                          of the error object's kind err message
+**                          traceback pid attempts worker (init raised)
 **               TAG_BYE    answer to TAG_QUIT: the agent sends no more
 **   either way  TAG_BIG    a message longer than PARMAP_MPI_MAXMSG bytes
 **                          (1 GiB; the environment may lower it): count =
@@ -48,6 +51,8 @@ enum {
   TAG_BIG, TAG_PART, /* a message over PARMAP_MPI_MAXMSG, in parts */
   TAG_HB              /* agent -> 0, every second: alive (resilient) */
 };
+
+enum { FAIL_TEXT = 0, FAIL_ERROR = 1 }; /* TAG_FAIL's first byte */
 
 typedef struct MsgHdr {
   uint32_t mapid, count;
