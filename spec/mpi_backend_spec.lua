@@ -326,6 +326,31 @@ print("open", require("parmap.mpi").busy())
     assert.matches("open\tfalse\n", out, 1, true)
   end)
 
+  it("leaving a map early stops the items running on the agents: the next "
+    .. "map does not wait for them", function()
+    local mark = os.tmpname()
+    os.remove(mark)
+    assert.is_true(os.execute("mkdir " .. mark))
+    local out, code = mpirun(string.format([[
+local parmap = require "parmap"
+local MARK = %q
+-- item 1 returns at once; the others run 30 s, then leave a file
+for i in parmap(function(x)
+  if x == 1 then return x end
+  local t = os.time() + 30
+  while os.time() < t do end
+  io.open(MARK .. "/" .. x, "w"):close()
+  return x
+end, { 1, 2, 3, 4, 5, 6, 7, 8 }, { N = 2 }) do break end
+print("next", #parmap.map(function(x) return x end, { 1, 2, 3, 4 }))
+local left = io.popen("ls " .. MARK):read("a")
+print("finished items", left == "" and "none" or left)
+]], mark))
+    os.execute("rm -rf " .. mark)
+    assert.are.equal(0, code, out)
+    assert.matches("next\t4\nfinished items\tnone\n", out, 1, true)
+  end)
+
   it("the argument fuzz (spec/fuzz_run.lua) finds nothing under parmap-mpi, "
     .. "where maps go to the agents", function()
     -- a new seed each run explores; CI uses a fixed one (as fuzz_spec)

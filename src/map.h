@@ -24,6 +24,9 @@ typedef struct ParmapRawSource {
   lua_CFunction items;
   lua_Integer (*peek)(lua_State *L, const char **p, size_t *len);
   void (*take)(lua_State *L, lua_Integer n, size_t nbytes);
+  /* called while a relayed map waits for its workers (every 200 ms): a
+     nonzero return closes the map, as close() from a callback would */
+  int (*tick)(lua_State *L);
 } ParmapRawSource;
 void parmap_map_rawsource(const ParmapRawSource *src);
 

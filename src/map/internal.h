@@ -133,6 +133,7 @@ typedef struct Map {
   int nretired, retired_cap;
   const ParmapRawSource *raw; /* items from a C source (the MPI agent) */
   ParmapSink sink;            /* results to a C sink (parmap_map_relay) */
+  int (*tick)(lua_State *L);  /* ... and the source's tick */
   void *sink_ud;
 } Map;
 

@@ -274,11 +274,14 @@ static int map_next(lua_State *L) {
   return step(L, m, 1);
 }
 
+static const ParmapRawSource *raw_source;
+
 int parmap_map_relay(lua_State *L, int idx, ParmapSink sink, void *ud) {
   Map *m = checkmap(L, idx);
   lua_pushvalue(L, idx);
   m->sink = sink;
   m->sink_ud = ud;
+  m->tick = raw_source ? raw_source->tick : NULL;
   return step(L, m, 1);
 }
 
@@ -361,7 +364,6 @@ static int first_dispatch(lua_State *L) {
   return 0;
 }
 
-static const ParmapRawSource *raw_source;
 void parmap_map_rawsource(const ParmapRawSource *src) { raw_source = src; }
 
 /* core.start(spec): fork and hand out the first work; returns the map. */

@@ -498,6 +498,8 @@ static void pump(lua_State *L, Map *m, int block) {
     if (now - m->exit_check >= (uint64_t)EXIT_CHECK_MS * 1000000u) {
       m->exit_check = now;
       check_exits(L, m);
+      if (m->tick && m->tick(L)) m->close_req = 1; /* the MPI agent: rank 0
+                                                      left the map */
     }
   }
   retire_idle(m);

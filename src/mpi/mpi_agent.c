@@ -311,7 +311,14 @@ static void raw_take(lua_State *L, lua_Integer n, size_t nbytes) {
 static int a_raw(lua_State *L) {
   return luaL_error(L, "parmap-mpi: the raw items source was called");
 }
-static const ParmapRawSource RAW = {a_raw, raw_peek, raw_take};
+/* The engine's tick while it waits for its workers: rank 0 may have left
+   the map, and the items running then are stopped at once (their results
+   would be dropped). */
+static int raw_tick(lua_State *L) {
+  while (pump(L, 0)) {}
+  return A.aborted;
+}
+static const ParmapRawSource RAW = {a_raw, raw_peek, raw_take, raw_tick};
 
 /* agent.items(): the next item as {item, the map's index} (box mode: the
    input has nil items, or seed needs the index), or nil at the end. */
