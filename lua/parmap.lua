@@ -179,6 +179,7 @@ local function mpi_start(level, spec)
     kwargs = spec.kwargs, timeout = spec.timeout, box = box,
     seed = spec.seed, maxtasks = spec.maxtasks, retries = spec.retries,
     buffersize = spec.buffersize }
+  local hooks = {}
   for _, name in next, { "init", "finish" } do -- they travel as fn does
     local h = spec[name]
     if h ~= nil then
@@ -186,10 +187,18 @@ local function mpi_start(level, spec)
         local h0 = h
         h = function(...) return h0(...) end
       end
+      -- alone first, so that a refusal names init or finish
       local ok2, r2 = pcall(core.dumpfn, h, name)
       if not ok2 then error("parmap: " .. tostring(r2), level + 1) end
-      o[name] = r2
+      hooks[name] = h
     end
+  end
+  if hooks.init or hooks.finish then
+    -- then with fn in one record: an upvalue that init sets and fn reads
+    -- (a connection) stays one variable on the agents, as in a worker
+    local init, finish = hooks.init, hooks.finish
+    rec = core.dumpfn(function() return f0, init, finish end)
+    o.bundle = true
   end
   local m = mpi.start(spec, rec, o)
   return mpi.next, m, nil, m

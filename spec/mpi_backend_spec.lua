@@ -444,6 +444,34 @@ print("open", require("parmap.mpi").busy())
     assert.matches("open\tfalse\n", out, 1, true)
   end)
 
+  it("numbers workers across the job (rank 1: 1-2, rank 2: 3-4 of 4 with "
+    .. "N = 2); init gets that number, and an upvalue init sets is the one "
+    .. "fn reads", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local ID -- set by init, read by fn: one variable, as in a local worker
+local items = {}
+for i = 1, 100 do items[i] = i end
+local bad, n = {}, 0
+for _, id, total, rank, initid in parmap(function(x)
+    local id, total = parmap.worker()
+    return id, total, tonumber(os.getenv("OMPI_COMM_WORLD_RANK") or os.getenv("PMI_RANK")), ID
+  end, items, { N = 2, init = function(id) ID = id end }) do
+  n = n + 1
+  local lo = (rank - 1) * 2
+  if not (total == 4 and id > lo and id <= lo + 2 and initid == id) then
+    bad[#bad + 1] = string.format("%s/%s rank %s init %s", id, total, rank, tostring(initid))
+  end
+end
+print("items", n, "bad", #bad, table.concat(bad, ", "))
+local w = parmap.map(function() return (parmap.worker()) end, { 1, 2 }, { backend = "fork", N = 2 })
+print("fork", w[1] <= 2 and w[2] <= 2)
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("items\t100\tbad\t0\t\n", out, 1, true)
+    assert.matches("fork\ttrue\n", out, 1, true)
+  end)
+
   it("init and finish travel too; seed gives the fork backend's numbers",
     function()
       local out, code = mpirun([[

@@ -114,4 +114,9 @@ int parmap_push_call(lua_State *L, const CallSpec *cs, int item,
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
                         Shm *shm, int fd, int id, int n);
 
+/* The MPI agent: the workers this process forks from now on are numbered
+   base + 1.. of total (parmap.worker(), init's and finish's argument),
+   unique across the job; (0, 0) numbers them 1..N again. */
+void parmap_worker_numbering(int base, int total);
+
 #endif

@@ -323,13 +323,23 @@ static int worker_loop(lua_State *L) {
   }
 }
 
+/* The MPI agent numbers its workers within the job: worker id of its
+   map is number_base + id of number_total (engine.h). */
+static int number_base = 0, number_total = 0;
+void parmap_worker_numbering(int base, int total) {
+  number_base = base > 0 ? base : 0;
+  number_total = total > 0 ? total : 0;
+}
+
 void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
                         Shm *shm, int fd, int id, int n) {
   WState w;
   memset(&w, 0, sizeof w);
   parmap_clear_interrupt(L);
-  w.id = id;
-  w.n = n;
+  w.id = number_base + id;
+  w.n = number_total > 0 ? number_total : n;
+  number_base = number_total = 0; /* a map run inside this worker counts
+                                     its own workers from 1 */
   parmap_child_gc_defer(L, 0);
   w.L = L;
   w.cfg = cfg;

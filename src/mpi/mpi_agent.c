@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
 #include <pthread.h>
 #include <time.h>
 #include <unistd.h>
@@ -50,6 +51,7 @@ static struct {
   uint32_t left;
   int64_t gnext;
   lua_Integer nlocal;
+  int wbase; /* this map's workers are wbase + 1.. in the job */
   /* local index -> the map's index: one run per segment (or part of
      one), dropped from the front once every item of it is answered */
   struct Run {
@@ -237,6 +239,8 @@ static int a_wait(lua_State *L) {
       const char *err = NULL;
       A.mapid = h.mapid;
       A.ended = A.aborted = 0;
+      A.wbase = h.a > 0 && h.a < INT_MAX ? (int)h.a : 0;
+      parmap_worker_numbering(A.wbase, h.b > 0 && h.b < INT_MAX ? (int)h.b : 0);
       A.left = 0;
       A.nlocal = 0;
       A.rhead = A.rn = A.rlast = 0;
@@ -480,6 +484,11 @@ static int a_finish(lua_State *L) {
       lua_settop(L, 2);
       top = lua_gettop(L);
       for (k = 0; k < 7; k++) lua_getfield(L, 2, f[k]);
+      if (lua_isinteger(L, -1)) { /* the engine's number: the job's */
+        lua_Integer wk = lua_tointeger(L, -1);
+        lua_pop(L, 1);
+        lua_pushinteger(L, wk + A.wbase);
+      }
       b.p[b.len++] = FAIL_ERROR;
       lua_newtable(L); /* scratch */
       if (parmap_encode(L, top + 1, 7, &b, top + 8, &what) != PARMAP_OK) {
@@ -515,15 +524,15 @@ static const char *const DRIVER =
     "  e.message = e.message:gsub('item ' .. i .. '%f[%D]', 'item ' .. agent.global(i))\n"
     "end\n"
     "local function run(rec, o)\n"
-    "  local fn = core.loadfn(rec)\n"
+    "  local fn, init, finish = core.loadfn(rec)\n"
+    "  if o.bundle then fn, init, finish = fn() end -- one record: shared upvalues\n"
     "  local N = o.N or parmap.ncpu()\n"
     "  local timeout = o.timeout\n"
     "  -- N = 1 would run fn in this process: a worker process instead\n"
     "  if N == 1 and not timeout then timeout = 1e9 end\n"
     "  local opts = { N = N, ordered = false, exception = 'return', timeout = timeout,\n"
     "    maxtasks = o.maxtasks, retries = o.retries, buffersize = o.buffersize }\n"
-    "  if o.init then opts.init = core.loadfn(o.init) end\n"
-    "  if o.finish then opts.finish = core.loadfn(o.finish) end\n"
+    "  opts.init, opts.finish = init, finish\n"
     "  local args = o.args or {}\n"
     "  args.n = o.nargs\n"
     "  if o.box then -- nil items, or seed: the call table applied here\n"

@@ -60,6 +60,7 @@ typedef struct PerAgent {
   } *sent; /* resilient: its segments not yet fully answered */
   int nsent, capsent;
   lua_Integer got;
+  int wbase;          /* its workers are numbered wbase + 1.. in the job */
   double last;        /* the size of its last segment */
   uint64_t credit_ns; /* when its last CREDIT came */
 } PerAgent;
@@ -78,6 +79,7 @@ typedef struct MMap {
   int has_progress;
   int from_table, ordered, closed, finished, exhausted, nw;
   int failrank, resilient;
+  int wtotal; /* workers in the job: every live agent's N */
   int busy; /* a step runs: a callback that steps the map gets an error */
   int ierr; /* the items iterator raised: its error (M_IERR) comes after
                the items pulled before it */
@@ -156,6 +158,16 @@ static int pull(lua_State *L, MMap *m, int items) {
   m->pulled++;
   if (m->from_table && m->pulled >= m->total) m->exhausted = 1;
   return 1;
+}
+
+/* A MAP message for agent r: its workers' numbers (a = the first - 1,
+   b = the job's count) in the header. */
+static void numbering(MMap *m, parmap_buf *msg, int r) {
+  MsgHdr h;
+  memcpy(&h, msg->p, sizeof h);
+  h.a = m->as[r].wbase;
+  h.b = m->wtotal;
+  memcpy(msg->p, &h, sizeof h);
 }
 
 /* Resilient maps: keep the segment (string at idx) sent to agent r until
@@ -522,6 +534,7 @@ static void agent_died(lua_State *L, MMap *m, int r) {
     if (parmap_buf_reserve(&b, n)) nomem(L);
     memcpy(b.p, p, n);
     b.len = n;
+    numbering(m, &b, s);
     if (mpi_send(&C.out, &b, s, TAG_MAP)) nomem(L);
     lua_getiuservalue(L, 1, M_SEGS);
     for (i = 0; i < a->nsent; i++) {
@@ -907,7 +920,16 @@ static int mpi_start(lua_State *L) {
   if (!m->from_table) m->total = -1; /* the iterator decides */
   m->ordered = parmap_boolfield(L, 1, "ordered", 1);
   lua_getfield(L, 3, "N");
-  m->nw = (int)lua_tointeger(L, -1);
+  {
+    lua_Integer n = lua_tointeger(L, -1); /* 0: each agent's CPUs */
+    m->nw = n > PARMAP_MAX_WORKERS ? PARMAP_MAX_WORKERS : n > 0 ? (int)n : 0;
+  }
+  for (r = 1; r < C.size; r++) /* worker numbers, unique in the job */
+    if (!C.ag[r].dead) {
+      int n = m->nw > 0 ? m->nw : C.ag[r].ncpu;
+      m->as[r].wbase = m->wtotal;
+      m->wtotal += n < 1 ? 1 : n > PARMAP_MAX_WORKERS ? PARMAP_MAX_WORKERS : n;
+    }
   lua_settop(L, 4);
   m->want = 1;
   m->lo = 1;
@@ -948,6 +970,7 @@ static int mpi_start(lua_State *L) {
     }
     memcpy(copy.p, msg.p, msg.len);
     copy.len = msg.len;
+    numbering(m, &copy, r);
     if (mpi_send(&C.out, &copy, r, TAG_MAP)) {
       parmap_buf_free(&copy);
       parmap_buf_free(&msg);
