@@ -93,7 +93,21 @@ static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
   return 2;
 }
 
-/* Push index and values of the next record of s; returns the count. */
+/* The loop took the record of s that ends at pos: when it was the slot's
+   last, the slot may go (and workers waiting for room get it). */
+static void took(lua_State *L, Map *m, Slot *s, size_t pos) {
+  s->rpos = pos;
+  m->taken++;
+  if (++s->consumed == s->count) {
+    if (m->cfg.ordered) m->seq_take++;
+    if (!s->busy) release_slot(m, s); /* else when its segment ends */
+    pump(L, m, 0); /* workers may be waiting for this room */
+  }
+}
+
+/* Push index and values of the next record of s; returns the count. With
+   a sink (parmap_map_relay), a REC_OK record goes to it as it is instead:
+   returns RELAYED, or SINK_STOP when the sink says stop. */
 static int emit(lua_State *L, Map *m, Slot *s) {
   lua_Integer index = s->start + s->consumed;
   size_t pos = s->rpos + 1;
@@ -106,37 +120,29 @@ static int emit(lua_State *L, Map *m, Slot *s) {
   }
   status = (unsigned char)s->out.p[s->rpos];
   if (m->sink && status == REC_OK) { /* relayed as it is (the MPI agent) */
+    int halt;
     if (parmap_skip(s->out.p, s->out.len, &pos))
       return luaL_error(L, "parmap: corrupt result for item %I",
                         (LUAI_UACINT)index);
-    n = m->sink(m->sink_ud, index, s->out.p + s->rpos, pos - s->rpos)
-            ? SINK_STOP
-            : RELAYED;
-    base = 0;
-  } else {
-    lua_pushinteger(L, index);
-    base = lua_gettop(L);
-    n = parmap_decode_scalar(L, s->out.p, s->out.len, &pos);
-    if (n == 0) { /* not one scalar: the general decoder, with its scratch */
-      lua_getiuservalue(L, m->self, U_SCRATCH);
-      n = parmap_decode(L, s->out.p, s->out.len, &pos, base + 1, &err);
-      lua_remove(L, base + 1);
-    }
+    halt = m->sink(m->sink_ud, index, s->out.p + s->rpos, pos - s->rpos);
+    took(L, m, s, pos);
+    return halt ? SINK_STOP : RELAYED;
   }
-  if (base != 0 && n < 0) { /* base 0: relayed */
+  lua_pushinteger(L, index);
+  base = lua_gettop(L);
+  n = parmap_decode_scalar(L, s->out.p, s->out.len, &pos);
+  if (n == 0) { /* not one scalar: the general decoder, with its scratch */
+    lua_getiuservalue(L, m->self, U_SCRATCH);
+    n = parmap_decode(L, s->out.p, s->out.len, &pos, base + 1, &err);
+    lua_remove(L, base + 1);
+  }
+  if (n < 0) {
     return luaL_error(L, "parmap: corrupt result for item %I: %s",
                       (LUAI_UACINT)index, err);
   }
-  s->rpos = pos;
-  m->taken++;
   if (status != REC_OK) /* read before the slot may be released */
     lost = s->ntries > 0 ? tries_of(s, index) : 0;
-  if (++s->consumed == s->count) {
-    if (m->cfg.ordered) m->seq_take++;
-    if (!s->busy) release_slot(m, s); /* else when its segment ends */
-    pump(L, m, 0); /* workers may be waiting for this room */
-  }
-  if (n == RELAYED || n == SINK_STOP) return n;
+  took(L, m, s, pos);
   return status == REC_OK ? n + 1 : failed(L, m, lost, index, base, n);
 }
 

@@ -360,43 +360,30 @@ static int is_error(lua_State *L, int idx) {
   return r;
 }
 
-/* Encode item i's outcome (the values at 2..top, or an error object) as
-   REC_OK values | REC_ERR kind err message traceback pid into r. */
-static void encode_outcome(lua_State *L, parmap_buf *r, lua_Integer g,
-                           int first, int n) {
-  int scratch = lua_upvalueindex(1);
+/* Append the fields of the error object at idx as one codec record to b:
+   kind err message traceback pid attempts, and with nf = 7 worker (the
+   engine's number made the job's). An err that cannot travel goes as its
+   message. The codec's scratch is upvalue 1. */
+static void put_error(lua_State *L, int idx, int nf, parmap_buf *b) {
+  static const char *const f[] = {"kind", "err", "message", "traceback",
+                                  "pid", "attempts", "worker"};
   const char *what = NULL;
-  r->len = 0;
-  if (parmap_buf_reserve(r, 1)) nomem(L);
-  if (n == 1 && is_error(L, first)) {
-    static const char *const f[] = {"kind", "err", "message", "traceback",
-                                    "pid", "attempts"};
-    int k, top = lua_gettop(L);
-    for (k = 0; k < 6; k++) lua_getfield(L, first, f[k]);
-    r->p[r->len++] = REC_ERR;
-    if (parmap_encode(L, top + 1, 6, r, scratch, &what) != PARMAP_OK) {
-      lua_pushvalue(L, top + 3); /* err cannot travel: its message does */
-      lua_replace(L, top + 2);
-      if (parmap_encode(L, top + 1, 6, r, scratch, &what) != PARMAP_OK)
-        luaL_error(L, "parmap-mpi: cannot send the error of item %d", (int)g);
-    }
-    lua_settop(L, top);
-    return;
+  int k, top = lua_gettop(L);
+  for (k = 0; k < nf; k++) lua_getfield(L, idx, f[k]);
+  if (nf == 7 && lua_isinteger(L, -1)) {
+    lua_Integer wk = lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    lua_pushinteger(L, wk + A.wbase);
   }
-  r->p[r->len++] = REC_OK;
-  if (n == 1 && parmap_encode_scalar(L, first, r)) return;
-  if (parmap_encode(L, first, n, r, scratch, &what) != PARMAP_OK) {
-    r->len = 1;
-    r->p[0] = REC_ERR;
-    lua_pushliteral(L, "value");
-    lua_pushnil(L);
-    lua_pushfstring(L, "result of item %d: cannot send a %s", (int)g, what);
-    lua_pushliteral(L, "");
-    lua_pushinteger(L, (lua_Integer)getpid());
-    lua_pushinteger(L, 1); /* attempts */
-    if (parmap_encode(L, lua_gettop(L) - 5, 6, r, scratch, &what)) nomem(L);
-    lua_pop(L, 6);
+  if (parmap_encode(L, top + 1, nf, b, lua_upvalueindex(1), &what) !=
+      PARMAP_OK) {
+    lua_pushvalue(L, top + 3); /* err cannot travel: its message does */
+    lua_replace(L, top + 2);
+    if (parmap_encode(L, top + 1, nf, b, lua_upvalueindex(1), &what) !=
+        PARMAP_OK)
+      luaL_error(L, "parmap-mpi: cannot send an error (a %s)", what);
   }
+  lua_settop(L, top);
 }
 
 /* Queue the record of the map's item g for rank 0. A batch goes out
@@ -442,10 +429,17 @@ static int relay(void *ud, lua_Integer i, const char *rec, size_t len) {
   return !queue(L, answer(L, i), rec, len);
 }
 
-/* Queue the error object at base + 1 of local item i (at base). */
+/* Queue the error object at base + 1 of local item i (at base): its
+   REC_ERR record. */
 static int add_error(lua_State *L, int base) {
   lua_Integer g = answer(L, lua_tointeger(L, base));
-  encode_outcome(L, &A.rec, g, base + 1, lua_gettop(L) - base);
+  if (!is_error(L, base + 1))
+    luaL_error(L, "parmap-mpi: item %d: the engine gave no error object",
+               (int)g);
+  A.rec.len = 0;
+  if (parmap_buf_reserve(&A.rec, 1)) nomem(L);
+  A.rec.p[A.rec.len++] = REC_ERR;
+  put_error(L, base + 1, 6, &A.rec);
   return queue(L, g, A.rec.p, A.rec.len);
 }
 
@@ -477,26 +471,8 @@ static int a_finish(lua_State *L) {
     int r;
     if (mpi_begin(&b, A.mapid, 0, 0, 0) || parmap_buf_reserve(&b, 1)) nomem(L);
     if (is_error(L, 2)) {
-      static const char *const f[] = {"kind", "err", "message", "traceback",
-                                      "pid", "attempts", "worker"};
-      const char *what = NULL;
-      int k, top;
-      lua_settop(L, 2);
-      top = lua_gettop(L);
-      for (k = 0; k < 7; k++) lua_getfield(L, 2, f[k]);
-      if (lua_isinteger(L, -1)) { /* the engine's number: the job's */
-        lua_Integer wk = lua_tointeger(L, -1);
-        lua_pop(L, 1);
-        lua_pushinteger(L, wk + A.wbase);
-      }
       b.p[b.len++] = FAIL_ERROR;
-      lua_newtable(L); /* scratch */
-      if (parmap_encode(L, top + 1, 7, &b, top + 8, &what) != PARMAP_OK) {
-        lua_pushvalue(L, top + 3); /* err cannot travel: its message does */
-        lua_replace(L, top + 2);
-        if (parmap_encode(L, top + 1, 7, &b, top + 8, &what) != PARMAP_OK)
-          nomem(L);
-      }
+      put_error(L, 2, 7, &b);
     } else {
       const char *s = luaL_tolstring(L, 2, &n);
       b.p[b.len++] = FAIL_TEXT;

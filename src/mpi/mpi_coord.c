@@ -729,19 +729,32 @@ static int agent_failed(lua_State *L, MMap *m) {
   return lua_error(L); /* the policy returned it (exception = "return") */
 }
 
+/* The item the loop takes next when its result is here, else 0;
+   pass_ready moves past it. */
+static lua_Integer ready(MMap *m) {
+  if (m->ordered)
+    return m->rcap > 0 && (size_t)(m->want - m->lo) < m->rcap &&
+                   slot(m, m->want)->rank > 0
+               ? m->want
+               : 0;
+  return m->fhead < m->ftail ? m->fifo[m->fhead] : 0;
+}
+static void pass_ready(MMap *m) {
+  if (m->ordered) m->want++;
+  else m->fhead++;
+}
+
 /* The next item (the map at 1): pushes its index and values and returns
    their count, or 0 when the map is over (then the items iterator's
    error, if it raised, is raised). */
 static int advance(lua_State *L, MMap *m) {
   for (;;) {
+    lua_Integer g;
     if (m->closed) return 0; /* closed from a callback: the loop ends */
     if (m->failrank) return agent_failed(L, m);
-    if (m->ordered) {
-      if (m->rcap > 0 && (size_t)(m->want - m->lo) < m->rcap &&
-          slot(m, m->want)->rank > 0)
-        return emit(L, m, m->want++);
-    } else if (m->fhead < m->ftail) {
-      return emit(L, m, m->fifo[m->fhead++]);
+    if ((g = ready(m)) > 0) {
+      pass_ready(m);
+      return emit(L, m, g);
     }
     if (m->exhausted && m->emitted == m->pulled) {
       if (m->ierr) { /* every item pulled is delivered: now the error */
@@ -818,14 +831,7 @@ static int map_next(lua_State *L) {
   MMap *m = checkmap(L, 1);
   lua_settop(L, 1);
   if (!m->busy && !m->closed && !m->has_progress && !m->failrank) {
-    lua_Integer g = 0;
-    if (m->ordered) {
-      if (m->rcap > 0 && (size_t)(m->want - m->lo) < m->rcap &&
-          slot(m, m->want)->rank > 0)
-        g = m->want;
-    } else if (m->fhead < m->ftail) {
-      g = m->fifo[m->fhead];
-    }
+    lua_Integer g = ready(m);
     if (g > 0) {
       struct Slot *sl = slot(m, g);
       const char *p = m->mptr[sl->msg] + sl->off;
@@ -835,8 +841,7 @@ static int map_next(lua_State *L) {
         if (parmap_decode_plain(L, p, sl->len, &pos)) {
           m->mref[sl->msg]--;
           consumed(m, sl);
-          if (m->ordered) m->want++;
-          else m->fhead++;
+          pass_ready(m);
           return 2;
         }
         lua_pop(L, 1);
