@@ -20,8 +20,6 @@ progress, per-item timeouts, and workers that die are reported with the
 item they held. Linux (POSIX with Linux extras).
 ]],
    homepage = "https://github.com/parmap-lua/parmap",
-   -- the repository has no LICENSE file yet: MIT, as Lua itself, until
-   -- the project decides otherwise
    license = "MIT",
    labels = { "parallel", "multiprocessing", "fork", "map" },
 }
