@@ -91,6 +91,22 @@ describe("a worker's collector", function()
     assert.is_true(p[1] < LIMIT_MB, "worker peak " .. p[1] .. " MB")
   end)
 
+  it("runs in the worker of a map inside a worker", function()
+    local out = run [[
+      local r = parmap.map(function(n)
+        local inner = parmap.map(function(m)
+          churn(m)
+          return hwm_mb()
+        end, { n, 10 }, { N = 2 })
+        return inner[1]
+      end, { 3000000, 10 }, { N = 2 })
+      io.write("PEAK ", r[1], "\n")
+    ]]
+    local p = peaks(out)
+    assert.equal(1, #p, out)
+    assert.is_true(p[1] < LIMIT_MB, "inner worker peak " .. p[1] .. " MB")
+  end)
+
   it("stays stopped when the caller stopped it", function()
     local out = run [[
       collectgarbage("stop")

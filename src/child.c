@@ -334,14 +334,18 @@ static ptrdiff_t gc_grown, gc_limit; /* bytes grown since the stop; budget */
 static int gc_deferred;
 
 /* lua_gc(LUA_GCRESTART) only resets the debt and the stop flag, allocating
-   nothing: safe from here. It refuses (-1) while a finalizer runs; then the
-   next allocation tries again. */
+   nothing: safe from here. While a finalizer runs it is refused (-1, 5.4.4)
+   or undone when the finalizer returns (5.4.0-5.4.3 restore the flag): so
+   the deferral ends only once a later allocation sees the collector run. */
 static void *gc_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   void *p = gc_f(ud, ptr, osize, nsize);
   if (gc_deferred && (p != NULL || nsize == 0)) {
     gc_grown += (ptrdiff_t)nsize - (ptr != NULL ? (ptrdiff_t)osize : 0);
-    if (gc_grown > gc_limit && lua_gc(gc_L, LUA_GCRESTART, 0) != -1)
-      gc_deferred = 0;
+    if (gc_grown > gc_limit) {
+      int running = lua_gc(gc_L, LUA_GCISRUNNING, 0);
+      if (running == 1) gc_deferred = 0;
+      else if (running == 0) lua_gc(gc_L, LUA_GCRESTART, 0);
+    }
   }
   return p;
 }
@@ -359,9 +363,10 @@ void parmap_child_gc_defer(lua_State *L) {
   void *ud;
   lua_Alloc f;
   ptrdiff_t base;
+  /* a caller that stopped its collector keeps it stopped (a nested map's
+     child inherits a deferral: that stop is ours) */
+  if (!gc_deferred && !lua_gc(L, LUA_GCISRUNNING, 0)) return;
   gc_deferred = 0;
-  /* a caller that stopped its collector keeps it stopped */
-  if (!lua_gc(L, LUA_GCISRUNNING, 0)) return;
   f = lua_getallocf(L, &ud);
   if (f != gc_alloc) { /* a nested map's child inherits the wrapper */
     gc_pin();
