@@ -334,7 +334,7 @@ static ptrdiff_t gc_grown, gc_limit; /* bytes grown since the stop; budget */
 static int gc_deferred;
 
 /* lua_gc(LUA_GCRESTART) only resets the debt and the stop flag, allocating
-   nothing: safe from here. While a finalizer runs it is refused (-1, 5.4.4)
+   nothing: safe from here (with the stock, empty lua_lock). While a finalizer runs it is refused (-1, 5.4.4)
    or undone when the finalizer returns (5.4.0-5.4.3 restore the flag): so
    the deferral ends only once a later allocation sees the collector run. */
 static void *gc_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
