@@ -3,8 +3,10 @@
 ** (worker.c) and a ReturnProcess (process.c). See child.h.
 */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <lauxlib.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -319,34 +321,64 @@ void parmap_child_disarm(void) { guard_armed = 0; }
 
 /* ------------------------------------------------------------ collector */
 
-#define GC_FLOOR_KB 1024        /* restart once own garbage passes this... */
-#define GC_HOOK_EVERY (1 << 20) /* instructions between two hook checks */
+/* The budget is checked in the state's allocator, wrapped in the child: it
+   sees every allocation (in Lua code, in C functions, in any coroutine, under
+   a caller's hook), where a count hook sees only Lua instructions of one
+   thread, and a check between a worker's segments none inside a long item. */
 
-static int gc_base_kb, gc_deferred;
+#define GC_FLOOR ((ptrdiff_t)1 << 20) /* restart once own garbage passes this... */
 
-void parmap_child_gc_check(lua_State *L) {
-  int kb, limit;
-  if (!gc_deferred) return;
-  kb = lua_gc(L, LUA_GCCOUNT, 0);
-  limit = gc_base_kb > GC_FLOOR_KB ? gc_base_kb : GC_FLOOR_KB;
-  if (kb - gc_base_kb > limit) {
-    lua_gc(L, LUA_GCRESTART, 0);
-    gc_deferred = 0;
+static lua_State *gc_L;        /* the state (any thread: lua_gc needs G only) */
+static lua_Alloc gc_f;         /* the wrapped allocator */
+static ptrdiff_t gc_grown, gc_limit; /* bytes grown since the stop; budget */
+static int gc_deferred;
+
+/* lua_gc(LUA_GCRESTART) only resets the debt and the stop flag, allocating
+   nothing: safe from here (with the stock, empty lua_lock). While a finalizer runs it is refused (-1, 5.4.4)
+   or undone when the finalizer returns (5.4.0-5.4.3 restore the flag): so
+   the deferral ends only once a later allocation sees the collector run. */
+static void *gc_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  void *p = gc_f(ud, ptr, osize, nsize);
+  if (gc_deferred && (p != NULL || nsize == 0)) {
+    gc_grown += (ptrdiff_t)nsize - (ptr != NULL ? (ptrdiff_t)osize : 0);
+    if (gc_grown > gc_limit) {
+      int running = lua_gc(gc_L, LUA_GCISRUNNING, 0);
+      if (running == 1) gc_deferred = 0;
+      else if (running == 0) lua_gc(gc_L, LUA_GCRESTART, 0);
+    }
   }
+  return p;
 }
 
-static void gc_hook(lua_State *L, lua_Debug *ar) {
-  (void)ar;
-  parmap_child_gc_check(L);
-  if (!gc_deferred) lua_sethook(L, NULL, 0, 0);
+/* gc_alloc must outlive the state, as core.c's wrapper must: keep this
+   module loaded (a child's state is never freed, its exit guard leaves
+   first, so this is belt and braces). */
+static void gc_pin(void) {
+  Dl_info info;
+  if (dladdr((void *)gc_alloc, &info) && info.dli_fname != NULL)
+    dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
 }
 
-void parmap_child_gc_defer(lua_State *L, int by_hook) {
-  if (by_hook && lua_gethook(L) != NULL) return;
+void parmap_child_gc_defer(lua_State *L) {
+  void *ud;
+  lua_Alloc f;
+  ptrdiff_t base;
+  /* a caller that stopped its collector keeps it stopped (a nested map's
+     child inherits a deferral: that stop is ours) */
+  if (!gc_deferred && !lua_gc(L, LUA_GCISRUNNING, 0)) return;
+  gc_deferred = 0;
+  f = lua_getallocf(L, &ud);
+  if (f != gc_alloc) { /* a nested map's child inherits the wrapper */
+    gc_pin();
+    gc_f = f;
+    lua_setallocf(L, gc_alloc, ud);
+  }
   lua_gc(L, LUA_GCSTOP, 0);
-  gc_base_kb = lua_gc(L, LUA_GCCOUNT, 0);
+  base = (ptrdiff_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + lua_gc(L, LUA_GCCOUNTB, 0);
+  gc_L = L;
+  gc_grown = 0;
+  gc_limit = base > GC_FLOOR ? base : GC_FLOOR;
   gc_deferred = 1;
-  if (by_hook) lua_sethook(L, gc_hook, LUA_MASKCOUNT, GC_HOOK_EVERY);
 }
 
 /* ------------------------------------------------------------ results */

@@ -56,12 +56,10 @@ int parmap_worker_id(int *n);
 
 /* The collector over the inherited heap: stopped, so that a short child
    never walks (and so copies) every inherited page, and restarted once the
-   child's own garbage outweighs that heap (at least 1 MiB). by_hook: a
-   count hook checks (a ReturnProcess, whose one call may run long); a
-   caller's own hook is left alone, and then so is the collector. Else
-   the child calls parmap_child_gc_check itself (a worker, per segment). */
-void parmap_child_gc_defer(lua_State *L, int by_hook);
-void parmap_child_gc_check(lua_State *L);
+   child's own garbage outweighs that heap (at least 1 MiB), checked at every
+   allocation (the child's allocator is wrapped), so inside a long call too.
+   A collector the caller had stopped stays stopped. */
+void parmap_child_gc_defer(lua_State *L);
 
 /* ------------------------------------------------------------ records */
 

@@ -73,8 +73,7 @@ static int child_main(lua_State *L) {
   uint64_t len;
   /* tracebacks stop above child_main; no map's worker */
   parmap_child_start(L, 0, 0, 0);
-  /* a count hook checks: the one call may run long */
-  parmap_child_gc_defer(L, 1);
+  parmap_child_gc_defer(L);
   luaL_checkstack(L, 16, NULL);
   lua_pushcfunction(L, parmap_msgh);
   msgh = lua_gettop(L);

@@ -225,10 +225,6 @@ static void run_segment(WState *w, const TaskHdr *h) {
     __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELEASE);
   __atomic_store_n(&w->shm->cur, 0, __ATOMIC_RELEASE);
   flush(w, w->pending, parmap_now_ns() - t0, FLAG_END);
-  /* Collect only once the worker's own garbage outweighs the inherited
-     heap: a collection walks (and so copies) every inherited page, while
-     garbage left alone costs a fresh page for every 4 KiB allocated. */
-  parmap_child_gc_check(L);
 }
 
 /* run_user(f, id): f(id). Called under lua_pcall from worker_loop, so it
@@ -340,7 +336,7 @@ void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
   w.n = number_total > 0 ? number_total : n;
   number_base = number_total = 0; /* a map run inside this worker counts
                                      its own workers from 1 */
-  parmap_child_gc_defer(L, 0);
+  parmap_child_gc_defer(L);
   w.L = L;
   w.cfg = cfg;
   w.shm = shm;
