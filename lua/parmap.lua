@@ -110,7 +110,7 @@ local function serial(spec)
   -- shape would fail alike, so it is not run again
   local function again(item, runs, status, ...)
     if status ~= "error" or runs > retries then return runs, status, ... end
-    return again(item, runs + 1, call(item, i, true))
+    return again(item, runs + 1, call(item, i, true, from_table))
   end
 
   -- the failure record goes to the map's handler: the one policy
@@ -131,12 +131,11 @@ local function serial(spec)
     if ended or state.closed then return nil end
     busy = true
     local _ <close> = guard
-    local item
-    if from_table then
-      if i < total then item = items[i + 1] end
-    else
-      item = items()
-    end
+    -- a table's item is read inside the call, where its errors (a
+    -- raising __index) are the item's, as in a worker; an iterator's
+    -- error ends the map, as the fork engine's does
+    local item = items
+    if not from_table then item = items() end
     if (from_table and i >= total) or (not from_table and item == nil) then
       ended = true
       if started and fin then serial_finish(fin) end
@@ -149,9 +148,9 @@ local function serial(spec)
     end
     i = i + 1
     if proc and retries == 0 then -- the policy raises err as raised: no
-      return finish(call(item, i, false)) -- need to catch it
+      return finish(call(item, i, false, from_table)) -- need to catch it
     end
-    return outcome(again(item, 1, call(item, i, true)))
+    return outcome(again(item, 1, call(item, i, true, from_table)))
   end
   return step, nil, nil, state
 end

@@ -22,48 +22,75 @@
 #include "process.h"
 #include "spec.h"
 
-/* call(item, index, protect), a closure of core.caller: fn's results for
-   one item, following the call table (N = 1). Unprotected, errors
-   propagate untouched. Protected, returns
+/* What one call of core.caller's closure runs. */
+typedef struct Call {
+  CallSpec cs;
+  int shape; /* set when the item has not the shape its mode needs */
+} Call;
+
+/* call_body(call, fn, args, kw, item, index, from_table): fn's results for
+   the item (items[index] of the table at 5 when from_table), or with
+   call->shape set the shape's message. Everything an item's run may raise
+   (its items[index], its vals' metamethods, fn) raises in here, so a
+   protected call catches all of it, as a worker's pcall does. */
+static int call_body(lua_State *L) {
+  Call *c = (Call *)lua_touserdata(L, 1);
+  lua_Integer index = lua_tointeger(L, 6);
+  int n, fnpos;
+  c->cs.fn = 2;
+  c->cs.args = 3;
+  c->cs.kw = 4;
+  if (lua_toboolean(L, 7)) lua_geti(L, 5, index);
+  else lua_pushvalue(L, 5);
+  n = parmap_push_call(L, &c->cs, 8, index);
+  if (n < 0) {
+    c->shape = 1;
+    return 1;
+  }
+  fnpos = lua_gettop(L) - n; /* scratch values may sit below fn */
+  lua_call(L, n, LUA_MULTRET);
+  return lua_gettop(L) - fnpos + 1;
+}
+
+/* call(item, index, protect[, from_table]), a closure of core.caller: fn's
+   results for one item, following the call table (N = 1); from_table:
+   `item` is the items table, and the item is item[index]. Unprotected,
+   errors propagate untouched. Protected, returns
    "ok", results... | "error", err, message, traceback | "shape", message.
    Upvalues: the CallSpec (a userdata), fn, args, kwargs. */
 static int core_call(lua_State *L) {
-  CallSpec cs = *(const CallSpec *)lua_touserdata(L, lua_upvalueindex(1));
-  int n, base, fnpos, protect = lua_toboolean(L, 3);
-  lua_Integer index = luaL_checkinteger(L, 2);
-  lua_settop(L, 1); /* the item */
+  Call c;
+  int protect = lua_toboolean(L, 3);
+  c.cs = *(const CallSpec *)lua_touserdata(L, lua_upvalueindex(1));
+  c.shape = 0;
+  luaL_checkinteger(L, 2);
+  lua_settop(L, 4);
+  if (protect) {
+    lua_pushliteral(L, "ok");       /* 5 */
+    lua_pushcfunction(L, parmap_msgh); /* 6 */
+  }
+  lua_pushcfunction(L, call_body);
+  lua_pushlightuserdata(L, &c);
   lua_pushvalue(L, lua_upvalueindex(2));
   lua_pushvalue(L, lua_upvalueindex(3));
   lua_pushvalue(L, lua_upvalueindex(4));
-  cs.fn = 2;
-  cs.args = 3;
-  cs.kw = 4;
-  if (protect) {
-    lua_pushliteral(L, "ok");
-    lua_pushcfunction(L, parmap_msgh);
-  }
-  base = lua_gettop(L);
-  n = parmap_push_call(L, &cs, 1, index);
-  if (n < 0) {
-    if (!protect) return lua_error(L);
-    lua_pushliteral(L, "shape");
-    lua_insert(L, -2);
-    return 2;
-  }
-  fnpos = lua_gettop(L) - n; /* scratch values may sit below fn */
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, 4);
   if (!protect) {
-    lua_call(L, n, LUA_MULTRET);
-    return lua_gettop(L) - fnpos + 1;
+    lua_call(L, 7, LUA_MULTRET);
+    if (c.shape) return lua_error(L);
+    return lua_gettop(L) - 4;
   }
-  if (lua_pcall(L, n, LUA_MULTRET, base) == LUA_OK) {
-    lua_pushvalue(L, base - 1); /* "ok" just below the results */
-    lua_replace(L, fnpos - 1);   /* fnpos - 1 >= base, the handler */
-    return lua_gettop(L) - fnpos + 2;
+  if (lua_pcall(L, 7, LUA_MULTRET, 6) == LUA_OK) {
+    if (c.shape) lua_pushliteral(L, "shape");
+    else lua_pushvalue(L, 5);
+    lua_replace(L, 6); /* the status just below the results */
+    return lua_gettop(L) - 5;
   }
-  parmap_unbox(L, lua_gettop(L)); /* err, message, traceback */
+  parmap_unbox(L, 7); /* err, message, traceback */
   lua_pushliteral(L, "error");
-  lua_replace(L, base - 1);
-  lua_remove(L, base); /* the handler */
+  lua_replace(L, 6);
   return 4;
 }
 
