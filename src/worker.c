@@ -60,7 +60,7 @@ typedef struct WState {
      never held back by a slow item (DESIGN.md, Frames) */
   int hold;         /* HOLD_*, atomic */
   int fl_tried;     /* start_flusher ran */
-  int fl_on;        /* the flusher runs (cleared by it under hold when the
+  int fl_on;        /* the flusher runs (atomic: it clears it when the
                        parent hung up) */
   int busy;         /* a segment runs (atomic; set under mu) */
   pthread_mutex_t mu; /* held by the flusher but while it waits */
@@ -93,7 +93,7 @@ static void flush(WState *w, uint32_t nitems, uint64_t elapsed,
 
 /* Take the out buffer for the main thread (it may be in the flusher's
    write: then wait for it), and mark where the next record starts. One
-   atomic exchange an item: the flusher takes the mutex only to write. */
+   compare-and-swap an item; the mutex only when the flusher has it. */
 static void hold_slow(WState *w) {
   int none = HOLD_NONE;
   pthread_mutex_lock(&w->mu); /* the flusher writes holding it */
@@ -149,7 +149,7 @@ static void *flusher(void *arg) {
           if (parmap_write_all(w->fd, w->out.p, w->out.len)) {
             /* the parent hung up: the main thread finds it at its next
                flush, which its own clock now times, and leaves */
-            w->fl_on = 0;
+            __atomic_store_n(&w->fl_on, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&w->hold, HOLD_NONE, __ATOMIC_RELEASE);
             break;
           }
@@ -205,7 +205,9 @@ static void start_flusher(WState *w) {
      Ctrl-C): the thread starts with all blocked */
   sigfillset(&all);
   pthread_sigmask(SIG_SETMASK, &all, &old);
-  w->fl_on = pthread_create(&t, &attr, flusher, w) == 0;
+  __atomic_store_n(&w->fl_on, 1, __ATOMIC_RELAXED); /* before it runs */
+  if (pthread_create(&t, &attr, flusher, w))
+    __atomic_store_n(&w->fl_on, 0, __ATOMIC_RELAXED);
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   pthread_attr_destroy(&attr);
 }
@@ -230,7 +232,8 @@ static void item_done(WState *w) {
   w->pending++;
   if (w->k + 1 >= w->h->count) return; /* the end frame follows at once */
   if (w->out.len >= FLUSH_BYTES ||
-      (!w->fl_on && coarse_ns() - w->last >= FLUSH_NS)) {
+      (!__atomic_load_n(&w->fl_on, __ATOMIC_RELAXED) &&
+       coarse_ns() - w->last >= FLUSH_NS)) {
     flush(w, w->pending, 0, 0);
     w->pending = 0;
     __atomic_store_n(&w->last, coarse_ns(), __ATOMIC_RELAXED);
@@ -331,7 +334,8 @@ static void run_segment(WState *w, const TaskHdr *h) {
   w->tries = h->tries;
   if (!w->fl_tried) start_flusher(w);
   __atomic_store_n(&w->last, coarse_ns(), __ATOMIC_RELAXED);
-  if (w->fl_on) { /* wake the flusher: a segment runs */
+  if (__atomic_load_n(&w->fl_on, __ATOMIC_RELAXED)) { /* wake the flusher:
+                                                          a segment runs */
     pthread_mutex_lock(&w->mu);
     __atomic_store_n(&w->busy, 1, __ATOMIC_RELEASE);
     pthread_cond_signal(&w->cv);
