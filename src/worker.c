@@ -332,7 +332,9 @@ static void run_segment(WState *w, const TaskHdr *h) {
   w->pos = 0;
   w->tries_k = 0; /* the first item may have lost runs to deaths */
   w->tries = h->tries;
-  if (!w->fl_tried) start_flusher(w);
+  /* a segment of one item flushes as it ends: no thread for it (threads
+     count against RLIMIT_NPROC, and slow items come one a segment) */
+  if (!w->fl_tried && h->count > 1) start_flusher(w);
   __atomic_store_n(&w->last, coarse_ns(), __ATOMIC_RELAXED);
   if (__atomic_load_n(&w->fl_on, __ATOMIC_RELAXED)) { /* wake the flusher:
                                                           a segment runs */
