@@ -247,11 +247,17 @@ describe("star items' vals.n", function()
         assert.matches("item 1: star = true: too many values to unpack", err)
       end)
 
-      it("refuses a __len that gives a negative length", function()
-        local t = setmetatable({}, { __len = function() return -1 end })
-        local ok, err = pcall(parmap.map, count, { t }, { N = N, star = true })
-        assert.is_false(ok)
-        assert.matches("item 1: star = true: #vals %(its __len%) must be a non%-negative integer, got %-1", err)
+      it("refuses a __len that gives no non-negative integer", function()
+        for _, len in ipairs({ -1, 1.5, "2" }) do
+          local t = setmetatable({}, { __len = function() return len end })
+          local ok, err = pcall(parmap.map, count, { { 1 }, t }, { N = N, star = true,
+            exception = "return" })
+          assert.is_false(ok)
+          assert.matches("item 2: star = true: #vals %(its __len%) must be a non%-negative integer, got "
+            .. (len == "2" and 'string "2"' or tostring(len):gsub("%p", "%%%0")), err)
+        end
+        local t = setmetatable({}, { __len = function() return 2.0 end })
+        assert.same({ 2 }, parmap.map(count, { t }, { N = N, star = true }))
       end)
 
       it("applies to {vals, kwvals} items of kwstar too", function()
@@ -274,4 +280,21 @@ describe("star items' vals.n", function()
       end)
     end)
   end
+end)
+
+describe("ParEval's chunk results' n", function()
+  it("is read as an integer (2.0 is 2), whatever N", function()
+    for _, N in ipairs({ 1, 2 }) do
+      local pe = parmap.ParEval(function(c) return { c[1], c[2], n = 2.0 } end,
+        { n_chunks = 2, N = N })
+      local out = pe({ 1, 2, 3, 4 })
+      assert.equal(4, out.n)
+      assert.equal("integer", math.type(out.n))
+      assert.same({ 1, 2, 3, 4 }, { out[1], out[2], out[3], out[4] })
+      pe = parmap.ParEval(function(c) return { c[1], n = 0 / 0 } end, { n_chunks = 2, N = N })
+      local ok, err = pcall(pe, { 1, 2 })
+      assert.is_false(ok)
+      assert.matches("chunk 1 %(items 1..1%) returned a table whose n is nan", err)
+    end
+  end)
 end)

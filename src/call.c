@@ -91,11 +91,12 @@ int parmap_push_call(lua_State *L, const CallSpec *cs, int item,
       if (lua_type(L, -1) != LUA_TNUMBER || !isint || len < 0)
         return bad_count(L, index, "vals.n", -1);
     } else {
-      len = luaL_len(L, vals);
-      if (len < 0) {
-        lua_pushinteger(L, len);
+      int isint;
+      lua_pop(L, 1);
+      lua_len(L, vals); /* __len may say anything */
+      len = lua_tointegerx(L, -1, &isint);
+      if (lua_type(L, -1) != LUA_TNUMBER || !isint || len < 0)
         return bad_count(L, index, "#vals (its __len)", -1);
-      }
     }
     lua_pop(L, 1);
     if (len > PARMAP_MAX_VALUES || /* Lua's stack */
