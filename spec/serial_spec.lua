@@ -186,6 +186,23 @@ describe("the serial path (N = 1) against the fork path (N = 2)", function()
     end
   end)
 
+  it("fn returning as many values as a worker may return (900,000)", function()
+    local k = 900000
+    local t = {}
+    for j = 1, k do t[j] = j end
+    for _, N in ipairs({ 1, 2 }) do
+      for _, exception in ipairs(EXCEPTIONS) do
+        local got = {}
+        -- the loop takes two values: counting them would copy them all
+        for i, a in parmap(function(x) return x, table.unpack(t, 1, k - x) end,
+          { 0, 1 }, { N = N, exception = exception }) do
+          got[i] = a
+        end
+        assert.same({ 0, 1 }, got)
+      end
+    end
+  end)
+
   it("init that raises and finish", function()
     differential(function(x) return x end, { 1, 2 },
       { init = function() error("no init") end, exception = "return" })
