@@ -22,7 +22,7 @@
 #include "process.h"
 #include "spec.h"
 
-/* What one call of core.caller's closure runs. */
+/* One item's call, for core.caller's and core.stepper's closures. */
 typedef struct Call {
   CallSpec cs;
   int shape; /* set when the item has not the shape its mode needs */
