@@ -87,8 +87,12 @@ end
 -- N = 1: a plain loop in this process, no fork.
 local function serial(spec)
   local items, from_table, total = spec.items, spec.from_table, spec.total
-  local call = caller(spec) -- fn with the call table's options, built once
-  local fail, progress = spec.fail, spec.progress
+  -- one item's run, retries, failure record (to the map's handler: the
+  -- one policy) and progress, in C: the loop's values are fn's results
+  -- where they came, never copied (fn may return as many as a worker's)
+  local call = core.stepper(spec)
+  local progress = spec.progress
+  local fail = spec.fail
   local proc = spec.exception == "proc"
   local state = setmetatable({ closed = false }, Serial)
   local i, ended, busy = 0, false, false
@@ -101,28 +105,6 @@ local function serial(spec)
     if err ~= nil then ended = true end
   end })
 
-  local function finish(...)
-    if progress then progress(i, total, false) end
-    return i, ...
-  end
-
-  -- retries: fn runs again while it raises and runs are left; a bad
-  -- shape would fail alike, so it is not run again
-  local function again(item, runs, status, ...)
-    if status ~= "error" or runs > retries then return runs, status, ... end
-    return again(item, runs + 1, call(item, i, true))
-  end
-
-  -- the failure record goes to the map's handler: the one policy
-  local function outcome(runs, status, ...)
-    if status == "ok" then return finish(...) end
-    if status == "shape" then
-      return finish(fail(i, "shape", nil, (...), "", core.pid()))
-    end
-    local err, message, traceback = ...
-    return finish(fail(i, "error", err, message, traceback, core.pid(), runs))
-  end
-
   local function step()
     if busy then
       error("parmap: map is busy (stepped from inside its own step: fn, a "
@@ -131,12 +113,11 @@ local function serial(spec)
     if ended or state.closed then return nil end
     busy = true
     local _ <close> = guard
-    local item
-    if from_table then
-      if i < total then item = items[i + 1] end
-    else
-      item = items()
-    end
+    -- a table's item is read inside the call, where its errors (a
+    -- raising __index) are the item's, as in a worker; an iterator's
+    -- error ends the map, as the fork engine's does
+    local item = items
+    if not from_table then item = items() end
     if (from_table and i >= total) or (not from_table and item == nil) then
       ended = true
       if started and fin then serial_finish(fin) end
@@ -148,10 +129,9 @@ local function serial(spec)
       if init then serial_init(init, fail) end
     end
     i = i + 1
-    if proc and retries == 0 then -- the policy raises err as raised: no
-      return finish(call(item, i, false)) -- need to catch it
-    end
-    return outcome(again(item, 1, call(item, i, true)))
+    -- "proc" without retries: the policy raises err as raised, so no need
+    -- to catch it
+    return call(item, i, not proc or retries > 0)
   end
   return step, nil, nil, state
 end

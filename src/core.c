@@ -22,48 +22,80 @@
 #include "process.h"
 #include "spec.h"
 
-/* call(item, index, protect), a closure of core.caller: fn's results for
-   one item, following the call table (N = 1). Unprotected, errors
-   propagate untouched. Protected, returns
-   "ok", results... | "error", err, message, traceback | "shape", message.
-   Upvalues: the CallSpec (a userdata), fn, args, kwargs. */
-static int core_call(lua_State *L) {
-  CallSpec cs = *(const CallSpec *)lua_touserdata(L, lua_upvalueindex(1));
-  int n, base, fnpos, protect = lua_toboolean(L, 3);
-  lua_Integer index = luaL_checkinteger(L, 2);
-  lua_settop(L, 1); /* the item */
+/* One item's call, for core.caller's and core.stepper's closures. */
+typedef struct Call {
+  CallSpec cs;
+  int shape; /* set when the item has not the shape its mode needs */
+} Call;
+
+/* call_body(call, fn, args, kw, item, index, from_table): fn's results for
+   the item (items[index] of the table at 5 when from_table), or with
+   call->shape set the shape's message. Everything an item's run may raise
+   (its items[index], its vals' metamethods, fn) raises in here, so a
+   protected call catches all of it, as a worker's pcall does. */
+static int call_body(lua_State *L) {
+  Call *c = (Call *)lua_touserdata(L, 1);
+  lua_Integer index = lua_tointeger(L, 6);
+  int n, fnpos;
+  c->cs.fn = 2;
+  c->cs.args = 3;
+  c->cs.kw = 4;
+  if (lua_toboolean(L, 7)) lua_geti(L, 5, index);
+  else lua_pushvalue(L, 5);
+  n = parmap_push_call(L, &c->cs, 8, index);
+  if (n < 0) {
+    c->shape = 1;
+    return 1;
+  }
+  fnpos = lua_gettop(L) - n; /* scratch values may sit below fn */
+  lua_call(L, n, LUA_MULTRET);
+  return lua_gettop(L) - fnpos + 1;
+}
+
+/* Push call_body and its arguments for the item at 1 (its index at 2),
+   with the call values of the running closure's upvalues 2..4. */
+static void push_body(lua_State *L, Call *c, int from_table) {
+  lua_pushcfunction(L, call_body);
+  lua_pushlightuserdata(L, c);
   lua_pushvalue(L, lua_upvalueindex(2));
   lua_pushvalue(L, lua_upvalueindex(3));
   lua_pushvalue(L, lua_upvalueindex(4));
-  cs.fn = 2;
-  cs.args = 3;
-  cs.kw = 4;
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, 2);
+  lua_pushboolean(L, from_table);
+}
+
+/* call(item, index, protect), a closure of core.caller: fn's results for
+   one item, following the call table (init and finish of the serial
+   path). Unprotected, errors propagate untouched. Protected, returns
+   "ok", results... | "error", err, message, traceback | "shape", message.
+   Upvalues: the CallSpec (a userdata), fn, args, kwargs. */
+static int core_call(lua_State *L) {
+  Call c;
+  int protect = lua_toboolean(L, 3);
+  c.cs = *(const CallSpec *)lua_touserdata(L, lua_upvalueindex(1));
+  c.shape = 0;
+  luaL_checkinteger(L, 2);
+  lua_settop(L, 2);
   if (protect) {
-    lua_pushliteral(L, "ok");
-    lua_pushcfunction(L, parmap_msgh);
+    lua_pushliteral(L, "ok");          /* 3 */
+    lua_pushcfunction(L, parmap_msgh); /* 4 */
   }
-  base = lua_gettop(L);
-  n = parmap_push_call(L, &cs, 1, index);
-  if (n < 0) {
-    if (!protect) return lua_error(L);
-    lua_pushliteral(L, "shape");
-    lua_insert(L, -2);
-    return 2;
-  }
-  fnpos = lua_gettop(L) - n; /* scratch values may sit below fn */
+  push_body(L, &c, 0);
   if (!protect) {
-    lua_call(L, n, LUA_MULTRET);
-    return lua_gettop(L) - fnpos + 1;
+    lua_call(L, 7, LUA_MULTRET);
+    if (c.shape) return lua_error(L);
+    return lua_gettop(L) - 2;
   }
-  if (lua_pcall(L, n, LUA_MULTRET, base) == LUA_OK) {
-    lua_pushvalue(L, base - 1); /* "ok" just below the results */
-    lua_replace(L, fnpos - 1);   /* fnpos - 1 >= base, the handler */
-    return lua_gettop(L) - fnpos + 2;
+  if (lua_pcall(L, 7, LUA_MULTRET, 4) == LUA_OK) {
+    if (c.shape) lua_pushliteral(L, "shape");
+    else lua_pushvalue(L, 3);
+    lua_replace(L, 4); /* the status just below the results */
+    return lua_gettop(L) - 3;
   }
-  parmap_unbox(L, lua_gettop(L)); /* err, message, traceback */
+  parmap_unbox(L, 5); /* err, message, traceback */
   lua_pushliteral(L, "error");
-  lua_replace(L, base - 1);
-  lua_remove(L, base); /* the handler */
+  lua_replace(L, 4);
   return 4;
 }
 
@@ -76,6 +108,105 @@ static int core_caller(lua_State *L) {
   parmap_read_call(L, 1, cs);
   parmap_push_callvalues(L, 1, "fn", cs->nargs);
   lua_pushcclosure(L, core_call, 4);
+  return 1;
+}
+
+/* A serial map's step of one item (core.stepper). */
+typedef struct Stepper {
+  CallSpec cs;
+  lua_Integer retries;
+  int from_table;
+} Stepper;
+
+/* The item's outcome is the values from `first` to the top: progress
+   hears of it, and they are returned after the index, where the loop
+   takes them. No copy of the values: fn may return as many as the stack
+   holds. */
+static int step_done(lua_State *L, lua_Integer index, int first) {
+  if (!lua_isnil(L, lua_upvalueindex(6))) {
+    luaL_checkstack(L, 5, "too many results");
+    lua_pushvalue(L, lua_upvalueindex(6));
+    lua_pushinteger(L, index);
+    lua_pushvalue(L, lua_upvalueindex(7));
+    lua_pushboolean(L, 0);
+    lua_call(L, 3, 0);
+  }
+  luaL_checkstack(L, 2, "too many results");
+  lua_pushinteger(L, index);
+  lua_rotate(L, first, 1);
+  return lua_gettop(L) - first + 1;
+}
+
+/* step(item, index, protect), a closure of core.stepper: the serial
+   loop's values for one item, as a worker and the parent make them: its
+   index and fn's results, or its index and what the map's failure handler
+   made of its failure (retried first while runs are left, when fn or the
+   item raised); `item` is the items table for table input. Unprotected
+   (exception = "proc" without retries) errors propagate untouched.
+   Upvalues: the Stepper, fn, args, kwargs, fail, progress, total. */
+static int core_step(lua_State *L) {
+  const Stepper *st = (const Stepper *)lua_touserdata(L, lua_upvalueindex(1));
+  lua_Integer index = luaL_checkinteger(L, 2), runs = 1;
+  int protect = lua_toboolean(L, 3);
+  Call c;
+  c.cs = st->cs;
+  lua_settop(L, 2);
+  if (!protect) {
+    c.shape = 0;
+    push_body(L, &c, st->from_table);
+    lua_call(L, 7, LUA_MULTRET);
+    if (c.shape) return lua_error(L); /* the policy raises a shape's message */
+    return step_done(L, index, 3);
+  }
+  lua_pushcfunction(L, parmap_msgh); /* 3 */
+  for (;;) {
+    c.shape = 0;
+    push_body(L, &c, st->from_table);
+    if (lua_pcall(L, 7, LUA_MULTRET, 3) == LUA_OK) {
+      if (!c.shape) return step_done(L, index, 4);
+      lua_pushvalue(L, lua_upvalueindex(5)); /* fail: raises its message */
+      lua_pushinteger(L, index);
+      lua_pushliteral(L, "shape");
+      lua_pushnil(L);
+      lua_pushvalue(L, 4);
+      lua_pushliteral(L, "");
+      lua_pushinteger(L, (lua_Integer)getpid());
+      lua_call(L, 6, 1);
+      return step_done(L, index, lua_gettop(L));
+    }
+    parmap_unbox(L, 4); /* err, message, traceback at 4..6 */
+    if (runs <= st->retries) { /* fn or the item raised: again */
+      runs++;
+      lua_settop(L, 3);
+      continue;
+    }
+    lua_pushvalue(L, lua_upvalueindex(5));
+    lua_pushinteger(L, index);
+    lua_pushliteral(L, "error");
+    lua_pushvalue(L, 4);
+    lua_pushvalue(L, 5);
+    lua_pushvalue(L, 6);
+    lua_pushinteger(L, (lua_Integer)getpid());
+    lua_pushinteger(L, runs);
+    lua_call(L, 7, 1); /* raises, or returns the error object */
+    return step_done(L, index, lua_gettop(L));
+  }
+}
+
+/* core.stepper(spec): the step closure of a serial map's spec (the call
+   table's fields, retries, from_table, fail, progress, total). */
+static int core_stepper(lua_State *L) {
+  Stepper *st;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  st = (Stepper *)lua_newuserdatauv(L, sizeof *st, 0);
+  parmap_read_call(L, 1, &st->cs);
+  st->retries = parmap_countfield(L, 1, "retries", "retries", 0, 0);
+  st->from_table = parmap_boolfield(L, 1, "from_table", 0);
+  parmap_push_callvalues(L, 1, "fn", st->cs.nargs);
+  parmap_pushfield(L, 1, "fail", LUA_TFUNCTION, 0);
+  parmap_pushfield(L, 1, "progress", LUA_TNONE, 1);
+  parmap_pushfield(L, 1, "total", LUA_TNUMBER, 1);
+  lua_pushcclosure(L, core_step, 7);
   return 1;
 }
 
@@ -186,6 +317,7 @@ static int core_worker(lua_State *L) {
 
 PARMAP_API int luaopen_parmap_core(lua_State *L) {
   static const luaL_Reg funcs[] = {{"caller", core_caller},
+                                   {"stepper", core_stepper},
                                    {"ncpu", core_ncpu},
                                    {"now", core_now},
                                    {"isatty", core_isatty},

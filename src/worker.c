@@ -7,6 +7,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <lauxlib.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +26,12 @@
 
 #define FLUSH_BYTES (256 * 1024)
 #define FLUSH_NS (20 * 1000000u)
+#define FLUSH_RETRY_NS (1000000u) /* the buffer was busy: look again soon */
+
+/* Who holds the out buffer (WState.hold): the main thread between an
+   item's end and the next item's start, the flusher thread while it writes
+   what waits there, else nobody (fn runs). */
+enum { HOLD_NONE = 0, HOLD_MAIN = 1, HOLD_FLUSHER = 2 };
 
 typedef struct WState {
   lua_State *L;
@@ -45,7 +54,17 @@ typedef struct WState {
   size_t pos;       /* next item in `in` (iterator input) */
   uint32_t tries_k; /* retries: the item that tries counts for */
   uint64_t tries;   /* ... its runs that failed so far */
-  uint64_t last;    /* last flush (coarse clock) */
+  uint64_t last;    /* last flush (coarse clock; atomic: the flusher
+                       reads it to sleep) */
+  /* The flusher thread writes finished results while fn runs, so they are
+     never held back by a slow item (DESIGN.md, Frames) */
+  int hold;         /* HOLD_*, atomic */
+  int fl_tried;     /* start_flusher ran */
+  int fl_on;        /* the flusher runs (atomic: it clears it when the
+                       parent hung up) */
+  int busy;         /* a segment runs (atomic; set under mu) */
+  pthread_mutex_t mu; /* held by the flusher but while it waits */
+  pthread_cond_t cv;  /* wakes it for a segment */
 } WState;
 
 static uint64_t coarse_ns(void) {
@@ -72,6 +91,127 @@ static void flush(WState *w, uint32_t nitems, uint64_t elapsed,
   w->out.len = FRAME_HDR;
 }
 
+/* Take the out buffer for the main thread (it may be in the flusher's
+   write: then wait for it), and mark where the next record starts. One
+   compare-and-swap an item; the mutex only when the flusher has it. */
+static void hold_slow(WState *w) {
+  int none = HOLD_NONE;
+  pthread_mutex_lock(&w->mu); /* the flusher writes holding it */
+  __atomic_compare_exchange_n(&w->hold, &none, HOLD_MAIN, 0, __ATOMIC_ACQUIRE,
+                              __ATOMIC_RELAXED);
+  pthread_mutex_unlock(&w->mu);
+}
+
+static inline void hold(WState *w) {
+  int none = HOLD_NONE;
+  if (!__atomic_compare_exchange_n(&w->hold, &none, HOLD_MAIN, 0,
+                                   __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+    hold_slow(w);
+  w->mark = w->out.len;
+}
+
+/* fn is about to run: the flusher may take what is in the buffer. */
+static inline void unhold(WState *w) {
+  __atomic_store_n(&w->hold, HOLD_NONE, __ATOMIC_RELEASE);
+}
+
+/* The flusher thread: while a segment runs, every FLUSH_NS after the last
+   flush it writes the results that wait in out, if fn runs (the buffer is
+   not held); so a finished result reaches the parent within the interval
+   even while fn runs a slow item, blocks in C or loops. It calls no Lua,
+   no malloc, no stdio: fn may fork (the child has no flusher), and exit
+   at any time (a frame cut short by the exit is dropped by the parent, as
+   with any death). */
+static void *flusher(void *arg) {
+  WState *w = (WState *)arg;
+  pthread_mutex_lock(&w->mu);
+  for (;;) {
+    uint64_t now, last, wait_ns;
+    struct timespec ts;
+    int none = HOLD_NONE;
+    if (!__atomic_load_n(&w->busy, __ATOMIC_ACQUIRE)) {
+      pthread_cond_wait(&w->cv, &w->mu); /* between segments: sleep */
+      continue;
+    }
+    now = coarse_ns();
+    last = __atomic_load_n(&w->last, __ATOMIC_RELAXED);
+    if (now - last >= FLUSH_NS) {
+      if (__atomic_compare_exchange_n(&w->hold, &none, HOLD_FLUSHER, 0,
+                                      __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        if (w->pending > 0) {
+          ResultHdr h;
+          h.magic = MAGIC_RESULT;
+          h.nitems = w->pending;
+          h.bodylen = w->out.len - FRAME_HDR;
+          h.elapsed_ns = 0;
+          h.flags = 0;
+          memcpy(w->out.p, &h, sizeof h);
+          if (parmap_write_all(w->fd, w->out.p, w->out.len)) {
+            /* the parent hung up: the main thread finds it at its next
+               flush, which its own clock now times, and leaves */
+            __atomic_store_n(&w->fl_on, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&w->hold, HOLD_NONE, __ATOMIC_RELEASE);
+            break;
+          }
+          w->out.len = FRAME_HDR;
+          w->pending = 0;
+        }
+        __atomic_store_n(&w->last, coarse_ns(), __ATOMIC_RELAXED);
+        __atomic_store_n(&w->hold, HOLD_NONE, __ATOMIC_RELEASE);
+        wait_ns = FLUSH_NS;
+      } else {
+        wait_ns = FLUSH_RETRY_NS; /* the main thread is between items */
+      }
+    } else {
+      wait_ns = last + FLUSH_NS - now;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += (time_t)(wait_ns / 1000000000u);
+    ts.tv_nsec += (long)(wait_ns % 1000000000u);
+    if (ts.tv_nsec >= 1000000000L) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000L;
+    }
+    pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+  }
+  pthread_mutex_unlock(&w->mu);
+  return NULL;
+}
+
+/* Start the flusher, once. Without it (no thread to be had: RLIMIT_NPROC
+   counts threads) results go out between items only, as they did. */
+static void start_flusher(WState *w) {
+  pthread_attr_t attr;
+  pthread_condattr_t ca;
+  pthread_t t;
+  sigset_t all, old;
+  size_t stack = 256 * 1024;
+  w->fl_tried = 1;
+  if (pthread_mutex_init(&w->mu, NULL)) return;
+  if (pthread_condattr_init(&ca)) return;
+  if (pthread_condattr_setclock(&ca, CLOCK_MONOTONIC) ||
+      pthread_cond_init(&w->cv, &ca)) {
+    pthread_condattr_destroy(&ca);
+    return;
+  }
+  pthread_condattr_destroy(&ca);
+  if (pthread_attr_init(&attr)) return;
+#ifdef PTHREAD_STACK_MIN
+  if (stack < (size_t)PTHREAD_STACK_MIN) stack = (size_t)PTHREAD_STACK_MIN;
+#endif
+  pthread_attr_setstacksize(&attr, stack);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  /* every signal stays with the main thread (fn's handlers, lua.c's
+     Ctrl-C): the thread starts with all blocked */
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  __atomic_store_n(&w->fl_on, 1, __ATOMIC_RELAXED); /* before it runs */
+  if (pthread_create(&t, &attr, flusher, w))
+    __atomic_store_n(&w->fl_on, 0, __ATOMIC_RELAXED);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  pthread_attr_destroy(&attr);
+}
+
 /* The result of item `index`: values from `first` to the top. */
 static void put_result(WState *w, lua_Integer index, int first) {
   parmap_put_result(w->L, &w->out, first, w->base + U_SCRATCH, w->base + U_DESC,
@@ -86,14 +226,17 @@ static void put_failure(WState *w, int box) {
                    w->pid);
 }
 
-/* After each item: count it, and flush when enough has piled up. */
+/* After each item (the buffer held): count it, and flush when enough has
+   piled up; the flusher thread, when there is one, keeps the interval. */
 static void item_done(WState *w) {
   w->pending++;
   if (w->k + 1 >= w->h->count) return; /* the end frame follows at once */
-  if (w->out.len >= FLUSH_BYTES || coarse_ns() - w->last >= FLUSH_NS) {
+  if (w->out.len >= FLUSH_BYTES ||
+      (!__atomic_load_n(&w->fl_on, __ATOMIC_RELAXED) &&
+       coarse_ns() - w->last >= FLUSH_NS)) {
     flush(w, w->pending, 0, 0);
     w->pending = 0;
-    w->last = coarse_ns();
+    __atomic_store_n(&w->last, coarse_ns(), __ATOMIC_RELAXED);
   }
 }
 
@@ -118,7 +261,6 @@ static int run_items(lua_State *L) {
   for (; w->k < w->h->count; w->k++) {
     lua_Integer index = (lua_Integer)w->h->from + (lua_Integer)w->k;
     int nargs, fnpos;
-    w->mark = w->out.len;
     w->mark_pos = w->pos;
     /* start before cur: the parent never pairs an old start with a new
        item (it reads cur, start, cur) */
@@ -145,22 +287,27 @@ static int run_items(lua_State *L) {
     }
     if (simple) {
       lua_call(L, 1, LUA_MULTRET);
+      hold(w);
       put_result(w, index, top + 1);
       lua_settop(L, top);
       item_done(w);
+      unhold(w);
       continue;
     }
     nargs = parmap_push_call(L, &w->cs, top + 1, index);
     if (nargs < 0) {
+      hold(w);
       parmap_put_error(L, &w->out, w->base + U_SCRATCH, "shape",
                        lua_gettop(L), lua_tostring(L, -1), "", w->pid);
     } else {
       fnpos = lua_gettop(L) - nargs;
       lua_call(L, nargs, LUA_MULTRET);
+      hold(w);
       put_result(w, index, fnpos); /* results replace fn and its args */
     }
     lua_settop(L, top);
     item_done(w);
+    unhold(w);
   }
   return 0;
 }
@@ -185,22 +332,34 @@ static void run_segment(WState *w, const TaskHdr *h) {
   w->pos = 0;
   w->tries_k = 0; /* the first item may have lost runs to deaths */
   w->tries = h->tries;
-  w->pending = 0;
-  w->last = coarse_ns();
+  /* a segment of one item flushes as it ends: no thread for it (threads
+     count against RLIMIT_NPROC, and slow items come one a segment) */
+  if (!w->fl_tried && h->count > 1) start_flusher(w);
+  __atomic_store_n(&w->last, coarse_ns(), __ATOMIC_RELAXED);
+  if (__atomic_load_n(&w->fl_on, __ATOMIC_RELAXED)) { /* wake the flusher:
+                                                          a segment runs */
+    pthread_mutex_lock(&w->mu);
+    __atomic_store_n(&w->busy, 1, __ATOMIC_RELEASE);
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+  }
   while (w->k < h->count) {
     lua_pushcfunction(L, run_items);
     lua_pushlightuserdata(L, w);
     lua_pushvalue(L, w->map);
-    w->mark = w->out.len;
     w->mark_pos = w->pos;
     if (lua_pcall(L, 2, 0, w->msgh) != LUA_OK) {
-      /* item w->k raised. When that was the codec running out of memory,
-         out may end in part of its result record and the scratch table
-         hold entries: drop both, or the next records come out garbled. An
-         item whose own record was not read cannot be skipped: leave, and
-         the parent reports the item (the rest of the segment runs again). */
+      /* item w->k raised. When that was the codec running out of memory
+         (the buffer is held then), out may end in part of its result
+         record and the scratch table hold entries: drop both, or the next
+         records come out garbled. An item whose own record was not read
+         cannot be skipped: leave, and the parent reports the item (the
+         rest of the segment runs again). */
       if (!w->cfg->from_table && w->pos == w->mark_pos) parmap_child_exit(PARMAP_EXIT_INTERNAL);
-      w->out.len = w->mark;
+      if (__atomic_load_n(&w->hold, __ATOMIC_RELAXED) == HOLD_MAIN)
+        w->out.len = w->mark;
+      else
+        hold(w); /* fn raised: what out holds is whole */
       clear_table(L, w->oscratch);
       if (w->cfg->retries > 0) { /* runs left? then again, here and now */
         if (w->tries_k != w->k) {
@@ -210,6 +369,7 @@ static void run_segment(WState *w, const TaskHdr *h) {
         if ((lua_Integer)++w->tries <= w->cfg->retries) {
           lua_settop(L, top);
           w->pos = w->mark_pos; /* its item is decoded again */
+          unhold(w);
           continue;
         }
       }
@@ -217,6 +377,7 @@ static void run_segment(WState *w, const TaskHdr *h) {
       lua_settop(L, top);
       w->k++;
       item_done(w);
+      unhold(w);
     }
   }
   /* the segment's end, for the parent's deadline of the next one: start
@@ -224,7 +385,11 @@ static void run_segment(WState *w, const TaskHdr *h) {
   if (w->cfg->timeout > 0)
     __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELEASE);
   __atomic_store_n(&w->shm->cur, 0, __ATOMIC_RELEASE);
+  hold(w);
   flush(w, w->pending, parmap_now_ns() - t0, FLAG_END);
+  w->pending = 0;
+  __atomic_store_n(&w->busy, 0, __ATOMIC_RELEASE); /* the flusher sleeps */
+  unhold(w);
 }
 
 /* run_user(f, id): f(id). Called under lua_pcall from worker_loop, so it
@@ -260,6 +425,7 @@ static void init_failed(WState *w) {
   lua_State *L = w->L;
   int box = lua_gettop(L) - 2;
   char sink[4096];
+  hold(w);
   parmap_put_error(L, &w->out, w->oscratch, "init", box,
                    lua_tostring(L, box + 1), lua_tostring(L, box + 2), w->pid);
   flush(w, 0, 0, FLAG_INIT);

@@ -112,7 +112,7 @@ return function(parmap)
       if rn ~= nil then
         if not integer(rn) or rn < 0 then
           error(format("%s: chunk %d (items %d..%d) returned a table whose n is %s",
-            WHO, k, b[k][1], b[k][2], tostring(rn)), 2)
+            WHO, k, b[k][1], b[k][2], shown(rn)), 2)
         end
         has_n = true
       end
@@ -121,7 +121,7 @@ return function(parmap)
     local out, len = {}, 0
     for k = 1, #b do
       local r = parts[k]
-      local rn = r.n or #r
+      local rn = integer(r.n) or #r -- 2.0 is 2: out.n stays an integer
       move(r, 1, rn, len + 1, out)
       len = len + rn
     end
