@@ -138,6 +138,8 @@ static int core_range(lua_State *L) {
   ParmapRange *r;
   ParmapRange tmp;
   memset(&tmp, 0, sizeof tmp);
+  if (nargs == 3 && lua_isnil(L, 3)) nargs = 2; /* no step: 1 */
+  lua_settop(L, nargs);
   if (nargs < 1 || nargs > 3)
     return range_error(L, "1 to 3 arguments expected (n, or first, last[, "
                           "step]), got %d", nargs);
