@@ -2,6 +2,7 @@
 -- of them: workers compute their items; # and total are known; every
 -- option works with it.
 local parmap = require "parmap"
+local H = require "helpers"
 
 -- The values `for x = a, b, s` gives, as a list.
 local function for_values(a, b, s)
@@ -175,5 +176,35 @@ describe("parmap.range", function()
   it("is what a map's error names when given a non-range", function()
     assert.has_error(function() parmap.map(id, 10) end,
       "parmap: bad argument #2 'items' (table or function expected, got number)")
+  end)
+
+  -- under parmap-mpi the coordinator reads the range as a table (rank 0
+  -- sends each item, a varint: agents have no copy of it)
+  it("works under parmap-mpi", function()
+    local bin = os.getenv("PARMAP_MPI_BIN")
+    local have = bin and io.open(bin, "r")
+    if not have then
+      pending("PARMAP_MPI_BIN not set (make test, make check-mpi)")
+      return
+    end
+    have:close()
+    local path = H.script([[
+      local parmap = require "parmap"
+      local got, n = parmap.map(function(x) return x * 2 end, parmap.range(1000))
+      local ok = n == 1000
+      for i = 1, 1000 do ok = ok and got[i] == 2 * i and math.type(got[i]) == "integer" end
+      local f = parmap.map(function(x) return x end, parmap.range(0, 1, 0.1))
+      local k = 0
+      for x = 0, 1, 0.1 do k = k + 1; ok = ok and f[k] == x end
+      print("mpi", ok and k == 11 and #f == 11)
+    ]])
+    local p = io.popen(string.format("env -u LD_PRELOAD timeout 120 %s %s -n 3 %s %q 2>&1",
+      os.getenv("MPIRUN") or "mpirun",
+      os.getenv("MPIRUN_FLAGS") or "--allow-run-as-root --oversubscribe --bind-to none",
+      bin, path))
+    local out = p:read("a")
+    p:close()
+    os.remove(path)
+    assert.equal("mpi\ttrue\n", out)
   end)
 end)
