@@ -137,6 +137,28 @@ describe("a worker the OOM killer took", function()
     assert.matches("^3\tdied\t15\tnil\t", out)
   end)
 
+  it("under parmap-mpi: the agent's error object keeps signal and oom", function()
+    local bin = os.getenv("PARMAP_MPI_BIN")
+    local have = bin and io.open(bin, "r")
+    if not have then
+      pending("PARMAP_MPI_BIN not set (make test, make check-mpi)")
+      return
+    end
+    have:close()
+    local f = assert(io.open(root .. "/sys/fs/cgroup/job/memory.events", "w"))
+    f:write("oom_kill 0\n") -- the script bumps it to 1
+    f:close()
+    local path = H.script(script(true, "KILL"))
+    local p = io.popen(string.format("env -u LD_PRELOAD PARMAP_CGROUP_ROOT=%q timeout 120 %s %s -x PARMAP_CGROUP_ROOT -n 2 %s %q 2>&1",
+      root, os.getenv("MPIRUN") or "mpirun",
+      os.getenv("MPIRUN_FLAGS") or "--allow-run-as-root --oversubscribe --bind-to none",
+      bin, path))
+    local out = p:read("a")
+    p:close()
+    os.remove(path)
+    assert.matches("^3\tdied\t9\ttrue\tworker %d+ killed by signal 9 %(Killed, by the kernel's OOM killer%) while running item 3\n$", out)
+  end)
+
   -- The real thing where this machine lets us make a memory cgroup (root,
   -- cgroup v1's memory controller or v2 with it): a worker past the
   -- group's limit is killed by the kernel.
