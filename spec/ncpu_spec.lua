@@ -120,4 +120,35 @@ describe("parmap.ncpu and cgroup CPU quotas", function()
     os.remove(path)
     assert.equal("ncpu 1\nworkers 1\n", out)
   end)
+
+  it("under parmap-mpi: each agent reports (and runs) its quota's CPUs", function()
+    local bin = os.getenv("PARMAP_MPI_BIN")
+    local have = bin and io.open(bin, "r")
+    if not have then
+      pending("PARMAP_MPI_BIN not set (make test, make check-mpi)")
+      return
+    end
+    have:close()
+    local r = v2({ ["/a/b"] = "100000 100000" })
+    local path = H.script([[
+      local mpi = package.loaded["parmap.mpi"]
+      local parmap = require "parmap"
+      local ids = {}
+      for _, id in parmap(function() return (parmap.worker()) end, parmap.range(40),
+          { chunksize = 1 }) do ids[id] = true end
+      local n = 0
+      for _ in pairs(ids) do n = n + 1 end
+      io.write("agents")
+      for rank = 1, 2 do io.write(" ", mpi.hosts()[rank].ncpu) end
+      io.write(" workers ", n, "\n")
+    ]])
+    local p = io.popen(string.format("env -u LD_PRELOAD PARMAP_CGROUP_ROOT=%q timeout 120 %s %s -x PARMAP_CGROUP_ROOT -n 3 %s %q 2>&1",
+      r, os.getenv("MPIRUN") or "mpirun",
+      os.getenv("MPIRUN_FLAGS") or "--allow-run-as-root --oversubscribe --bind-to none",
+      bin, path))
+    local out = p:read("a")
+    p:close()
+    os.remove(path)
+    assert.equal("agents 1 1 workers 2\n", out)
+  end)
 end)

@@ -590,6 +590,16 @@ int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
             "parmap-mpi: warning: rank %d on %s may use 1 CPU of %ld (bound "
             "to one core?): start with `mpirun --bind-to none` or `srun -c "
             "<cores>`\n", rank, host, online);
+  /* rank 0 weighs agents by the N they will run: parmap.ncpu(), which a
+     cgroup's CPU quota lowers below the affinity count */
+  {
+    int top = lua_gettop(L);
+    if (luaL_dostring(L, "return require('parmap').ncpu()") == LUA_OK &&
+        lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1 &&
+        lua_tointeger(L, -1) < ncpu)
+      ncpu = (int)lua_tointeger(L, -1);
+    lua_settop(L, top);
+  }
   if (mpi_begin(&b, 0, 0, ncpu, 0) || parmap_buf_reserve(&b, n)) return 1;
   memcpy(b.p + b.len, host, n);
   b.len += n;
