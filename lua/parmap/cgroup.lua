@@ -10,8 +10,8 @@
 local core = require "parmap.core"
 require("parmap.errors").own()
 
-local open, getenv, tonumber, type, next = io.open, os.getenv, tonumber,
-  type, next
+local open, getenv, tonumber, type, next, error = io.open, os.getenv, tonumber,
+  type, next, error
 local ceil, huge = math.ceil, math.huge
 
 local G = {}
