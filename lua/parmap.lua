@@ -149,7 +149,7 @@ local function mpi_start(level, spec)
   -- items go boxed with their index when a table has nil items (nil
   -- ends an iterator) or for seed (which needs the map's index)
   local box = spec.seed ~= nil
-  if spec.from_table and not box then
+  if spec.from_table and not box and not spec.range then -- no nil there
     for i = 1, spec.total do
       if items[i] == nil then box = true; break end
     end
@@ -158,6 +158,7 @@ local function mpi_start(level, spec)
     args = spec.args, nargs = spec.nargs, has_kw = spec.has_kw,
     kwargs = spec.kwargs, timeout = spec.timeout, box = box,
     seed = spec.seed, maxtasks = spec.maxtasks, retries = spec.retries,
+    maxmemory = spec.maxmemory,
     buffersize = spec.buffersize }
   local hooks = {}
   for _, name in next, { "init", "finish" } do -- they travel as fn does
@@ -238,8 +239,13 @@ function M.map(fn, items, opts, ...)
   return out, n
 end
 
---- The number of CPUs this process may run on (the default N).
-M.ncpu = core.ncpu
+--- The number of CPUs this process may use (the default N): its affinity
+--- mask, lowered to its control group's CPU quota. opts.root: read the
+--- files under that directory instead of / (for tests).
+M.ncpu = require("parmap.cgroup").ncpu
+--- parmap.range(n) / parmap.range(first, last[, step]): the values of
+--- `for x = first, last, step` as a map's items, none of them stored.
+M.range = core.range
 --- In a worker of a map: its number (1..N) and N; nil in the caller.
 function M.worker() return core.worker() end
 --- Monotonic time in seconds, for timing maps.

@@ -32,6 +32,7 @@ build = {
    type = "builtin",
    modules = {
       parmap = "lua/parmap.lua",
+      ["parmap.cgroup"] = "lua/parmap/cgroup.lua",
       ["parmap.check"] = "lua/parmap/check.lua",
       ["parmap.errors"] = "lua/parmap/errors.lua",
       ["parmap.pareval"] = "lua/parmap/pareval.lua",
@@ -42,7 +43,7 @@ build = {
          sources = {
             "src/buf.c", "src/codec.c", "src/proc.c", "src/child.c", "src/call.c",
             "src/worker.c",
-            "src/map.c", "src/process.c", "src/core.c", "src/fnenc.c",
+            "src/map.c", "src/process.c", "src/core.c", "src/fnenc.c", "src/range.c",
          },
       },
    },

@@ -20,6 +20,7 @@
 #include "parmap.h"
 #include "proc.h"
 #include "process.h"
+#include "range.h"
 #include "spec.h"
 
 /* One item's call, for core.caller's and core.stepper's closures. */
@@ -330,5 +331,6 @@ PARMAP_API int luaopen_parmap_core(lua_State *L) {
   parmap_map_register(L);
   parmap_process_register(L);
   parmap_fnenc_register(L); /* closures by value (issue 13) */
+  parmap_range_register(L);
   return 1;
 }

@@ -57,6 +57,10 @@ typedef struct Config {
   lua_Integer seed;
   lua_Integer maxtasks; /* items a worker process runs in all, 0: no limit */
   lua_Integer retries;  /* runs more an item that failed may get, 0: none */
+  lua_Integer maxmemory; /* bytes of RSS past which a worker is replaced, 0:
+                            no limit */
+  struct ParmapRange *range; /* items is a parmap.range: workers compute
+                                their items (range.h), else NULL */
 } Config;
 
 /* Frame headers. Both ends are the same machine: native byte order. */
@@ -91,7 +95,8 @@ enum { REC_OK = 0, REC_ERR = 1 };
 typedef struct Shm {
   int64_t cur;      /* index of the item being run, 0 when none */
   uint64_t start;   /* when it started (monotonic ns), if timeouts are on */
-  char pad[48];     /* one cache line each */
+  uint32_t over;    /* maxmemory: the worker's RSS passed it */
+  char pad[44];     /* one cache line each */
 } Shm;
 
 /* Stack layout needed by the call adapter (absolute indices). */

@@ -6,6 +6,7 @@
 */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <lauxlib.h>
 #include <limits.h>
 #include <pthread.h>
@@ -21,6 +22,7 @@
 #include "codec.h"
 #include "engine.h"
 #include "proc.h"
+#include "range.h"
 
 /* ---------------------------------------------------------------- worker */
 
@@ -226,6 +228,34 @@ static void put_failure(WState *w, int box) {
                    w->pid);
 }
 
+/* maxmemory: once this process's RSS passes it, say so in its Shm; the
+   parent then hands it nothing more and replaces it, as for maxtasks.
+   Checked at the end of each segment and at the main thread's flushes, so
+   tiny items do not pay a read of statm each. */
+static void mem_check(WState *w) {
+  static int fd = -1; /* this process's statm, kept open */
+  static pid_t owner = 0;
+  char buf[128];
+  ssize_t r;
+  unsigned long long size, rss;
+  if (w->cfg->maxmemory <= 0 || w->shm->over) return;
+  if (owner != w->pid) { /* inherited from the worker that forked this one:
+                            it reads that process's statm */
+    if (fd >= 0) close(fd);
+    fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+    owner = w->pid;
+  }
+  if (fd < 0) return;
+  do r = pread(fd, buf, sizeof buf - 1, 0);
+  while (r < 0 && errno == EINTR);
+  if (r <= 0) return;
+  buf[r] = '\0';
+  if (sscanf(buf, "%llu %llu", &size, &rss) != 2) return;
+  if (rss * (unsigned long long)sysconf(_SC_PAGESIZE) >
+      (unsigned long long)w->cfg->maxmemory)
+    __atomic_store_n(&w->shm->over, 1u, __ATOMIC_RELEASE);
+}
+
 /* After each item (the buffer held): count it, and flush when enough has
    piled up; the flusher thread, when there is one, keeps the interval. */
 static void item_done(WState *w) {
@@ -234,6 +264,7 @@ static void item_done(WState *w) {
   if (w->out.len >= FLUSH_BYTES ||
       (!__atomic_load_n(&w->fl_on, __ATOMIC_RELAXED) &&
        coarse_ns() - w->last >= FLUSH_NS)) {
+    mem_check(w);
     flush(w, w->pending, 0, 0);
     w->pending = 0;
     __atomic_store_n(&w->last, coarse_ns(), __ATOMIC_RELAXED);
@@ -275,7 +306,8 @@ static int run_items(lua_State *L) {
     }
     if (simple) lua_pushvalue(L, w->cs.fn); /* fn(item): no adapter */
     if (cfg->from_table) {
-      lua_geti(L, w->base + U_ITEMS, index);
+      if (cfg->range) parmap_range_push(L, cfg->range, index);
+      else lua_geti(L, w->base + U_ITEMS, index);
     } else if (!parmap_decode_scalar(L, w->in.p, w->in.len, &w->pos)) {
       const char *err;
       if (parmap_decode(L, w->in.p, w->in.len, &w->pos, w->base + U_SCRATCH,
@@ -385,6 +417,7 @@ static void run_segment(WState *w, const TaskHdr *h) {
   if (w->cfg->timeout > 0)
     __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELEASE);
   __atomic_store_n(&w->shm->cur, 0, __ATOMIC_RELEASE);
+  mem_check(w); /* before the end frame: the parent decides on reading it */
   hold(w);
   flush(w, w->pending, parmap_now_ns() - t0, FLAG_END);
   w->pending = 0;

@@ -6,11 +6,12 @@
 local core = require "parmap.core"
 local Progress = require "parmap.progress"
 local Errors = require "parmap.errors"
+local Cgroup = require "parmap.cgroup"
 Errors.own()
 
-local error, type, tostring, setmetatable, getmetatable, next =
-  error, type, tostring, setmetatable, getmetatable, next
-local tointeger = math.tointeger
+local error, type, tostring, tonumber, setmetatable, getmetatable, next =
+  error, type, tostring, tonumber, setmetatable, getmetatable, next
+local tointeger, floor = math.tointeger, math.floor
 local format = string.format
 
 local C = {}
@@ -48,6 +49,7 @@ C.OPTIONS = {
   buffersize = true,
   backend = true, -- issue 13: "auto", "fork" or "mpi"
   resilient = true, -- issue 13: the MPI backend outlives an agent's death
+  maxmemory = true, -- bytes (or "2G") of RSS past which a worker is replaced
 }
 local OPTIONS = C.OPTIONS
 
@@ -259,6 +261,22 @@ function C.constructor(level, who, fname, f, opts)
   end
 end
 
+-- A size in bytes: a positive integer, or a string of one with a unit
+-- ("512M", "2G", "1.5G", "100k"; K, M, G, T are powers of 1024).
+local UNITS = { [""] = 1, K = 1024, M = 1024 ^ 2, G = 1024 ^ 3, T = 1024 ^ 4 }
+function C.bytes(level, name, v)
+  local n = integer(v)
+  if type(v) == "string" then
+    local num, unit = v:match("^%s*(%d+%.?%d*)%s*([kKmMgGtT]?)[iI]?[bB]?%s*$")
+    local mul = num and UNITS[unit:upper()]
+    if mul then n = tointeger(floor(tonumber(num) * mul)) end
+  end
+  if not n or n < 1 then
+    bad(level + 1, name, "positive number of bytes or a size such as \"512M\" or \"2G\"", v)
+  end
+  return n
+end
+
 -- spec[name] = opts[name], a positive integer when given (for map_spec, at
 -- its level).
 local function positive(level, spec, opts, name)
@@ -279,6 +297,7 @@ function C.map_spec(level, fn, items, opts, extra)
       typename(fn)), level)
   end
   local it = type(items)
+  local range = it == "table" and core.isrange(items)
   C.no_triple(level, "parmap", 2, "items", items,
     extra and extra > 0 and type(opts) == "table")
   if it ~= "table" and it ~= "function" then
@@ -299,7 +318,7 @@ function C.map_spec(level, fn, items, opts, extra)
   local N = opts.N
   if N == nil then
     -- a map inside a worker would otherwise fork N workers per worker
-    N = core.worker() and 1 or core.ncpu()
+    N = core.worker() and 1 or Cgroup.ncpu()
   else
     N = integer(N)
     if not N or N < 1 then bad(level, "N", "positive integer", opts.N) end
@@ -321,6 +340,11 @@ function C.map_spec(level, fn, items, opts, extra)
     bad(level, "kwstar", "boolean", kwstar)
   end
   spec.kwstar = kwstar == true
+  if range and (star == true or kwstar == true) then
+    error(format("parmap: bad argument #2 'items' (a parmap.range's items are numbers: %s needs tables; star = parmap.None calls fn(args...) once per index)",
+      star == true and "star = true" or "kwstar = true"), level)
+  end
+  spec.range = range or nil
 
   spec.args, spec.nargs = C.args(level, "parmap", opts.args)
   spec.kwargs = C.kwargs(level, "parmap", opts.kwargs)
@@ -362,7 +386,10 @@ function C.map_spec(level, fn, items, opts, extra)
 
   local exception = C.exception(level, "parmap", opts.exception,
     N > 1 and "raise" or "proc")
-  spec.exception, spec.fail = exception, Errors.handler(exception)
+  -- workers (N > 1, or one for timeout and seed): a SIGKILL may be the
+  -- OOM killer's, which the group's count tells from its growth
+  spec.exception, spec.fail = exception, Errors.handler(exception,
+    (N > 1 or opts.timeout or opts.seed) and Cgroup.oom_watch() or nil)
 
   local progress = opts.progress
   if progress == true or type(progress) == "string" then
@@ -401,6 +428,9 @@ function C.map_spec(level, fn, items, opts, extra)
   end
 
   positive(level, spec, opts, "maxtasks")
+  if opts.maxmemory ~= nil then
+    spec.maxmemory = C.bytes(level, "maxmemory", opts.maxmemory)
+  end
 
   local retries = opts.retries
   if retries ~= nil then

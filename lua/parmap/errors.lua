@@ -106,12 +106,19 @@ local apply = E.apply
 -- loop) hand it a failure record (index, kind, err, message, traceback,
 -- pid[, attempts[, fields]]) once the map is stopped or may go on; it
 -- raises, or returns the error object for the loop.
-function E.handler(exception)
+-- oom: nil, or a function telling whether a worker's SIGKILL was the OOM
+-- killer's (cgroup.lua's oom_watch).
+function E.handler(exception, oom)
   return function(index, kind, err, message, traceback, pid, attempts,
                   fields)
     local e = make_error(index, kind, err, message, traceback, pid, attempts)
-    if fields ~= nil then -- {worker = id} for init; MPI: {host =, rank =}
-      for k, v in next, fields do e[k] = v end
+    if fields ~= nil then -- {worker = id} for init; {signal = s} for died;
+      for k, v in next, fields do e[k] = v end -- MPI: {host =, rank =}
+    end
+    if kind == "died" and e.signal == 9 and oom and oom() then
+      e.oom = true
+      e.message = message:gsub("%(Killed%)", "(Killed, by the kernel's OOM killer)", 1)
+      if err == message then e.err = e.message end
     end
     return apply(exception, true, e)
   end

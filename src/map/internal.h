@@ -24,6 +24,7 @@
 #include "../engine.h"
 #include "../map.h"
 #include "../proc.h"
+#include "../range.h"
 #include "../spec.h"
 
 #define MAP_MT "parmap.Map"
@@ -139,6 +140,9 @@ typedef struct Map {
 
 /* The window (window.c): chunks and their slots, the items pulled from an
    iterator, the failure list of each slot, which record is next. */
+static void add_failure_sig(lua_State *L, Map *m, Slot *s, lua_Integer index,
+                            const char *kind, const char *message, pid_t pid,
+                            int sig);
 static void add_failure(lua_State *L, Map *m, Slot *s, lua_Integer index,
                         const char *kind, const char *message, pid_t pid);
 static int finished(Map *m);

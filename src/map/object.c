@@ -66,7 +66,8 @@ static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
   int k;
   lua_Integer attempts;
   const char *kind;
-  if (n != 5 || lua_type(L, base + 1) != LUA_TSTRING ||
+  if ((n != 5 && !(n == 6 && lua_istable(L, base + 6))) ||
+      lua_type(L, base + 1) != LUA_TSTRING ||
       lua_type(L, base + 3) != LUA_TSTRING) {
     return luaL_error(L, "parmap: corrupt error record for item %I",
                       (LUAI_UACINT)index);
@@ -86,8 +87,10 @@ static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
   lua_pushinteger(L, index);
   for (k = 1; k <= 5; k++) lua_pushvalue(L, base + k);
   lua_pushinteger(L, attempts);
-  lua_call(L, 7, 1); /* fail(index, kind, err, message, tb, pid, attempts):
-                        raises, or returns the error object */
+  if (n == 6) lua_pushvalue(L, base + 6); /* fields: {signal = s} */
+  lua_call(L, n == 6 ? 8 : 7, 1); /* fail(index, kind, err, message, tb,
+                        pid, attempts[, fields]): raises, or returns the
+                        error object */
   lua_pushinteger(L, index);
   lua_insert(L, -2);
   return 2;
@@ -326,6 +329,7 @@ static void read_config(lua_State *L, Config *c) {
   if (c->chunksize > PARMAP_MAX_CHUNK) c->chunksize = PARMAP_MAX_CHUNK;
   c->maxtasks = parmap_countfield(L, 1, "maxtasks", "maxtasks", 1, 0);
   c->retries = parmap_countfield(L, 1, "retries", "retries", 0, 0);
+  c->maxmemory = parmap_countfield(L, 1, "maxmemory", "maxmemory", 1, 0);
   n = parmap_countfield(L, 1, "N", "N", 1, 1);
   if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
   if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;
@@ -392,6 +396,7 @@ static int map_start(lua_State *L) {
   if (raw_source && !m->cfg.from_table &&
       lua_tocfunction(L, -1) == raw_source->items)
     m->raw = raw_source;
+  m->cfg.range = m->cfg.from_table ? parmap_torange(L, -1) : NULL;
   lua_setiuservalue(L, ud, U_ITEMS);
   parmap_setfields(L, 1, ud, "fn", m->cfg.nargs, CALL_UV, FIELDS, U_SCRATCH);
   m->nw = m->cfg.N;

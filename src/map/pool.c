@@ -43,9 +43,12 @@ static int depth(Map *m) {
   return (m->item_ns * (double)m->last_size > 4 * TARGET_NS) ? 1 : DEPTH;
 }
 
-/* maxtasks: w was handed all the items it may run. */
+/* maxtasks: w was handed all the items it may run; maxmemory: its RSS
+   passed the limit (the worker says so in its Shm). */
 static int spent(const Map *m, const Worker *w) {
-  return m->cfg.maxtasks > 0 && w->handed >= m->cfg.maxtasks;
+  return (m->cfg.maxtasks > 0 && w->handed >= m->cfg.maxtasks) ||
+         (m->cfg.maxmemory > 0 &&
+          __atomic_load_n(&m->shm[w - m->w].over, __ATOMIC_ACQUIRE));
 }
 
 /* maxtasks: a worker that was handed its last item and sent its result
@@ -53,7 +56,7 @@ static int spent(const Map *m, const Worker *w) {
    fresh process in its place, under the same number, for further work. */
 static void recycle(Map *m) {
   int i, k = 0, st;
-  if (m->cfg.maxtasks <= 0) return;
+  if (m->cfg.maxtasks <= 0 && m->cfg.maxmemory <= 0) return;
   for (i = 0; i < m->nretired; i++) /* reap those that are gone */
     if (parmap_wait(m->retired[i], &st, 0) == 0)
       m->retired[k++] = m->retired[i];
@@ -212,8 +215,9 @@ static void on_death(lua_State *L, Map *m, int wi) {
         snprintf(msg, sizeof msg, "worker %d %s while running item %lld",
                  (int)w->pid, how, (long long)bad);
       lua_pushstring(L, msg);
-      add_failure(L, m, s, bad, w->timed_out ? "timeout" : "died", msg,
-                  w->pid);
+      add_failure_sig(L, m, s, bad, w->timed_out ? "timeout" : "died", msg,
+                      w->pid, !w->timed_out && r == 1 && WIFSIGNALED(st)
+                                  ? WTERMSIG(st) : 0);
     }
   }
   {

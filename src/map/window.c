@@ -51,9 +51,12 @@ static void unbusy(Map *m, Slot *s) {
 /* ---------------------------------------------------------------- failures */
 
 /* Record an error for item `index` of slot s instead of running it. The
-   error value is on top of the stack (popped). */
-static void add_failure(lua_State *L, Map *m, Slot *s, lua_Integer index,
-                        const char *kind, const char *message, pid_t pid) {
+   error value is on top of the stack (popped). sig > 0: the signal that
+   killed the worker, a sixth value of the record ({signal = sig}, fields
+   of the error object). */
+static void add_failure_sig(lua_State *L, Map *m, Slot *s, lua_Integer index,
+                            const char *kind, const char *message, pid_t pid,
+                            int sig) {
   int64_t ix = (int64_t)index;
   uint64_t n;
   lua_getiuservalue(L, m->self, U_SCRATCH);
@@ -63,13 +66,37 @@ static void add_failure(lua_State *L, Map *m, Slot *s, lua_Integer index,
   {
     size_t at = s->fail.len;
     s->fail.len += 16;
-    parmap_put_error(L, &s->fail, lua_gettop(L) - 1, kind, lua_gettop(L),
-                     message, "", pid);
+    if (sig > 0) {
+      int top = lua_gettop(L);
+      const char *what;
+      luaL_checkstack(L, 8, NULL);
+      reserve(L, &s->fail, 1);
+      s->fail.p[s->fail.len++] = (char)REC_ERR;
+      lua_pushstring(L, kind);
+      lua_pushvalue(L, top);
+      lua_pushstring(L, message);
+      lua_pushliteral(L, "");
+      lua_pushinteger(L, (lua_Integer)pid);
+      lua_createtable(L, 0, 1);
+      lua_pushinteger(L, sig);
+      lua_setfield(L, -2, "signal");
+      if (parmap_encode(L, top + 1, 6, &s->fail, top - 1, &what) != PARMAP_OK)
+        nomem(L);
+      lua_settop(L, top);
+    } else {
+      parmap_put_error(L, &s->fail, lua_gettop(L) - 1, kind, lua_gettop(L),
+                       message, "", pid);
+    }
     n = s->fail.len - at - 16;
     memcpy(s->fail.p + at, &ix, 8);
     memcpy(s->fail.p + at + 8, &n, 8);
   }
   lua_pop(L, 2);
+}
+
+static void add_failure(lua_State *L, Map *m, Slot *s, lua_Integer index,
+                        const char *kind, const char *message, pid_t pid) {
+  add_failure_sig(L, m, s, index, kind, message, pid, 0);
 }
 
 /* Lowest failed index >= from in slot s, or 0. */

@@ -362,11 +362,13 @@ static int is_error(lua_State *L, int idx) {
 
 /* Append the fields of the error object at idx as one codec record to b:
    kind err message traceback pid attempts, and with nf = 7 worker (the
-   engine's number made the job's). An err that cannot travel goes as its
+   engine's number made the job's); nf = 9 adds signal and oom (a worker a
+   signal killed) after a nil worker. An err that cannot travel goes as its
    message. The codec's scratch is upvalue 1. */
 static void put_error(lua_State *L, int idx, int nf, parmap_buf *b) {
-  static const char *const f[] = {"kind", "err", "message", "traceback",
-                                  "pid", "attempts", "worker"};
+  static const char *const f[] = {"kind",     "err",    "message",
+                                  "traceback", "pid",   "attempts",
+                                  "worker",   "signal", "oom"};
   const char *what = NULL;
   int k, top = lua_gettop(L);
   for (k = 0; k < nf; k++) lua_getfield(L, idx, f[k]);
@@ -433,13 +435,17 @@ static int relay(void *ud, lua_Integer i, const char *rec, size_t len) {
    REC_ERR record. */
 static int add_error(lua_State *L, int base) {
   lua_Integer g = answer(L, lua_tointeger(L, base));
+  int nf;
   if (!is_error(L, base + 1))
     luaL_error(L, "parmap-mpi: item %d: the engine gave no error object",
                (int)g);
   A.rec.len = 0;
   if (parmap_buf_reserve(&A.rec, 1)) nomem(L);
   A.rec.p[A.rec.len++] = REC_ERR;
-  put_error(L, base + 1, 6, &A.rec);
+  lua_getfield(L, base + 1, "signal"); /* a died worker's: it travels too */
+  nf = lua_isnil(L, -1) ? 6 : 9;
+  lua_pop(L, 1);
+  put_error(L, base + 1, nf, &A.rec);
   return queue(L, g, A.rec.p, A.rec.len);
 }
 
@@ -508,7 +514,8 @@ static const char *const DRIVER =
     "  -- N = 1 would run fn in this process: a worker process instead\n"
     "  if N == 1 and not timeout then timeout = 1e9 end\n"
     "  local opts = { N = N, ordered = false, exception = 'return', timeout = timeout,\n"
-    "    maxtasks = o.maxtasks, retries = o.retries, buffersize = o.buffersize }\n"
+    "    maxtasks = o.maxtasks, maxmemory = o.maxmemory, retries = o.retries,\n"
+    "    buffersize = o.buffersize }\n"
     "  opts.init, opts.finish = init, finish\n"
     "  local args = o.args or {}\n"
     "  args.n = o.nargs\n"
@@ -584,6 +591,16 @@ int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
             "parmap-mpi: warning: rank %d on %s may use 1 CPU of %ld (bound "
             "to one core?): start with `mpirun --bind-to none` or `srun -c "
             "<cores>`\n", rank, host, online);
+  /* rank 0 weighs agents by the N they will run: parmap.ncpu(), which a
+     cgroup's CPU quota lowers below the affinity count */
+  {
+    int top = lua_gettop(L);
+    if (luaL_dostring(L, "return require('parmap').ncpu()") == LUA_OK &&
+        lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1 &&
+        lua_tointeger(L, -1) < ncpu)
+      ncpu = (int)lua_tointeger(L, -1);
+    lua_settop(L, top);
+  }
   if (mpi_begin(&b, 0, 0, ncpu, 0) || parmap_buf_reserve(&b, n)) return 1;
   memcpy(b.p + b.len, host, n);
   b.len += n;

@@ -663,15 +663,24 @@ static int emit(lua_State *L, MMap *m, lua_Integer g) {
   lua_getiuservalue(L, 1, M_POLICY); /* base + 2 */
   lua_pushinteger(L, g);
   n = parmap_decode(L, s, len, &pos, base + 1, &err);
-  if (n != 5 && n != 6) luaL_error(L, "parmap: bad error of item %d", (int)g);
+  if (n != 5 && n != 6 && n != 9)
+    luaL_error(L, "parmap: bad error of item %d", (int)g);
   if (n == 5) lua_pushnil(L); /* attempts: 1 */
   call_progress(L, m, 0);
   if (rank == LOCAL) rank = 0; /* it failed here, on rank 0 */
-  lua_createtable(L, 0, 2); /* where it failed */
+  lua_createtable(L, 0, 4); /* where it failed */
   lua_pushstring(L, C.ag[rank].host);
   lua_setfield(L, -2, "host");
   lua_pushinteger(L, rank);
   lua_setfield(L, -2, "rank");
+  if (n == 9) { /* ..., attempts, nil worker, signal, oom: a died worker */
+    lua_pushvalue(L, base + 11);
+    lua_setfield(L, -2, "signal");
+    lua_pushvalue(L, base + 12);
+    lua_setfield(L, -2, "oom");
+    lua_replace(L, base + 10);
+    lua_settop(L, base + 10);
+  }
   /* the one error policy (lua/parmap/errors.lua) decides; when it raises,
      the map is stopped first */
   /* fail(index, kind, err, message, tb, pid, attempts, {host, rank}) */
