@@ -399,6 +399,7 @@ local function draw_plan(c, unique, id)
   elseif e == 4 then p.err = { code = id, msg = "table error", nested = { 1, 2, n = 3 } }
   elseif e == 5 then p.err = random(-100, 100)
   elseif e == 6 then p.err = setmetatable({ id }, { __tostring = function() return "obj" end })
+  elseif e == 7 and random() < 0.5 then p.err = nil
   else p.err = false end
   p.level = type(p.err) == "string" and random() < 0.3 -- error(s) adds "file:line: "
   -- the success
@@ -484,7 +485,7 @@ local function draw_case(k)
   c.ordered = pick({ true, true, false, nil })
   c.retries = random() < 0.45 and random(0, 3) or nil
   c.maxtasks = random() < 0.2 and random(1, 5) or nil
-  c.chunksize = random() < 0.35 and pick({ 1, 2, 3, 7, 100 }) or nil
+  c.chunksize = random() < 0.35 and pick({ 1, 2, 3, 7, 100, -1 }) or nil
   c.seed = random() < 0.15 and random(-1000, 1 << 40) or nil
   local short_timeout = random() < 0.04
   c.timeout = short_timeout and TIMEOUT or (random() < 0.1 and pick({ 30, math.huge }) or nil)
@@ -504,7 +505,8 @@ local function draw_case(k)
   end
   c.init_raise = c.init_mode == "raise" or c.init_mode == "die"
   c.progress = random() < 0.1
-  c.entry = random() < 0.2 and "map" or "loop"
+  local e = random()
+  c.entry = e < 0.18 and "map" or e < 0.26 and "break" or "loop"
   if c.serial and c.kwstar and (c.retries or 0) > 0 and KNOWN_OPEN.serial_kwstar_retries then
     c.retries = nil
   end
@@ -531,6 +533,7 @@ local function draw_case(k)
     access_at = random(n)
   end
   c.n, c.list, c.kind, c.shape_at, c.access_at = n, list, kind, shape_at, access_at
+  c.break_at = random(0, math.max(n - 1, 0)) -- entry "break": the loop breaks after that many
   c.buffersize = (kind == "iter" or kind == "coro") and random() < 0.3 and random(1, 6) or nil
   c.total = (kind == "iter" or kind == "coro") and random() < 0.3 and n or nil
   if c.chunksize == -1 and (kind == "iter" or kind == "coro") and not c.total then c.chunksize = nil end
@@ -796,6 +799,9 @@ local function check_loop(c, got, order, dup, ok, err)
     end
     if #probs > 4 then return probs end
   end
+  if ok and c.broke then
+    return probs -- left early: what came was checked above
+  end
   if ok then
     if first_bad then
       prob(format("the map ended normally, though item %d is %s (exception %s)", first_bad,
@@ -1003,7 +1009,7 @@ local function run_case(c)
     end
   end
   local items = make_items(c)
-  c.delivered, c.ahead = 0, nil
+  c.delivered, c.ahead, c.broke = 0, nil, false
   -- the caller's random stream: untouched by the map
   math.randomseed(seed_g ~ 0x5eed, c.k)
   local rand_before = math.random(1 << 50)
@@ -1030,6 +1036,7 @@ local function run_case(c)
       return i
     end
     while true do
+      if c.entry == "break" and #order == c.break_at and c.n > 0 then c.broke = true; break end
       local i = take(f(s, ctl))
       if i == nil then break end
       ctl = i
@@ -1057,7 +1064,7 @@ local function run_case(c)
     if c.map_n ~= c.n then dup = format("parmap.map gave n = %s, expected %d", tostring(c.map_n), c.n) end
   end
   local probs = check_loop(c, got, order, dup, ok, err)
-  local completed = ok and #order == c.n
+  local completed = ok and #order == c.n and not c.broke
   for _, p in ipairs(check_log(c, completed)) do probs[#probs + 1] = p end
   if rand_after ~= rand_before then probs[#probs + 1] = "the caller's math.random stream moved" end
   if progress_bad then probs[#probs + 1] = progress_bad end
