@@ -751,7 +751,7 @@ local function check_loop(c, got, order, dup, ok, err)
   if c.init_raise then
     -- init raises in every worker: an error object of kind init, whatever
     -- exception says, before any item
-    if n == 0 then
+    if n == 0 or (ok and c.broke and #order == 0) then -- no item asked for
       if not ok then prob("a map of no item raised: " .. short(err)) end
     elseif ok then prob("init raised, the map did not")
     elseif not parmap.iserror(err) or err.kind ~= "init" or err.index ~= nil then
