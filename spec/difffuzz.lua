@@ -572,7 +572,6 @@ local function draw_case(k)
   end
   -- what each index must give
   local R = c.retries or 0
-  c.deaths_possible = false
   for i = 1, n do
     local key = keys[i]
     local e
@@ -590,8 +589,6 @@ local function draw_case(k)
         local a = ref_args(c, list[i])
         e = { plan = p, args = a, key = key }
       end
-      for _, kk in ipairs(p.fails) do if kk ~= "raise" then c.deaths_possible = true end end
-      if p.always and p.always ~= "raise" then c.deaths_possible = true end
     end
     c.expect[i] = e
   end
@@ -699,6 +696,17 @@ local function check_error(c, i, e, got, where)
   end
   local bad = e(x, got.err, got.message)
   if bad then return format("%s: item %d: %s", where, i, bad) end
+  if mtype(got.pid) ~= "integer" or type(got.traceback) ~= "string"
+    or type(got.message) ~= "string" or not pcall(tostring, got) then
+    return format("%s: item %d: pid %s, traceback %s, message %s", where, i,
+      tostring(got.pid), type(got.traceback), type(got.message))
+  end
+  if x.fail == "die" and got.message:match("^worker (%d+) ") ~= tostring(got.pid) then
+    return format("%s: item %d: pid %d, message %s", where, i, got.pid, short(got.message))
+  end
+  if c.serial and got.pid ~= pid_of() then
+    return format("%s: item %d: pid %d on the serial path", where, i, got.pid)
+  end
 end
 
 -- Does err (as raised, or as an error object's err) match x's failure?
@@ -966,7 +974,7 @@ end
 ---------------------------------------------------------------- running
 
 local stats = { cases = 0, maps = 0, ok = 0, raised = 0, reruns = 0, fails = 0,
-  deaths = 0, timeouts = 0, serial = 0, tsecs = 0, msecs = 0 }
+  serial = 0, tsecs = 0, msecs = 0 }
 local seed_g
 local log_base
 
@@ -1126,7 +1134,8 @@ local function one(k)
     stats.fails = stats.fails + 1
     io.write(format("DFUZZ-FAIL seed=%d case=%d: %s :: %s\n", seed_g, k, desc,
       short(concat(probs, " | "), 1500)))
-    io.write(format("  replay: PARMAP_DFUZZ_SEED=%d PARMAP_DFUZZ_CASE=%d lua5.4 spec/difffuzz.lua\n", seed_g, k))
+    io.write(format("  replay: PARMAP_DFUZZ_SEED=%d PARMAP_DFUZZ_CASE=%d %s spec/difffuzz.lua\n", seed_g, k,
+      MPI and "mpirun --bind-to none -n 3 build/parmap-mpi" or "lua5.4"))
     io.flush()
   end
 end
