@@ -921,6 +921,21 @@ local function check_log(c, completed)
       if p.counted and where > 1 then prob(format("plan %d (retried after raising) ran in %d processes", id, where)) end
     end
   end
+  -- parmap.worker() in fn: nil in the caller, else the worker's number
+  local npids = 0
+  for pid, per in next, L.pids do
+    npids = npids + 1
+    local w = per.wid
+    if c.serial and (w ~= 0 or pid ~= pid_of()) then
+      prob(format("serial: fn ran in process %d as worker %d", pid, w))
+    elseif not c.serial and (w < 1 or (not MPI and w > c.N)) then
+      prob(format("fn ran with parmap.worker() = %d, N = %d", w, c.N))
+    end
+  end
+  -- at most N processes, when none was replaced
+  if not c.serial and not MPI and deaths == 0 and not c.maxtasks and npids > math.min(c.N, c.n) then
+    prob(format("%d processes ran fn, N = %d, %d items", npids, c.N, c.n))
+  end
   -- maxtasks: items per process (its retries of one item count once)
   if c.maxtasks and not c.serial then
     for pid, per in next, L.pids do
