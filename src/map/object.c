@@ -306,6 +306,20 @@ static int map_collect(lua_State *L) {
 
 /* ---------------------------------------------------------------- start */
 
+/* A bound in seconds (field `name` of the spec at 1): d when absent, 0
+   (none) past 1e9 s (30 years). */
+static double seconds(lua_State *L, const char *name, double d) {
+  if (lua_getfield(L, 1, name) != LUA_TNIL) {
+    lua_Number t = lua_tonumber(L, -1);
+    if (lua_type(L, -1) != LUA_TNUMBER || !(t > 0))
+      luaL_error(L, "parmap: bad option '%s' (positive number of "
+                 "seconds expected, got %s)", name, luaL_tolstring(L, -1, NULL));
+    d = t > 1e9 ? 0 : (double)t;
+  }
+  lua_pop(L, 1);
+  return d;
+}
+
 /* A small integer option of the spec (a flag, a mode): d when absent. */
 /* The options of a spec, checked and clamped so that no size computation
    can overflow: N to PARMAP_MAX_WORKERS and to the item count of a table
@@ -332,13 +346,10 @@ static void read_config(lua_State *L, Config *c) {
   c->N = (int)n;
   c->buffersize = parmap_countfield(L, 1, "buffersize", "buffersize", 1, 0);
   if (c->buffersize == 0) c->buffersize = (lua_Integer)BUFFER_PER_WORKER * c->N;
-  if (lua_getfield(L, 1, "timeout") != LUA_TNIL) {
-    lua_Number t = lua_tonumber(L, -1);
-    if (lua_type(L, -1) != LUA_TNUMBER || !(t > 0))
-      luaL_error(L, "parmap: bad option 'timeout' (positive number of "
-                 "seconds expected, got %s)", luaL_tolstring(L, -1, NULL));
-    c->timeout = t > 1e9 ? 0 : (double)t; /* past 30 years: none */
-  }
+  c->timeout = seconds(L, "timeout", 0);
+  c->init_timeout = seconds(L, "init_timeout", 0);
+  c->finish_timeout = seconds(L, "finish_timeout", FINISH_TIMEOUT);
+  c->has_init = lua_getfield(L, 1, "init") != LUA_TNIL;
   lua_pop(L, 1);
   if (lua_getfield(L, 1, "seed") != LUA_TNIL) {
     int isnum;
