@@ -116,6 +116,18 @@ describe("retries count every run of an item, wherever it ran", function()
     assert.equal(3, e.attempts)
     assert.equal(2, got[2][1])
   end)
+  it("raise, then a result that cannot travel: attempts counts the raise", function()
+    local got = H.collect(parmap.parmap(function(x)
+      local n = bump(dir, x)
+      if x == 1 and n == 1 then error("flaky") end
+      if x == 1 then return print end
+      return x
+    end, H.range(2), { N = 2, chunksize = 1, retries = 3, exception = "return" }))
+    assert.equal(2, runs(dir, 1))
+    local e = got[1][1]
+    assert.equal("value", e.kind)
+    assert.equal(2, e.attempts)
+  end)
   it("raise, then time out: the timeout is the last run", function()
     local got = H.collect(parmap.parmap(function(x)
       local n = bump(dir, x)

@@ -74,8 +74,9 @@ static void flush(WState *w, uint32_t nitems, uint64_t elapsed,
 
 /* The result of item `index`: values from `first` to the top. */
 static void put_result(WState *w, lua_Integer index, int first) {
-  parmap_put_result(w->L, &w->out, first, w->base + U_SCRATCH, w->base + U_DESC,
-                    index, w->pid);
+  parmap_put_result_after(w->L, &w->out, first, w->base + U_SCRATCH,
+                          w->base + U_DESC, index, w->pid,
+                          w->tries_k == w->k ? (lua_Integer)w->tries : 0);
 }
 
 static void put_failure(WState *w, int box) {

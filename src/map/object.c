@@ -57,8 +57,8 @@ static void progress(lua_State *L, Map *m, int finished) {
   lua_call(L, 3, 0);
 }
 
-/* An error record (kind, err, message, traceback, pid) at base + 1..5 for
-   item `index`, which lost `lost` runs to deaths and timeouts: the policy
+/* An error record (kind, err, message, traceback, pid[, runs before])
+   at base + 1..n for item `index`, which lost `lost` runs to deaths and timeouts: the policy
    (U_FAIL) raises it (step then stops the map), or returns the error
    object: index and it. */
 static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
@@ -66,7 +66,7 @@ static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
   int k;
   lua_Integer attempts;
   const char *kind;
-  if (n != 5 || lua_type(L, base + 1) != LUA_TSTRING ||
+  if ((n != 5 && n != 6) || lua_type(L, base + 1) != LUA_TSTRING ||
       lua_type(L, base + 3) != LUA_TSTRING) {
     return luaL_error(L, "parmap: corrupt error record for item %I",
                       (LUAI_UACINT)index);
@@ -79,8 +79,8 @@ static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
     attempts = m->cfg.retries + 1;
   else if (strcmp(kind, "died") == 0 || strcmp(kind, "timeout") == 0)
     attempts = lost;
-  else
-    attempts = lost + 1;
+  else /* a sixth value: the runs its worker saw fail before this one */
+    attempts = (n == 6 ? lua_tointeger(L, base + 6) : lost) + 1;
   if (attempts < 1) attempts = 1;
   lua_getiuservalue(L, m->self, U_FAIL);
   lua_pushinteger(L, index);
