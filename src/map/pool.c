@@ -627,6 +627,10 @@ static void stop(Map *m, int kill_them) {
     parmap_fd_close(w->fd);
     w->fd = -1;
     if (kill_them && w->pid && !w->term_ns) {
+      if (parmap_wait(w->pid, &st, 0) != 0) { /* gone already */
+        w->pid = 0;
+        continue;
+      }
       kill(w->pid, SIGTERM); /* still our unreaped child: safe */
       w->term_ns = now;
     }
