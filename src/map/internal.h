@@ -12,6 +12,7 @@
 #include <limits.h>
 #include <lauxlib.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -534,11 +534,18 @@ static void check_exits(lua_State *L, Map *m) {
 static void retiring_readable(Map *m, int wi) {
   Worker *w = &m->w[wi];
   char sink[512];
+  int k;
   ssize_t r = parmap_recv_some(w->fd, sink, sizeof sink);
   if (r == -2 || r > 0) return;
   parmap_fd_close(w->fd);
   w->fd = -1;
-  reap_retired(m, wi, 100); /* its files close just before it is a zombie */
+  /* its files close just before it is a zombie: yield to it a moment
+     (a fresh fork for its number waits for this), then sleep in slices */
+  for (k = 0; k < 200 && w->pid; k++) {
+    reap_retired(m, wi, 0);
+    if (w->pid) sched_yield();
+  }
+  if (w->pid) reap_retired(m, wi, 100);
 }
 
 /* One round: hand out work, wait for sockets (or not), move bytes. */
