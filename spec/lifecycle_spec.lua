@@ -68,9 +68,12 @@ describe("an init that dies", function()
     local dir = tmpdir()
     local ok, e = pcall(parmap.map, function(x) return x end, H.range(8), {
       N = 2, chunksize = 1, maxtasks = 2, exception = "return",
-      init = function()
-        -- the third process to start dies in its init
-        if bump(dir, "inits") == 3 then os.exit(5) end
+      init = function(id)
+        -- the second process to hold a number dies in its init (8 items,
+        -- 2 a process: some number has a second one)
+        local mark = dir .. "/had" .. id
+        if F.marked(mark) then os.exit(5) end
+        F.mark(mark)
       end,
     })
     rmdir(dir)
@@ -145,7 +148,7 @@ end)
 
 describe("timeout and init", function()
   it("does not count init: the first item's clock starts when init ended", function()
-    local t = F.slow
+    local t = 2 * F.slow
     local got = parmap.map(function(x) return x * 2 end, H.range(6), {
       N = 2, chunksize = 1, timeout = t, exception = "return",
       init = function() T.sleep(2 * t) end,
@@ -153,7 +156,7 @@ describe("timeout and init", function()
     for i = 1, 6 do assert.equal(i * 2, got[i]) end
   end)
   it("nor for every fresh process under maxtasks", function()
-    local t = F.slow
+    local t = 2 * F.slow
     local got = parmap.map(function(x) return x * 2 end, H.range(4), {
       N = 2, chunksize = 1, maxtasks = 1, timeout = t, exception = "return",
       init = function() T.sleep(1.5 * t) end,
