@@ -151,7 +151,7 @@ describe("timeout and init", function()
     local t = 2 * F.slow
     local got = parmap.map(function(x) return x * 2 end, H.range(6), {
       N = 2, chunksize = 1, timeout = t, exception = "return",
-      init = function() T.sleep(2 * t) end,
+      init = function() T.sleep(t + 1) end, -- past the timeout
     })
     for i = 1, 6 do assert.equal(i * 2, got[i]) end
   end)
@@ -159,7 +159,7 @@ describe("timeout and init", function()
     local t = 2 * F.slow
     local got = parmap.map(function(x) return x * 2 end, H.range(4), {
       N = 2, chunksize = 1, maxtasks = 1, timeout = t, exception = "return",
-      init = function() T.sleep(1.5 * t) end,
+      init = function() T.sleep(t + 1) end,
     })
     for i = 1, 4 do assert.equal(i * 2, got[i]) end
   end)
