@@ -76,12 +76,25 @@ static void retire(Map *m, Worker *w) {
   m->nlive--;
 }
 
+/* A retiring worker was reaped with status st (r: parmap_wait's answer):
+   a signal that we did not send ended its finish, and nothing else would
+   say so (an error in finish is the worker's own line on stderr). */
+static void reaped(const Map *m, const Worker *w, int r, int st) {
+  char how[160];
+  if (r != 1 || !WIFSIGNALED(st) || w->term_ns || WTERMSIG(st) == SIGINT)
+    return;
+  parmap_child_how(how, sizeof how, 0, st);
+  fprintf(stderr, "parmap worker %d (pid %d): %s in finish\n",
+          (int)(w - m->w) + 1, (int)w->pid, how);
+}
+
 /* Reap retiring worker wi if it is gone (waiting at most ms): its entry is
    then free for a fresh process. */
 static void reap_retired(Map *m, int wi, int ms) {
   Worker *w = &m->w[wi];
-  int st;
-  if (parmap_wait(w->pid, &st, ms) == 0) return;
+  int st = 0, r = parmap_wait(w->pid, &st, ms);
+  if (r == 0) return;
+  reaped(m, w, r, st);
   parmap_fd_close(w->fd);
   memset(w, 0, sizeof *w);
   w->fd = -1;
@@ -619,7 +632,7 @@ static void pump(lua_State *L, Map *m, int block) {
    with kill_them) and reaped; a finish past finish_timeout gets SIGTERM,
    then SIGKILL a grace later, as does a killed worker that lingers. */
 static void stop(Map *m, int kill_them) {
-  int i, st, left;
+  int i, st = 0, left, r;
   uint64_t now = parmap_now_ns();
   if (m->state == M_CLOSED) return;
   if (m->state != M_DONE) m->state = M_CLOSED; /* an ended map stays so */
@@ -647,7 +660,8 @@ static void stop(Map *m, int kill_them) {
     for (i = 0, left = 0; i < m->nw; i++) {
       Worker *w = &m->w[i];
       if (!w->pid) continue;
-      if (parmap_wait(w->pid, &st, 0) != 0) {
+      if ((r = parmap_wait(w->pid, &st, 0)) != 0) {
+        if (!kill_them) reaped(m, w, r, st);
         w->pid = 0;
         continue;
       }
