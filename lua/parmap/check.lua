@@ -377,8 +377,8 @@ function C.map_spec(level, fn, items, opts, extra)
   end
 
   -- math.huge is no bound; timeout, init_timeout: with N = 1 too, then
-  -- one worker process runs the items. finish_timeout: the engine's
-  -- default when nil
+  -- one worker process runs the items. finish_timeout: nil is the
+  -- engine's default, so math.huge goes as 2e9 (over 1e9 s: none)
   for _, name in next, { "timeout", "init_timeout", "finish_timeout" } do
     local t = opts[name]
     if t ~= nil then
