@@ -159,7 +159,8 @@ local function mpi_start(level, spec)
     kwargs = spec.kwargs, timeout = spec.timeout, box = box,
     seed = spec.seed, maxtasks = spec.maxtasks, retries = spec.retries,
     maxmemory = spec.maxmemory,
-    buffersize = spec.buffersize }
+    buffersize = spec.buffersize, init_timeout = spec.init_timeout,
+    finish_timeout = spec.finish_timeout }
   local hooks = {}
   for _, name in next, { "init", "finish" } do -- they travel as fn does
     local h = spec[name]
@@ -199,7 +200,8 @@ local function start(level, fn, items, opts, extra)
     f, s, c, closer = mpi_start(level + 1, spec)
   -- timeout, seed: with N = 1 too, the items run in one worker process (a
   -- loop cannot stop itself; seeding must not touch the caller's stream)
-  elseif spec.N == 1 and not spec.timeout and not spec.seed then
+  elseif spec.N == 1 and not spec.timeout and not spec.seed
+      and not spec.init_timeout then
     f, s, c, closer = serial(spec)
   else
     local m = core.start(spec)

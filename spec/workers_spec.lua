@@ -370,9 +370,9 @@ describe("the maxtasks option", function()
       assert.is_not_nil(out[tostring(pid)], "no finish in process " .. pid)
     end
   end)
-  it("forks the replacement without waiting for the old process's finish", function()
+  it("keeps the other numbers working while one process is still in finish", function()
     -- the finish of the process that ran item 1 waits until item 3 (which
-    -- only a later process can run) has run
+    -- only a later process can run: worker 2's replacement) has run
     local dir = tmpdir()
     local mine
     local got = parmap.map(function(x)
@@ -440,7 +440,9 @@ describe("the maxtasks option", function()
     local t0 = core.now()
     for i in parmap(tostring, H.range(50), { N = 2, maxtasks = 1, chunksize = 1,
       finish = function() T.sleep(60) end }) do
-      if i == 6 then break end
+      -- items 1 and 2 are in: both processes are in finish, and their
+      -- replacements wait for them to be reaped
+      if i == 2 then break end
     end
     F.assert_stopped(before)
     assert.is_true(core.now() - t0 < 50, "waited for a finish") -- not 60 s

@@ -159,10 +159,12 @@ int parmap_unbox(lua_State *L, int idx) {
   return 3;
 }
 
-void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
+/* The REC_ERR record; with prior >= 0 a sixth value: the runs the item
+   had before this one (a worker's own retries). */
+static void put_error(lua_State *L, parmap_buf *b, int scratch,
                       const char *kind, int err_idx, const char *message,
-                      const char *traceback, pid_t pid) {
-  int top = lua_gettop(L);
+                      const char *traceback, pid_t pid, lua_Integer prior) {
+  int top = lua_gettop(L), n = prior >= 0 ? 6 : 5;
   const char *what;
   luaL_checkstack(L, 8, NULL);
   if (parmap_buf_reserve(b, 1)) luaL_error(L, "parmap: not enough memory");
@@ -172,12 +174,19 @@ void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
   lua_pushstring(L, message);
   lua_pushstring(L, traceback);
   lua_pushinteger(L, (lua_Integer)pid);
-  if (parmap_encode(L, top + 1, 5, b, scratch, &what) != PARMAP_OK) {
+  if (prior >= 0) lua_pushinteger(L, prior);
+  if (parmap_encode(L, top + 1, n, b, scratch, &what) != PARMAP_OK) {
     lua_pushstring(L, message); /* err cannot travel: send its string form */
     lua_replace(L, top + 2);
-    parmap_encode(L, top + 1, 5, b, scratch, &what);
+    parmap_encode(L, top + 1, n, b, scratch, &what);
   }
   lua_settop(L, top);
+}
+
+void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
+                      const char *kind, int err_idx, const char *message,
+                      const char *traceback, pid_t pid) {
+  put_error(L, b, scratch, kind, err_idx, message, traceback, pid, -1);
 }
 
 /* ------------------------------------------------------------ random */
@@ -385,6 +394,12 @@ void parmap_child_gc_defer(lua_State *L) {
 
 void parmap_put_result(lua_State *L, parmap_buf *b, int first, int scratch,
                        int desc, lua_Integer index, pid_t pid) {
+  parmap_put_result_after(L, b, first, scratch, desc, index, pid, 0);
+}
+
+void parmap_put_result_after(lua_State *L, parmap_buf *b, int first,
+                             int scratch, int desc, lua_Integer index,
+                             pid_t pid, lua_Integer prior) {
   int n = lua_gettop(L) - first + 1;
   const char *what;
   size_t mark = b->len;
@@ -406,8 +421,8 @@ void parmap_put_result(lua_State *L, parmap_buf *b, int first, int scratch,
     else
       lua_pushfstring(L, "result: cannot send a %s", what);
   }
-  parmap_put_error(L, b, scratch, "value", lua_gettop(L),
-                   lua_tostring(L, -1), "", pid);
+  put_error(L, b, scratch, "value", lua_gettop(L), lua_tostring(L, -1), "",
+            pid, prior > 0 ? prior : -1);
 }
 
 /* ------------------------------------------------------------ the parent */

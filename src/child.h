@@ -82,6 +82,12 @@ void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
    (from describe, at absolute index desc) says where it sits. */
 void parmap_put_result(lua_State *L, parmap_buf *b, int first, int scratch,
                        int desc, lua_Integer index, pid_t pid);
+/* The same for a run that had `prior` runs before it (a worker's retries
+   of the item): a "value" error record then carries that count as a sixth
+   value, for the error's attempts. */
+void parmap_put_result_after(lua_State *L, parmap_buf *b, int first,
+                             int scratch, int desc, lua_Integer index,
+                             pid_t pid, lua_Integer prior);
 
 /* ------------------------------------------------------------ the parent */
 

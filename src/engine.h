@@ -61,6 +61,9 @@ typedef struct Config {
                             no limit */
   struct ParmapRange *range; /* items is a parmap.range: workers compute
                                 their items (range.h), else NULL */
+  int has_init;         /* an init option: a death before it ends is its */
+  double init_timeout;   /* seconds init may run, 0: none */
+  double finish_timeout; /* seconds finish may run, 0: none */
 } Config;
 
 /* Frame headers. Both ends are the same machine: native byte order. */
@@ -94,9 +97,13 @@ enum { REC_OK = 0, REC_ERR = 1 };
 /* Written by a worker, read by the parent: what it is doing now. */
 typedef struct Shm {
   int64_t cur;      /* index of the item being run, 0 when none */
-  uint64_t start;   /* when it started (monotonic ns), if timeouts are on */
+  uint64_t start;   /* when it started (monotonic ns), if timeouts are on;
+                       set when init ended too */
+  uint64_t inited;  /* init ended (or there was none): 1; 0 while it runs */
+  uint64_t fails;   /* retries: runs of item cur that failed before this
+                       one (those its segment header gave included) */
   uint32_t over;    /* maxmemory: the worker's RSS passed it */
-  char pad[44];     /* one cache line each */
+  char pad[28];     /* one cache line each */
 } Shm;
 
 /* Stack layout needed by the call adapter (absolute indices). */

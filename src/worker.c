@@ -216,8 +216,9 @@ static void start_flusher(WState *w) {
 
 /* The result of item `index`: values from `first` to the top. */
 static void put_result(WState *w, lua_Integer index, int first) {
-  parmap_put_result(w->L, &w->out, first, w->base + U_SCRATCH, w->base + U_DESC,
-                    index, w->pid);
+  parmap_put_result_after(w->L, &w->out, first, w->base + U_SCRATCH,
+                          w->base + U_DESC, index, w->pid,
+                          w->tries_k == w->k ? (lua_Integer)w->tries : 0);
 }
 
 static void put_failure(WState *w, int box) {
@@ -297,6 +298,9 @@ static int run_items(lua_State *L) {
        item (it reads cur, start, cur) */
     if (cfg->timeout > 0)
       __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELEASE);
+    if (cfg->retries > 0) /* a death now costs the item these runs too */
+      __atomic_store_n(&w->shm->fails, w->tries_k == w->k ? w->tries : 0,
+                       __ATOMIC_RELEASE);
     __atomic_store_n(&w->shm->cur, (int64_t)index, __ATOMIC_RELEASE);
     if (seeder) { /* seed option: the item's stream depends on it alone */
       lua_pushvalue(L, seeder);
@@ -498,6 +502,11 @@ static int worker_loop(lua_State *L) {
   w->cs.has_kw = w->cfg->has_kw;
   w->cs.nargs = w->cfg->nargs;
   if (!call_user(w, U_INIT)) init_failed(w);
+  /* the first item's deadline counts from here, not from the fork: start
+     before inited, as start before cur */
+  if (w->cfg->timeout > 0)
+    __atomic_store_n(&w->shm->start, parmap_now_ns(), __ATOMIC_RELEASE);
+  __atomic_store_n(&w->shm->inited, 1, __ATOMIC_RELEASE);
   for (;;) {
     TaskHdr h;
     int r = parmap_read_all(w->fd, &h, sizeof h);

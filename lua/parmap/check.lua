@@ -46,6 +46,8 @@ C.OPTIONS = {
   finish = true,
   maxtasks = true,
   retries = true,
+  init_timeout = true,
+  finish_timeout = true,
   buffersize = true,
   backend = true, -- issue 13: "auto", "fork" or "mpi"
   resilient = true, -- issue 13: the MPI backend outlives an agent's death
@@ -401,14 +403,18 @@ function C.map_spec(level, fn, items, opts, extra)
     bad(level, "progress", "boolean, string or function", progress)
   end
 
-  local timeout = opts.timeout
-  if timeout ~= nil then
-    if type(timeout) ~= "number" or not (timeout > 0) then
-      bad(level, "timeout", "positive number of seconds", timeout)
+  -- math.huge is no bound; timeout, init_timeout: with N = 1 too, then
+  -- one worker process runs the items. finish_timeout: nil is the
+  -- engine's default, so math.huge goes as 2e9 (over 1e9 s: none)
+  for _, name in next, { "timeout", "init_timeout", "finish_timeout" } do
+    local t = opts[name]
+    if t ~= nil then
+      if type(t) ~= "number" or not (t > 0) then
+        bad(level, name, "positive number of seconds", t)
+      end
+      spec[name] = t < math.huge and t or (name == "finish_timeout" and 2e9
+        or nil)
     end
-    -- math.huge is no timeout; else with N = 1 too: then one worker
-    -- process runs the items
-    if timeout < math.huge then spec.timeout = timeout end
   end
 
   local seed = opts.seed

@@ -12,11 +12,15 @@
 #include <limits.h>
 #include <lauxlib.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../child.h"
@@ -37,6 +41,8 @@
 #define BIG_BUF (4u << 20) /* result buffers past this go to the pool */
 #define POOL 2             /* big buffers a map keeps for reuse */
 #define EXIT_CHECK_MS 200  /* how often waitpid checks on workers */
+#define TERM_GRACE_NS 1000000000ull /* SIGTERM, then SIGKILL after this */
+#define FINISH_TIMEOUT 30.0 /* default bound on a worker's finish (s) */
 #define RELAYED (-1000)    /* emit: the record went to the sink */
 #define SINK_STOP (-1001)  /* ... and the sink stops the map */
 /* collect preallocates its result table up to this many slots (as the
@@ -74,6 +80,10 @@ typedef struct Worker {
   int exited, status; /* reaped while its socket was still open */
   int lost;           /* ... by someone else's waitpid */
   lua_Integer handed; /* items handed to this process in all (maxtasks) */
+  uint64_t born;      /* when it was forked (init_timeout) */
+  int retiring;       /* let go (its socket half-closed): it runs finish;
+                         its entry is its own until it is reaped */
+  uint64_t retire_ns, term_ns; /* when it was let go; SIGTERMed (0: not) */
   Seg q[DEPTH];
 } Worker;
 
@@ -130,8 +140,8 @@ typedef struct Map {
   struct pollfd *pfd;
   int *pfd_w;
   parmap_buf pool[POOL]; /* big result buffers of released slots */
-  pid_t *retired; /* recycled workers (maxtasks) not reaped yet */
-  int nretired, retired_cap;
+  int spawn_wait; /* a fork failed while workers retire: fork again once
+                     one of them is reaped */
   const ParmapRawSource *raw; /* items from a C source (the MPI agent) */
   ParmapSink sink;            /* results to a C sink (parmap_map_relay) */
   int (*tick)(lua_State *L);  /* ... and the source's tick */
@@ -148,7 +158,8 @@ static void add_failure(lua_State *L, Map *m, Slot *s, lua_Integer index,
 static int finished(Map *m);
 static lua_Integer next_failure(const Slot *s, lua_Integer from, size_t *at);
 static lua_Integer tries_of(const Slot *s, lua_Integer index);
-static lua_Integer add_try(lua_State *L, Slot *s, lua_Integer index);
+static lua_Integer add_try(lua_State *L, Slot *s, lua_Integer index,
+                           lua_Integer failed);
 static void cut_tried(const Slot *s, Seg *g);
 static void nomem(lua_State *L);
 static Slot *ready(Map *m);

@@ -57,17 +57,18 @@ static void progress(lua_State *L, Map *m, int finished) {
   lua_call(L, 3, 0);
 }
 
-/* An error record (kind, err, message, traceback, pid) at base + 1..5 for
-   item `index`, which lost `lost` runs to deaths and timeouts: the policy
+/* An error record (kind, err, message, traceback, pid[, x]) at base + 1..n
+   for item `index`, which lost `lost` runs to deaths and timeouts; x is
+   the runs its worker saw fail before (an integer) or the error object's
+   extra fields (a table: {signal = s} of a death). The policy
    (U_FAIL) raises it (step then stops the map), or returns the error
    object: index and it. */
 static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
                   int base, int n) {
-  int k;
+  int k, fields;
   lua_Integer attempts;
   const char *kind;
-  if ((n != 5 && !(n == 6 && lua_istable(L, base + 6))) ||
-      lua_type(L, base + 1) != LUA_TSTRING ||
+  if ((n != 5 && n != 6) || lua_type(L, base + 1) != LUA_TSTRING ||
       lua_type(L, base + 3) != LUA_TSTRING) {
     return luaL_error(L, "parmap: corrupt error record for item %I",
                       (LUAI_UACINT)index);
@@ -80,15 +81,17 @@ static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
     attempts = m->cfg.retries + 1;
   else if (strcmp(kind, "died") == 0 || strcmp(kind, "timeout") == 0)
     attempts = lost;
-  else
-    attempts = lost + 1;
+  else /* a sixth value: the runs its worker saw fail before this one */
+    attempts = (n == 6 && lua_isinteger(L, base + 6) ? lua_tointeger(L, base + 6)
+                                                      : lost) + 1;
   if (attempts < 1) attempts = 1;
   lua_getiuservalue(L, m->self, U_FAIL);
   lua_pushinteger(L, index);
   for (k = 1; k <= 5; k++) lua_pushvalue(L, base + k);
   lua_pushinteger(L, attempts);
-  if (n == 6) lua_pushvalue(L, base + 6); /* fields: {signal = s} */
-  lua_call(L, n == 6 ? 8 : 7, 1); /* fail(index, kind, err, message, tb,
+  fields = n == 6 && lua_istable(L, base + 6);
+  if (fields) lua_pushvalue(L, base + 6); /* fields: {signal = s} */
+  lua_call(L, fields ? 8 : 7, 1); /* fail(index, kind, err, message, tb,
                         pid, attempts[, fields]): raises, or returns the
                         error object */
   lua_pushinteger(L, index);
@@ -309,6 +312,20 @@ static int map_collect(lua_State *L) {
 
 /* ---------------------------------------------------------------- start */
 
+/* A bound in seconds (field `name` of the spec at 1): d when absent, 0
+   (none) past 1e9 s (30 years). */
+static double seconds(lua_State *L, const char *name, double d) {
+  if (lua_getfield(L, 1, name) != LUA_TNIL) {
+    lua_Number t = lua_tonumber(L, -1);
+    if (lua_type(L, -1) != LUA_TNUMBER || !(t > 0))
+      luaL_error(L, "parmap: bad option '%s' (positive number of "
+                 "seconds expected, got %s)", name, luaL_tolstring(L, -1, NULL));
+    d = t > 1e9 ? 0 : (double)t;
+  }
+  lua_pop(L, 1);
+  return d;
+}
+
 /* A small integer option of the spec (a flag, a mode): d when absent. */
 /* The options of a spec, checked and clamped so that no size computation
    can overflow: N to PARMAP_MAX_WORKERS and to the item count of a table
@@ -336,13 +353,10 @@ static void read_config(lua_State *L, Config *c) {
   c->N = (int)n;
   c->buffersize = parmap_countfield(L, 1, "buffersize", "buffersize", 1, 0);
   if (c->buffersize == 0) c->buffersize = (lua_Integer)BUFFER_PER_WORKER * c->N;
-  if (lua_getfield(L, 1, "timeout") != LUA_TNIL) {
-    lua_Number t = lua_tonumber(L, -1);
-    if (lua_type(L, -1) != LUA_TNUMBER || !(t > 0))
-      luaL_error(L, "parmap: bad option 'timeout' (positive number of "
-                 "seconds expected, got %s)", luaL_tolstring(L, -1, NULL));
-    c->timeout = t > 1e9 ? 0 : (double)t; /* past 30 years: none */
-  }
+  c->timeout = seconds(L, "timeout", 0);
+  c->init_timeout = seconds(L, "init_timeout", 0);
+  c->finish_timeout = seconds(L, "finish_timeout", FINISH_TIMEOUT);
+  c->has_init = lua_getfield(L, 1, "init") != LUA_TNIL;
   lua_pop(L, 1);
   if (lua_getfield(L, 1, "seed") != LUA_TNIL) {
     int isnum;

@@ -8,10 +8,27 @@
 /* used before they are defined */
 static int send_more(Map *m, Worker *w);
 static void on_death(lua_State *L, Map *m, int wi);
+static void raise_init(lua_State *L, Map *m, int id, int first);
 
 /* ---------------------------------------------------------------- workers */
 
+/* A worker that takes work: forked, not let go. */
+static int live(const Worker *w) { return w->fd >= 0 && !w->retiring; }
+
+/* Workers let go and not yet reaped. */
+static int nretiring(const Map *m) {
+  int i, n = 0;
+  for (i = 0; i < m->nw; i++) n += m->w[i].pid && m->w[i].retiring;
+  return n;
+}
+
 static void spawn_failed(lua_State *L, Map *m, int err) {
+  /* a process that is retiring still counts (RLIMIT_NPROC): once it is
+     reaped there is room, so wait for that and fork again */
+  if (nretiring(m) > 0) {
+    m->spawn_wait = 1;
+    return;
+  }
   if (m->nlive > 0) { /* carry on with the workers we have */
     m->cfg.N = m->nlive;
     return;
@@ -34,6 +51,7 @@ static int spawn(lua_State *L, Map *m, int wi) {
   memset(w, 0, sizeof *w);
   w->pid = pid;
   w->fd = fd;
+  w->born = parmap_now_ns();
   m->nlive++;
   return 0;
 }
@@ -51,46 +69,82 @@ static int spent(const Map *m, const Worker *w) {
           __atomic_load_n(&m->shm[w - m->w].over, __ATOMIC_ACQUIRE));
 }
 
+/* Let w go: half-close its socket, so it reads end of file, runs finish
+   and exits. It keeps its entry (and number) until it is reaped, so no
+   two live processes share a number; its end of file wakes the poll. */
+static void retire(Map *m, Worker *w) {
+  shutdown(w->fd, SHUT_WR);
+  w->retiring = 1;
+  w->retire_ns = parmap_now_ns();
+  m->nlive--;
+}
+
+/* A retiring worker was reaped with status st (r: parmap_wait's answer):
+   a signal that we did not send ended its finish, and nothing else would
+   say so (an error in finish is the worker's own line on stderr). */
+static void reaped(const Map *m, const Worker *w, int r, int st) {
+  char how[160];
+  if (r != 1 || !WIFSIGNALED(st) || w->term_ns || WTERMSIG(st) == SIGINT)
+    return;
+  parmap_child_how(how, sizeof how, 0, st);
+  fprintf(stderr, "parmap worker %d (pid %d): %s in finish\n",
+          (int)(w - m->w) + 1, (int)w->pid, how);
+}
+
+/* Reap retiring worker wi if it is gone (waiting at most ms): its entry is
+   then free for a fresh process. */
+static void reap_retired(Map *m, int wi, int ms) {
+  Worker *w = &m->w[wi];
+  int st = 0, r = parmap_wait(w->pid, &st, ms);
+  if (r == 0) return;
+  reaped(m, w, r, st);
+  parmap_fd_close(w->fd);
+  memset(w, 0, sizeof *w);
+  w->fd = -1;
+  m->spawn_wait = 0;
+}
+
+/* finish_timeout for retiring worker w at `now`: SIGTERM once it is past,
+   SIGKILL a grace later. quiet: the map is being stopped (no message). */
+static void bound_finish(Map *m, Worker *w, uint64_t now, int quiet) {
+  double lim = m->cfg.finish_timeout;
+  if (w->term_ns == 0) {
+    if (lim <= 0 || (double)(now - w->retire_ns) < lim * 1e9) return;
+    if (!quiet)
+      fprintf(stderr, "parmap worker %d (pid %d): finish did not end within "
+              "%g s (finish_timeout): stopped\n", (int)(w - m->w) + 1,
+              (int)w->pid, lim);
+    kill(w->pid, SIGTERM); /* still our unreaped child: safe */
+    w->term_ns = now;
+  } else if (now - w->term_ns >= TERM_GRACE_NS) {
+    kill(w->pid, SIGKILL);
+    w->term_ns = now - TERM_GRACE_NS / 2; /* again later, if need be */
+  }
+}
+
 /* maxtasks: a worker that was handed its last item and sent its result
-   goes (its socket closed: it runs finish and exits); dispatch forks a
-   fresh process in its place, under the same number, for further work. */
+   goes; dispatch forks a fresh process under its number once it is
+   reaped (its finish bounded by finish_timeout). */
 static void recycle(Map *m) {
-  int i, k = 0, st;
+  int i;
   if (m->cfg.maxtasks <= 0 && m->cfg.maxmemory <= 0) return;
-  for (i = 0; i < m->nretired; i++) /* reap those that are gone */
-    if (parmap_wait(m->retired[i], &st, 0) == 0)
-      m->retired[k++] = m->retired[i];
-  m->nretired = k;
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
-    if (w->fd >= 0 && w->qn == 0 && spent(m, w)) {
-      parmap_fd_close(w->fd);
-      w->fd = -1;
-      m->nlive--;
-      if (m->nretired == m->retired_cap) { /* else free_entry reaps it */
-        int cap = m->retired_cap ? 2 * m->retired_cap : 8;
-        pid_t *p = (pid_t *)realloc(m->retired, (size_t)cap * sizeof *p);
-        if (p == NULL) continue;
-        m->retired = p;
-        m->retired_cap = cap;
-      }
-      /* its entry is free at once: the replacement need not wait for its
-         finish; stop reaps it */
-      m->retired[m->nretired++] = w->pid;
-      w->pid = 0;
-    }
+    if (live(w) && w->qn == 0 && spent(m, w)) retire(m, w);
   }
 }
 
 /* A worker to give a segment to: an idle one, a new one, or one with room.
    Returns its index, -2 when one must be forked, -1 when none can take. */
 static int pick_worker(Map *m) {
-  int i, best = -1, d = depth(m);
+  int i, best = -1, d = depth(m), fresh = 0;
+  for (i = 0; i < m->nw; i++) {
+    if (live(&m->w[i]) && m->w[i].qn == 0 && !spent(m, &m->w[i])) return i;
+    if (!m->w[i].pid) fresh = 1;
+  }
+  if (m->nlive < m->cfg.N && fresh && !m->spawn_wait) return -2;
   for (i = 0; i < m->nw; i++)
-    if (m->w[i].fd >= 0 && m->w[i].qn == 0 && !spent(m, &m->w[i])) return i;
-  if (m->nlive < m->cfg.N) return -2;
-  for (i = 0; i < m->nw; i++)
-    if (m->w[i].fd >= 0 && m->w[i].qn < d && !spent(m, &m->w[i]) &&
+    if (live(&m->w[i]) && m->w[i].qn < d && !spent(m, &m->w[i]) &&
         (best < 0 || m->w[i].qn < m->w[best].qn))
       best = i;
   return best;
@@ -112,22 +166,16 @@ static void assign(Map *m, int wi, Slot *s) {
   s->busy = 1;
 }
 
-/* An entry for a new worker (nlive < N <= nw, so one exists): a free one,
-   else one whose retired worker is reaped now (it is exiting anyway). */
+/* An entry with no process (pick_worker saw one). */
 static int free_entry(Map *m) {
-  int i, st;
-  for (i = 0; i < m->nw; i++)
-    if (!m->w[i].pid) return i;
-  for (i = 0; m->w[i].fd >= 0; i++) {
+  int i;
+  for (i = 0; m->w[i].pid; i++) {
   }
-  parmap_wait(m->w[i].pid, &st, -1);
-  m->w[i].pid = 0;
   return i;
 }
 
 /* With nothing left to hand out, let idle workers go: they exit while the
-   loop still consumes results, instead of in its last call. A worker is
-   live while its fd is open; retired ones keep their pid until reaped. */
+   loop still consumes results, instead of in its last call. */
 static void retire_idle(Map *m) {
   int i;
   if (!m->exhausted) return;
@@ -137,11 +185,7 @@ static void retire_idle(Map *m) {
   }
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
-    if (w->fd >= 0 && w->qn == 0) {
-      parmap_fd_close(w->fd);
-      w->fd = -1;
-      m->nlive--;
-    }
+    if (live(w) && w->qn == 0) retire(m, w);
   }
 }
 
@@ -177,7 +221,7 @@ static void on_death(lua_State *L, Map *m, int wi) {
   Worker *w = &m->w[wi];
   char how[160], msg[400];
   int st = 0, r, k;
-  int64_t cur = __atomic_load_n(&m->shm[wi].cur, __ATOMIC_ACQUIRE);
+  int64_t cur;
   lua_Integer bad = 0;
   pid_t pid = w->pid;
   parmap_fd_close(w->fd);
@@ -194,6 +238,28 @@ static void on_death(lua_State *L, Map *m, int wi) {
   }
   parmap_child_how(how, sizeof how, r != 1, st);
   m->nlive--;
+  /* read once it is gone: what it did last stands */
+  cur = __atomic_load_n(&m->shm[wi].cur, __ATOMIC_ACQUIRE);
+  if (m->cfg.has_init && !__atomic_load_n(&m->shm[wi].inited, __ATOMIC_ACQUIRE)
+      && !(r == 1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGINT)) {
+    /* it died in init: no item ran, and the next would fare alike */
+    int timed_out = w->timed_out, base = lua_gettop(L);
+    if (timed_out)
+      snprintf(msg, sizeof msg, "init did not end within %g s (init_timeout; "
+               "worker %d was killed)", m->cfg.init_timeout, (int)pid);
+    else
+      snprintf(msg, sizeof msg, "worker %d %s while running init", (int)pid,
+               how);
+    memset(w, 0, sizeof *w); /* reaped: stop must not wait for it */
+    w->fd = -1;
+    luaL_checkstack(L, 8, NULL);
+    lua_pushliteral(L, "init");
+    lua_pushstring(L, msg);
+    lua_pushstring(L, msg);
+    lua_pushliteral(L, "");
+    lua_pushinteger(L, (lua_Integer)pid);
+    raise_init(L, m, wi + 1, base + 1);
+  }
   for (k = 0; k < w->qn; k++) {
     lua_Integer open = seg_first_open(m, w, k);
     if (cur >= open && cur < w->q[k].to) bad = (lua_Integer)cur;
@@ -204,9 +270,12 @@ static void on_death(lua_State *L, Map *m, int wi) {
     lua_Integer open = seg_first_open(m, w, k);
     s->next = open;
     unbusy(m, s);
-    /* retries: the item goes back with the others, for a fresh worker */
+    /* retries: the item goes back with the others, for a fresh worker;
+       the runs it failed in this worker before (fn raised) count too */
     if (bad >= open && bad < w->q[k].to &&
-        add_try(L, s, bad) > m->cfg.retries) {
+        add_try(L, s, bad, bad == cur ? (lua_Integer)__atomic_load_n(
+                    &m->shm[wi].fails, __ATOMIC_ACQUIRE) : 0) >
+            m->cfg.retries) {
       if (w->timed_out)
         snprintf(msg, sizeof msg,
                  "item %lld timed out after %g s (worker %d was killed)",
@@ -230,6 +299,7 @@ static void on_death(lua_State *L, Map *m, int wi) {
       m->stillborn = 0;
     memset(w, 0, sizeof *w);
     w->fd = -1;
+    m->spawn_wait = 0; /* reaped: room for a process again */
     if (intr) { /* Ctrl-C on the process group: not a reason to fork again */
       parmap_run_hooks(L); /* lua.c's hook raises "interrupted!" here */
       luaL_error(L, "parmap: worker %d was interrupted (SIGINT)", (int)pid);
@@ -286,13 +356,31 @@ static void protocol_error(lua_State *L, Worker *w, const char *what) {
              what);
 }
 
+/* Worker number id's init failed: kind, err, message, traceback, pid at
+   first..first+4. No item ran there, so the map cannot go on as asked:
+   stop it, and hand the record with the worker's number to the policy
+   (which raises an error object of kind "init"). */
+static void raise_init(lua_State *L, Map *m, int id, int first) {
+  int k;
+  stop(m, 1);
+  luaL_checkstack(L, 12, NULL);
+  lua_getiuservalue(L, m->self, U_FAIL);
+  lua_pushnil(L); /* no item */
+  for (k = 0; k < 5; k++) lua_pushvalue(L, first + k);
+  lua_pushnil(L); /* attempts */
+  lua_createtable(L, 0, 1);
+  lua_pushinteger(L, id);
+  lua_setfield(L, -2, "worker");
+  lua_call(L, 8, 1); /* fail(nil, "init", err, message, tb, pid, nil,
+                        {worker = id}) */
+  lua_error(L);
+}
+
 /* A FLAG_INIT frame: w's init raised. Its record (REC_ERR, then kind, err,
-   message, traceback, pid) is p[0..len). No item ran there, so the map
-   cannot go on as asked: stop it, and hand the record with the worker's
-   number to the policy (which raises an error object of kind "init"). */
+   message, traceback, pid) is p[0..len). */
 static void init_error(lua_State *L, Map *m, Worker *w, const char *p,
                        size_t len) {
-  int base = lua_gettop(L), id = (int)(w - m->w) + 1, n, k;
+  int base = lua_gettop(L), n;
   size_t pos = 1;
   const char *err = NULL;
   if (len < 1 || p[0] != (char)REC_ERR)
@@ -303,17 +391,7 @@ static void init_error(lua_State *L, Map *m, Worker *w, const char *p,
   if (n != 5 || lua_type(L, base + 2) != LUA_TSTRING ||
       lua_type(L, base + 4) != LUA_TSTRING)
     protocol_error(L, w, "bad init error record");
-  stop(m, 1);
-  lua_getiuservalue(L, m->self, U_FAIL);
-  lua_pushnil(L); /* no item */
-  for (k = 2; k <= 6; k++) lua_pushvalue(L, base + k);
-  lua_pushnil(L); /* attempts */
-  lua_createtable(L, 0, 1);
-  lua_pushinteger(L, id);
-  lua_setfield(L, -2, "worker");
-  lua_call(L, 8, 1); /* fail(nil, "init", err, message, tb, pid, nil,
-                        {worker = id}) */
-  lua_error(L);
+  raise_init(L, m, (int)(w - m->w) + 1, base + 2);
 }
 
 static void segment_done(Map *m, Worker *w, uint64_t elapsed) {
@@ -391,28 +469,39 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
    next deadline (-1: none). Only kill after reading what the sockets
    hold: a segment's end frame may be waiting there. */
 static int check_timeouts(Map *m, int kill_them) {
-  uint64_t now = parmap_now_ns(), lim, next = 0;
+  uint64_t now = parmap_now_ns(), lim, ilim, next = 0;
   int i;
-  if (m->cfg.timeout <= 0) return -1;
+  if (m->cfg.timeout <= 0 && m->cfg.init_timeout <= 0) return -1;
   lim = (uint64_t)(m->cfg.timeout * 1e9); /* <= 1e18: map_start clamps */
+  ilim = (uint64_t)(m->cfg.init_timeout * 1e9);
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
     int64_t c1, c2;
-    uint64_t start, base, left;
-    if (w->fd < 0 || w->qn == 0 || w->timed_out) continue;
-    c1 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
-    start = __atomic_load_n(&m->shm[i].start, __ATOMIC_ACQUIRE);
-    c2 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
-    if (c1 != c2 || start > now) {
-      base = now; /* it moves: look again later */
-    } else if (c1 != 0) {
-      base = start; /* an item runs */
-    } else if (w->due) {
-      base = w->due > start ? w->due : start; /* work it has not begun */
+    uint64_t start, base, left, l = lim;
+    if (!live(w) || w->qn == 0 || w->timed_out) continue;
+    if (m->cfg.has_init &&
+        !__atomic_load_n(&m->shm[i].inited, __ATOMIC_ACQUIRE)) {
+      /* init runs: its own bound, from the fork; the items' clock starts
+         when it ends (the worker sets start then) */
+      if (ilim == 0) continue;
+      base = w->born;
+      l = ilim;
     } else {
-      continue; /* nothing sent yet: it owes nothing */
+      if (lim == 0) continue;
+      c1 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
+      start = __atomic_load_n(&m->shm[i].start, __ATOMIC_ACQUIRE);
+      c2 = __atomic_load_n(&m->shm[i].cur, __ATOMIC_ACQUIRE);
+      if (c1 != c2 || start > now) {
+        base = now; /* it moves: look again later */
+      } else if (c1 != 0) {
+        base = start; /* an item runs */
+      } else if (w->due) {
+        base = w->due > start ? w->due : start; /* work it has not begun */
+      } else {
+        continue; /* nothing sent yet: it owes nothing */
+      }
     }
-    if (now - base >= lim) {
+    if (now - base >= l) {
       if (kill_them) {
         kill(w->pid, SIGKILL); /* still our unreaped child: safe */
         w->timed_out = 1;
@@ -420,7 +509,7 @@ static int check_timeouts(Map *m, int kill_them) {
       }
       left = 0;
     } else {
-      left = lim - (now - base);
+      left = l - (now - base);
     }
     if (next == 0 || left < next) next = left ? left : 1;
   }
@@ -436,9 +525,15 @@ static int check_timeouts(Map *m, int kill_them) {
 
 static void check_exits(lua_State *L, Map *m) {
   int i;
+  uint64_t now = parmap_now_ns();
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
     int st = 0, r;
+    if (w->pid > 0 && w->retiring) { /* running finish, or gone */
+      reap_retired(m, i, 0);
+      if (w->pid > 0) bound_finish(m, w, now, 0);
+      continue;
+    }
     if (w->fd < 0 || w->pid <= 0) continue;
     r = parmap_wait(w->pid, &st, 0);
     if (r == 0) continue;
@@ -450,9 +545,29 @@ static void check_exits(lua_State *L, Map *m) {
   }
 }
 
+/* A retiring worker's socket is readable: end of file once it exited (it
+   owes nothing; stray bytes are dropped). Reap it: its entry, and so its
+   number, is then free. */
+static void retiring_readable(Map *m, int wi) {
+  Worker *w = &m->w[wi];
+  char sink[512];
+  int k;
+  ssize_t r = parmap_recv_some(w->fd, sink, sizeof sink);
+  if (r == -2 || r > 0) return;
+  parmap_fd_close(w->fd);
+  w->fd = -1;
+  /* its files close just before it is a zombie: yield to it a moment
+     (a fresh fork for its number waits for this), then sleep in slices */
+  for (k = 0; k < 200 && w->pid; k++) {
+    reap_retired(m, wi, 0);
+    if (w->pid) sched_yield();
+  }
+  if (w->pid) reap_retired(m, wi, 100);
+}
+
 /* One round: hand out work, wait for sockets (or not), move bytes. */
 static void pump(lua_State *L, Map *m, int block) {
-  int i, n = 0, r, timeout;
+  int i, n = 0, r, timeout, retiring;
   if (m->owner != getpid()) /* a forked copy: the workers and fds are not
                                ours (the fd numbers may name other files) */
     luaL_error(L, "parmap: a map cannot be stepped from a worker or child "
@@ -470,15 +585,18 @@ static void pump(lua_State *L, Map *m, int block) {
     m->pfd[n].revents = 0;
     m->pfd_w[n++] = i;
   }
-  if (n == 0) { /* fine while records wait to be consumed */
+  retiring = nretiring(m);
+  if (n == 0 && retiring == 0) { /* fine while records wait to be consumed */
     if (block) luaL_error(L, "parmap: no worker left and none can be started");
     return;
   }
-  if (block) { /* waiting with nothing out would hang: say so instead */
+  if (block && retiring == 0) { /* waiting with nothing out would hang */
     int out = 0;
     for (i = 0; i < m->nw; i++) out += m->w[i].qn;
     if (out == 0) luaL_error(L, "parmap: internal error: the map stalled");
   }
+  /* work may wait for a retiring worker's entry: its end of file (or the
+     waitpid check, for one whose socket is gone) brings it */
   r = poll(m->pfd, (nfds_t)n, timeout);
   if (r < 0) {
     if (errno != EINTR) luaL_error(L, "parmap: poll: %s", strerror(errno));
@@ -488,12 +606,17 @@ static void pump(lua_State *L, Map *m, int block) {
   for (i = 0; i < n; i++) {
     Worker *w = &m->w[m->pfd_w[i]];
     int dead = 0;
+    if (w->retiring) {
+      if (m->pfd[i].revents & (POLLIN | POLLHUP | POLLERR))
+        retiring_readable(m, m->pfd_w[i]);
+      continue;
+    }
     if (m->pfd[i].revents & POLLOUT) dead = send_more(m, w) < 0;
     if (m->pfd[i].revents & (POLLIN | POLLHUP | POLLERR))
       dead = recv_more(L, m, w) || dead;
     if (dead) on_death(L, m, m->pfd_w[i]);
   }
-  if (m->cfg.timeout > 0) check_timeouts(m, 1);
+  if (m->cfg.timeout > 0 || m->cfg.init_timeout > 0) check_timeouts(m, 1);
   /* a signal that came between two polls (no EINTR), or while results
      stream in (poll never waits): lua.c's Ctrl-C hook runs now */
   if (block) parmap_run_hooks(L);
@@ -509,29 +632,49 @@ static void pump(lua_State *L, Map *m, int block) {
   retire_idle(m);
 }
 
+/* Stop the map: every worker is let go (it runs finish, or is killed
+   with kill_them) and reaped; a finish past finish_timeout gets SIGTERM,
+   then SIGKILL a grace later, as does a killed worker that lingers. */
 static void stop(Map *m, int kill_them) {
-  int i, st;
+  int i, st = 0, left, r;
+  uint64_t now = parmap_now_ns();
   if (m->state == M_CLOSED) return;
   if (m->state != M_DONE) m->state = M_CLOSED; /* an ended map stays so */
   if (m->owner != getpid()) return; /* a worker's copy: not its children */
   if (m->w == NULL) return;
   for (i = 0; i < m->nw; i++) {
-    parmap_fd_close(m->w[i].fd);
-    m->w[i].fd = -1;
+    Worker *w = &m->w[i];
+    if (w->pid && !w->retiring) {
+      w->retiring = 1;
+      w->retire_ns = now;
+    }
+    parmap_fd_close(w->fd);
+    w->fd = -1;
+    if (kill_them && w->pid && !w->term_ns) {
+      if (parmap_wait(w->pid, &st, 0) != 0) { /* gone already */
+        w->pid = 0;
+        continue;
+      }
+      kill(w->pid, SIGTERM); /* still our unreaped child: safe */
+      w->term_ns = now;
+    }
   }
-  for (i = 0; i < m->nw; i++) {
-    pid_t pid = m->w[i].pid;
-    if (!pid) continue;
-    if (kill_them && parmap_wait(pid, &st, 0) == 0) kill(pid, SIGKILL);
-    parmap_wait(pid, &st, -1);
-    m->w[i].pid = 0;
+  for (;;) {
+    struct timespec ts = {0, 2000000}; /* 2 ms */
+    for (i = 0, left = 0; i < m->nw; i++) {
+      Worker *w = &m->w[i];
+      if (!w->pid) continue;
+      if ((r = parmap_wait(w->pid, &st, 0)) != 0) {
+        if (!kill_them) reaped(m, w, r, st);
+        w->pid = 0;
+        continue;
+      }
+      bound_finish(m, w, parmap_now_ns(), kill_them);
+      left++;
+    }
+    if (left == 0) break;
+    nanosleep(&ts, NULL);
   }
-  for (i = 0; i < m->nretired; i++) { /* recycled: running finish, or gone */
-    if (kill_them && parmap_wait(m->retired[i], &st, 0) == 0)
-      kill(m->retired[i], SIGKILL);
-    parmap_wait(m->retired[i], &st, -1);
-  }
-  m->nretired = 0;
   m->nlive = 0;
   release(m); /* nothing reads the slots once stopped */
 }

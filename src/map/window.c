@@ -142,12 +142,18 @@ static lua_Integer tries_of(const Slot *s, lua_Integer index) {
   return 0;
 }
 
-/* Item `index` of s lost a run to a death or a timeout: returns how many
-   it lost so far. Only runs when a worker died, never on the hot path. */
-static lua_Integer add_try(lua_State *L, Slot *s, lua_Integer index) {
+/* Item `index` of s lost a run to a death or a timeout, after `failed`
+   runs in all that its worker saw fail (fn raised; those the segment's
+   header gave included): returns how many it lost so far. Only runs when
+   a worker died, never on the hot path. */
+static lua_Integer add_try(lua_State *L, Slot *s, lua_Integer index,
+                           lua_Integer failed) {
   int i;
   for (i = 0; i < s->ntries; i++)
-    if (s->tries[i].index == index) return ++s->tries[i].n;
+    if (s->tries[i].index == index) {
+      if (failed > s->tries[i].n) s->tries[i].n = failed;
+      return ++s->tries[i].n;
+    }
   if (s->ntries == s->tries_cap) {
     int cap = s->tries_cap ? 2 * s->tries_cap : 4;
     Tries *p = (Tries *)realloc(s->tries, (size_t)cap * sizeof *p);
@@ -156,7 +162,7 @@ static lua_Integer add_try(lua_State *L, Slot *s, lua_Integer index) {
     s->tries_cap = cap;
   }
   s->tries[s->ntries].index = index;
-  s->tries[s->ntries].n = 1;
+  s->tries[s->ntries].n = (failed > 0 ? failed : 0) + 1;
   return s->tries[s->ntries++].n;
 }
 
@@ -415,9 +421,6 @@ static void release(Map *m) {
     m->slots = NULL;
   }
   for (i = 0; i < POOL; i++) parmap_buf_free(&m->pool[i]);
-  free(m->retired);
-  m->retired = NULL;
-  m->nretired = m->retired_cap = 0;
   free(m->w);
   m->w = NULL;
   free(m->pfd);
