@@ -32,11 +32,11 @@
 -- Combinations whose bugs are known and being fixed (issue 17): left out
 -- of the draw while true. Set one to false (or PARMAP_DFUZZ_ALL=1) to draw it.
 local KNOWN_OPEN = {
-  init_death = true,            -- point 1: an init that dies fails an item that never ran
-  raise_then_death = true,      -- point 2: raise, then die/time out: the item runs R + 2 times
+  init_death = false,           -- point 1: an init that dies fails an item that never ran
+  raise_then_death = false,     -- point 2: raise, then die/time out: the item runs R + 2 times
   serial_kwstar_retries = false, -- point 3: N = 1 ignores retries with kwstar = true
   serial_item_error = false,    -- point 4: N = 1 lets an item's own __index error escape
-  init_slow_timeout = true,     -- point 5: init time counts against timeout
+  init_slow_timeout = false,    -- point 5: init time counts against timeout
   star_n_loose = false,         -- point 8: star items' n = 2.0, 1.5, "2", -1 read loosely
   mpi_buffersize = true,        -- point 14: buffersize is ignored under MPI
   mpi_total = true,             -- point 15: total is dropped under MPI (progress gets nil)
