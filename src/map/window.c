@@ -287,7 +287,14 @@ static void raw_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
   while (s->count < size && !m->close_req) {
     const char *p;
     size_t len, pos = 0;
-    lua_Integer n = m->raw->peek(L, &p, &len), k;
+    lua_Integer n, k;
+    /* never wait for input while holding items (in this chunk, at the
+       workers, or results not taken): rank 0 may wait for their results
+       before it sends more (buffersize) */
+    if ((s->count > 0 || m->next_index - 1 > m->taken) && m->raw->ready &&
+        !m->raw->ready(L))
+      break;
+    n = m->raw->peek(L, &p, &len);
     if (n <= 0) {
       m->exhausted = 1;
       return;

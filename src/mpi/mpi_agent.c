@@ -322,7 +322,13 @@ static int raw_tick(lua_State *L) {
   while (pump(L, 0)) {}
   return A.aborted;
 }
-static const ParmapRawSource RAW = {a_raw, raw_peek, raw_take, raw_tick};
+/* Would raw_peek return without waiting for rank 0? */
+static int raw_ready(lua_State *L) {
+  while (pump(L, 0)) {}
+  return A.left > 0 || A.in.n > 0 || A.ended || A.aborted;
+}
+static const ParmapRawSource RAW = {a_raw, raw_peek, raw_take, raw_tick,
+                                    raw_ready};
 
 /* agent.items(): the next item as {item, the map's index} (box mode: the
    input has nil items, or seed needs the index), or nil at the end. */
