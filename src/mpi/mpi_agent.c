@@ -496,6 +496,8 @@ static int a_finish(lua_State *L) {
 
 static const char *const DRIVER =
     "local agent = ...\n"
+    "-- a map's globals are set in _G while it runs: the driver's own are locals\n"
+    "local pcall, randomseed = pcall, math.randomseed\n"
     "local parmap = require 'parmap'\n"
     "local core = require 'parmap.core'\n"
     "local STAR = { ['false'] = false, ['true'] = true, none = parmap.None }\n"
@@ -506,7 +508,9 @@ static const char *const DRIVER =
     "  e.message = e.message:gsub('item ' .. i .. '%f[%D]', 'item ' .. agent.global(i))\n"
     "end\n"
     "local function run(rec, o)\n"
-    "  local fn, init, finish = core.loadfn(rec)\n"
+    "  local fn, restore = core.loadfn(rec)\n"
+    "  local _globals <close> = restore -- put back when the map ends here\n"
+    "  local init, finish\n"
     "  if o.bundle then fn, init, finish = fn() end -- one record: shared upvalues\n"
     "  local N = o.N or parmap.ncpu()\n"
     "  local timeout = o.timeout\n"
@@ -518,7 +522,7 @@ static const char *const DRIVER =
     "  local args = o.args or {}\n"
     "  args.n = o.nargs\n"
     "  if o.box then -- nil items, or seed: the call table applied here\n"
-    "    local seed, randomseed = o.seed, math.randomseed\n"
+    "    local seed = o.seed\n"
     "    local call = core.caller({ fn = fn, star = o.star, kwstar = o.kwstar,\n"
     "      args = args, nargs = o.nargs, has_kw = o.has_kw, kwargs = o.kwargs })\n"
     "    fn = function(box)\n"
