@@ -162,6 +162,13 @@ end
 -- value to the node agents (src/fnenc.c); the agents run the call table.
 local function mpi_start(level, spec)
   local mpi, fn, items = package.loaded["parmap.mpi"], spec.fn, spec.items
+  -- refused here, at the caller's line (mpi.start's would be ours)
+  if mpi.size() < 2 then
+    error("parmap: backend 'mpi' needs 2 ranks or more", level + 1)
+  elseif mpi.busy() then
+    error("parmap: backend 'mpi' runs one map at a time (close the other "
+      .. "map first)", level + 1)
+  end
   local f0 = fn
   if type(f0) ~= "function" then f0 = function(...) return fn(...) end end
   local ok, rec = pcall(core.dumpfn, f0)
@@ -194,7 +201,7 @@ local function mpi_start(level, spec)
     args = spec.args, nargs = spec.nargs, has_kw = spec.has_kw,
     kwargs = spec.kwargs, timeout = spec.timeout, box = box,
     seed = spec.seed, maxtasks = spec.maxtasks, retries = spec.retries,
-    buffersize = spec.buffersize }
+    buffersize = spec.buffersize, chunksize = spec.chunksize }
   local hooks = {}
   for _, name in next, { "init", "finish" } do -- they travel as fn does
     local h = spec[name]

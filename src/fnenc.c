@@ -821,8 +821,9 @@ static void push_module(Dec *d, const char *m, size_t n) {
   lua_pushvalue(L, -2);
   if (lua_pcall(L, 1, 1, 0) != LUA_OK) { /* no position: not the caller's */
     const char *why = luaL_tolstring(L, -1, NULL);
-    lua_pushfstring(L, "parmap: the function needs module '%s', which does "
-                    "not load (%s)", lua_tostring(L, -3), why);
+    /* no "parmap: ": an agent's rank 0 says it, with the rank */
+    lua_pushfstring(L, "the function needs module '%s', which does not load "
+                    "(%s)", lua_tostring(L, -3), why);
     lua_error(L);
   }
   lua_remove(L, -2);

@@ -738,12 +738,9 @@ static int agent_failed(lua_State *L, MMap *m) {
   stop(L, m);
   lua_getiuservalue(L, 1, M_FAIL);
   s = lua_tolstring(L, -1, &len);
-  if (len < 1 || s[0] != FAIL_ERROR) {
-    const char *text = len > 0 ? s + 1 : "";
-    if (strncmp(text, "parmap: ", 8) == 0) text += 8; /* said once */
+  if (len < 1 || s[0] != FAIL_ERROR)
     return luaL_error(L, "parmap: the map failed on rank %d (%s): %s", r,
-                      C.ag[r].host, text);
-  }
+                      C.ag[r].host, len > 0 ? s + 1 : "");
   base = lua_gettop(L);
   lua_getiuservalue(L, 1, M_SCRATCH); /* base + 1 */
   lua_getiuservalue(L, 1, M_POLICY);  /* base + 2 */
