@@ -9,8 +9,9 @@
 ** more than a share of what remains of a known total, so agents finish
 ** together. Results arrive in batches from any agent; each waits as a
 ** string (rank, record) until the loop takes it, in order or as they
-** came. A CREDIT is always answered at once (see handle()): so, ordered,
-** the results that wait for a slow item are bounded only by the input.
+** came. A CREDIT is answered at once (see handle()) unless buffersize
+** items of an iterator are pulled and not taken: then once the loop
+** takes some (pay_owed).
 */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -455,9 +456,9 @@ static void handle(lua_State *L, MMap *m, parmap_buf *b, int msgi, int tag,
   if (m->closed && tag != TAG_DONE && tag != TAG_FAIL) return;
   switch (tag) {
     case TAG_CREDIT:
-      /* answered at once, always: an agent may be waiting for items with
-         some pulled into a chunk its engine has not sent to a worker yet,
-         so holding a CREDIT back (to bound what waits here) can deadlock */
+      /* answered at once, or owed while buffersize items are out (an
+         agent's engine never waits for items while it holds some, so
+         their results come and the loop makes room) */
       send_segment(L, m, from);
       m->as[from].credit_ns = parmap_now_ns();
       break;
