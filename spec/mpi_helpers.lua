@@ -3,6 +3,7 @@
 -- environment that `make test` and `make check-mpi` set, a runner for a
 -- script under mpirun, and describe_mpi (pending without them).
 local H = require "helpers"
+local assert = require "luassert"
 
 local M = {}
 M.BIN = os.getenv("PARMAP_MPI_BIN") or "build/parmap-mpi"
