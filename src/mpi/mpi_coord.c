@@ -971,11 +971,18 @@ static int mpi_start(lua_State *L) {
       m->as[r].wbase = m->wtotal;
       m->wtotal += n < 1 ? 1 : n > PARMAP_MAX_WORKERS ? PARMAP_MAX_WORKERS : n;
     }
-  /* the fork engine's read-ahead bound, its default for the job's workers */
+  /* the fork engine's read-ahead bound; by default its own for the job's
+     workers, but room for 4 full segments an agent (less halved the rate
+     of tiny items from an iterator: the agents starved) */
   lua_getfield(L, 1, "buffersize");
-  m->buffersize = lua_isinteger(L, -1) && lua_tointeger(L, -1) > 0
-                      ? lua_tointeger(L, -1)
-                      : (lua_Integer)BUFFER_PER_WORKER * (m->wtotal > 0 ? m->wtotal : 1);
+  if (lua_isinteger(L, -1) && lua_tointeger(L, -1) > 0) {
+    m->buffersize = lua_tointeger(L, -1);
+  } else {
+    lua_Integer live = 0;
+    for (r = 1; r < C.size; r++) live += !C.ag[r].dead;
+    m->buffersize = (lua_Integer)BUFFER_PER_WORKER * (m->wtotal > 0 ? m->wtotal : 1);
+    if (m->buffersize < 4 * SEG_MAX * live) m->buffersize = 4 * SEG_MAX * live;
+  }
   if (m->from_table) m->buffersize = 0;
   lua_settop(L, 4);
   m->want = 1;
