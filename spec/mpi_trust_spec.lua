@@ -158,6 +158,22 @@ try({args = {1, {2, {print}}}, backend = "mpi"})
       assert.matches("cannot send a function at args[2][2][1]", lines[3], 1, true)
     end)
 
+  it("name the caller's line for a second MPI map while one is open", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local f, s = parmap.parmap(function(x) return x end, {1, 2, 3}, {backend = "mpi"})
+local ok, err = pcall(function()
+  local r = parmap.map(function(x) return x end, {1}, {backend = "mpi"}) -- line 4
+  return r
+end)
+print(ok, err)
+print("first", f(s))
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("false\t[^\n]*:4: parmap: backend 'mpi' runs one map at a time", out)
+    assert.matches("first\t1\t1\n", out, 1, true)
+  end)
+
   it("name a module the agents cannot load once, with require's reason and the rank",
     function()
       local out, code = mpirun([[
