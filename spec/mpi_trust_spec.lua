@@ -26,17 +26,22 @@ for _, ordered in ipairs {true, false} do
   end
   print("ahead", ordered, worst, pulled)
 end
--- down to buffersize = 1, every index once, both orders
+-- down to buffersize = 1, every index once, both orders; with seed the
+-- agents take the items boxed with their index, through another path
 for _, ordered in ipairs {true, false} do
   for _, b in ipairs {1, 3} do
-    local k, seen, bad = 0, {}, 0
-    for i, r in parmap(function(x) return x * 2 end,
-        function() k = k + 1; if k <= 300 then return k end end,
-        {buffersize = b, ordered = ordered, backend = "mpi"}) do
-      if seen[i] or r ~= 2 * i then bad = bad + 1 end
-      seen[i] = true
+    local bad = 0
+    for _, seed in ipairs {false, 5} do
+      local k, n, seen = 0, 0, {}
+      for i, r in parmap(function(x) return x * 2 end,
+          function() k = k + 1; if k <= 300 then return k end end,
+          {buffersize = b, ordered = ordered, backend = "mpi", seed = seed or nil}) do
+        n = n + 1 -- k counts the iterator's calls, its last nil too
+        if seen[i] or r ~= 2 * i or k - n > b + 1 then bad = bad + 1 end
+        seen[i] = true
+      end
+      for i = 1, 300 do if not seen[i] then bad = bad + 1 end end
     end
-    for i = 1, 300 do if not seen[i] then bad = bad + 1 end end
     print("small", ordered, b, bad)
   end
 end

@@ -31,6 +31,9 @@ typedef struct ParmapRawSource {
      being filled, items at the workers) does not wait for more, since
      rank 0 may hold items back until their results come (buffersize) */
   int (*ready)(lua_State *L);
+  /* a Lua-called items function of the same source (the agent's boxed
+     items): the map consults ready before calling it, as for peek */
+  lua_CFunction boxed;
 } ParmapRawSource;
 void parmap_map_rawsource(const ParmapRawSource *src);
 

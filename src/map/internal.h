@@ -132,6 +132,7 @@ typedef struct Map {
   pid_t *retired; /* recycled workers (maxtasks) not reaped yet */
   int nretired, retired_cap;
   const ParmapRawSource *raw; /* items from a C source (the MPI agent) */
+  int (*ready)(lua_State *L); /* that source's: would its next item wait? */
   ParmapSink sink;            /* results to a C sink (parmap_map_relay) */
   int (*tick)(lua_State *L);  /* ... and the source's tick */
   void *sink_ud;

@@ -327,8 +327,9 @@ static int raw_ready(lua_State *L) {
   while (pump(L, 0)) {}
   return A.left > 0 || A.in.n > 0 || A.ended || A.aborted;
 }
+static int a_items(lua_State *L);
 static const ParmapRawSource RAW = {a_raw, raw_peek, raw_take, raw_tick,
-                                    raw_ready};
+                                    raw_ready, a_items};
 
 /* agent.items(): the next item as {item, the map's index} (box mode: the
    input has nil items, or seed needs the index), or nil at the end. */

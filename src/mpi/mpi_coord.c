@@ -550,6 +550,8 @@ static void agent_died(lua_State *L, MMap *m, int r) {
   int s, i, top = lua_gettop(L);
   C.ag[r].dead = 1;
   C.lost = 1;
+  m->nowed -= a->owed; /* what it asked for is not sent */
+  a->owed = 0;
   a->open = 0;
   a->done = a->ended = 1;
   for (s = 1; s < C.size; s++)
