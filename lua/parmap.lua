@@ -173,22 +173,6 @@ local function mpi_start(level, spec)
   if type(f0) ~= "function" then f0 = function(...) return fn(...) end end
   local ok, rec = pcall(core.dumpfn, f0)
   if not ok then error("parmap: " .. tostring(rec), level + 1) end
-  -- args and kwargs travel as data (the codec): a value that cannot is
-  -- refused here, at the caller's line, by its place
-  local function data(v, place)
-    local path, t = Errors.find_unsendable(v)
-    if path then
-      error(string.format("parmap: bad option '%s' (cannot send a %s at %s%s "
-        .. "to the MPI agents: args and kwargs hold only nil, booleans, "
-        .. "numbers, strings and tables of them)", place:match("^%a+"), t,
-        place, path), level + 2)
-    end
-  end
-  for i = 1, spec.nargs do data(spec.args[i], "args[" .. i .. "]") end
-  for k, v in next, spec.kwargs or {} do
-    if type(k) ~= "string" then data(k, "kwargs key") end
-    data(v, "kwargs" .. Errors.keypath(k))
-  end
   -- items go boxed with their index when a table has nil items (nil
   -- ends an iterator) or for seed (which needs the map's index)
   local box = spec.seed ~= nil
@@ -223,7 +207,25 @@ local function mpi_start(level, spec)
     rec = core.dumpfn(function() return f0, init, finish end)
     o.bundle = true
   end
-  local m = mpi.start(spec, rec, o)
+  local m, what = mpi.start(spec, rec, o)
+  if m == nil then -- args or kwargs holds what cannot travel: where?
+    local function data(v, place)
+      local path, t = Errors.find_unsendable(v)
+      if path then
+        error(string.format("parmap: bad option '%s' (cannot send a %s at "
+          .. "%s%s to the MPI agents: args and kwargs hold only nil, "
+          .. "booleans, numbers, strings and tables of them)",
+          place:match("^%a+"), t, place, path), level + 2)
+      end
+    end
+    for i = 1, spec.nargs do data(spec.args[i], "args[" .. i .. "]") end
+    for k, v in next, spec.kwargs or {} do
+      data(k, "kwargs key")
+      data(v, "kwargs" .. Errors.keypath(k))
+    end
+    error("parmap: options 'args' and 'kwargs' must hold only values that "
+      .. "travel (found a " .. tostring(what) .. ")", level + 1)
+  end
   return mpi.next, m, nil, m
 end
 

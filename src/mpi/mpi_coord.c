@@ -910,7 +910,8 @@ static int first_segments(lua_State *L) {
 }
 
 /* start(spec, fnrecord, agent_opts) -> map: spec as lua/parmap.lua's check
-   makes it; agent_opts what the agents' engines get. */
+   makes it; agent_opts what the agents' engines get. nil and the type
+   found when agent_opts (args, kwargs) holds a value that cannot travel. */
 static int mpi_start(lua_State *L) {
   MMap *m;
   parmap_buf msg = PARMAP_BUF_INIT;
@@ -1003,10 +1004,11 @@ static int mpi_start(lua_State *L) {
   lua_newtable(L); /* 5: scratch */
   rc = parmap_encode(L, 3, 1, &msg, 5, &what);
   lua_pop(L, 1);
-  if (rc != PARMAP_OK) {
+  if (rc != PARMAP_OK) { /* the caller finds the value's place, names it */
     parmap_buf_free(&msg);
-    return luaL_error(L, "parmap: options 'args' and 'kwargs' must hold only "
-                      "values that travel (found a %s)", what);
+    lua_pushnil(L);
+    lua_pushstring(L, what);
+    return 2;
   }
   lua_pushlstring(L, msg.p, msg.len); /* for a round after a death */
   lua_setiuservalue(L, 4, M_MAPMSG);
