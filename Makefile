@@ -212,7 +212,7 @@ bench: all
 # `make mpi` builds $(BUILD)/parmap-mpi (the MPI launcher, node agents and
 # the coordinator of rank 0) with $(MPICC), e.g. `make mpi
 # MPICC=mpicc.mpich BUILD=build-mpich` for MPICH. `make check-mpi` runs
-# spec/mpi_backend_spec.lua, whose scripts run under `$(MPIRUN)
+# spec/mpi_backend_spec.lua and spec/mpi_trust_spec.lua, whose scripts run under `$(MPIRUN)
 # $(MPIRUN_FLAGS) -n 3 parmap-mpi` alone (`make test` runs it with the
 # other specs); for MPICH:
 # make check-mpi MPICC=mpicc.mpich MPIRUN=mpirun.mpich MPIRUN_FLAGS= BUILD=build-mpich
@@ -239,7 +239,7 @@ $(MPI_BIN): $(MPI_SRC) src/mpi/parmap_mpi.h $(HEADERS) $(BUILD)/libparmap.a
 check-mpi: test-deps
 	@$(MAKE) --no-print-directory WERROR=-Werror all mpi
 	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" \
-	  MPIRUN_RESILIENT_FLAGS="$(MPIRUN_RESILIENT_FLAGS)" PARMAP_SPECS=spec/mpi_backend_spec.lua \
+	  MPIRUN_RESILIENT_FLAGS="$(MPIRUN_RESILIENT_FLAGS)" PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_trust_spec.lua" \
 	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 # `make bench-mpi`: bench/mpi.lua, the MPI backend against the fork backend
 # on this machine (MPI_BENCH_RANKS ranks, default 2: rank 0 and one agent).

@@ -142,6 +142,13 @@ end
 -- value to the node agents (src/fnenc.c); the agents run the call table.
 local function mpi_start(level, spec)
   local mpi, fn, items = package.loaded["parmap.mpi"], spec.fn, spec.items
+  -- refused here, at the caller's line (mpi.start's would be ours)
+  if mpi.size() < 2 then
+    error("parmap: backend 'mpi' needs 2 ranks or more", level + 1)
+  elseif mpi.busy() then
+    error("parmap: backend 'mpi' runs one map at a time (close the other "
+      .. "map first)", level + 1)
+  end
   local f0 = fn
   if type(f0) ~= "function" then f0 = function(...) return fn(...) end end
   local ok, rec = pcall(core.dumpfn, f0)
@@ -160,7 +167,8 @@ local function mpi_start(level, spec)
     seed = spec.seed, maxtasks = spec.maxtasks, retries = spec.retries,
     maxmemory = spec.maxmemory,
     buffersize = spec.buffersize, init_timeout = spec.init_timeout,
-    finish_timeout = spec.finish_timeout }
+    finish_timeout = spec.finish_timeout,
+    chunksize = spec.chunksize }
   local hooks = {}
   for _, name in next, { "init", "finish" } do -- they travel as fn does
     local h = spec[name]
@@ -182,7 +190,25 @@ local function mpi_start(level, spec)
     rec = core.dumpfn(function() return f0, init, finish end)
     o.bundle = true
   end
-  local m = mpi.start(spec, rec, o)
+  local m, what = mpi.start(spec, rec, o)
+  if m == nil then -- args or kwargs holds what cannot travel: where?
+    local function data(v, place)
+      local path, t = Errors.find_unsendable(v)
+      if path then
+        error(string.format("parmap: bad option '%s' (cannot send a %s at "
+          .. "%s%s to the MPI agents: args and kwargs hold only nil, "
+          .. "booleans, numbers, strings and tables of them)",
+          place:match("^%a+"), t, place, path), level + 2)
+      end
+    end
+    for i = 1, spec.nargs do data(spec.args[i], "args[" .. i .. "]") end
+    for k, v in next, spec.kwargs or {} do
+      data(k, "kwargs key")
+      data(v, "kwargs" .. Errors.keypath(k))
+    end
+    error("parmap: options 'args' and 'kwargs' must hold only values that "
+      .. "travel (found a " .. tostring(what) .. ")", level + 1)
+  end
   return mpi.next, m, nil, m
 end
 

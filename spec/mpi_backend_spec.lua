@@ -4,54 +4,9 @@
 -- `make mpi`, i.e. an MPI installation). Each script checks itself and
 -- prints what the spec compares; each run is bounded by `timeout`.
 local H = require "helpers"
-
-local BIN = os.getenv("PARMAP_MPI_BIN") or "build/parmap-mpi"
-local MPIRUN = os.getenv("MPIRUN") or "mpirun"
-local FLAGS = os.getenv("MPIRUN_FLAGS")
-  or "--allow-run-as-root --oversubscribe --bind-to none"
-
--- under `make test` and `make check-mpi`, which build parmap-mpi and set
--- PARMAP_MPI_BIN; the sanitizer, collector and valgrind runs leave them out
-local have = os.getenv("PARMAP_MPI_BIN") and io.open(BIN, "r")
-if have then have:close() end
-
--- Run src under mpirun with n ranks; returns output (stdout and stderr),
--- exit status, and the script's path (already removed).
-local function mpirun(src, n, cmd, env, flags)
-  local path = H.script(src)
-  -- LD_PRELOAD (make check-asan's libasan for lua5.4) stays out of mpirun:
-  -- an ASan parmap-mpi links it itself, and Open MPI's daemons hang under it
-  local p = io.popen(string.format("env -u LD_PRELOAD %s timeout 120 %s %s %s -n %d %s %q 2>&1",
-    env or "", MPIRUN, FLAGS, flags or "", n or 3, cmd or BIN, path))
-  local out = p:read("a")
-  local _, _, code = p:close()
-  os.remove(path)
-  return out, code, path
-end
-
--- No process whose command line names the script is left: polled for up
--- to 10 s (the workers of a killed agent die with it, by PR_SET_PDEATHSIG,
--- but a loaded machine may take a moment to reap them).
-local function assert_none_left(path)
-  local left
-  for _ = 1, 100 do
-    left = 0
-    local p = io.popen("env -u LD_PRELOAD ps -eo args") -- ps hangs under libasan
-    for line in p:lines() do
-      if line:find(path, 1, true) then left = left + 1 end
-    end
-    p:close()
-    if left == 0 then break end
-    os.execute("sleep 0.1")
-  end
-  assert.are.equal(0, left)
-end
-
-local describe_mpi = have and describe or function(name, body)
-  describe(name, function()
-    pending("the MPI specs run under make test and make check-mpi")
-  end)
-end
+local MH = require "mpi_helpers"
+local MPIRUN, mpirun, assert_none_left = MH.MPIRUN, MH.mpirun, MH.assert_none_left
+local describe_mpi = MH.describer(describe, pending)
 
 describe_mpi("the MPI backend", function()
   it("runs the script once, on rank 0, with arg as lua5.4 sets it", function()

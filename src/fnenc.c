@@ -66,6 +66,7 @@ enum { K_ROOT = 0, K_UPV, K_FIELD, K_KEY, K_META, K_GLOBAL };
 #define MAGIC "PMFN\1"
 #define MAGIC_LEN 5
 #define OP_GETTABUP 11 /* Lua 5.4's lopcodes.h */
+#define OP_GETFIELD 14
 #define MAX_PROTO_DEPTH 200
 
 typedef struct Bufs {
@@ -256,9 +257,12 @@ static int rd_string(Rd *r, const char **s, size_t *len) {
 }
 
 /* Parse one dumped function (ldump.c's dumpFunction) and its nested ones;
-   names[k] = true for every global read. Returns 0, or -1 when the dump is
-   not what Lua 5.4 writes. */
-static int scan_function(lua_State *L, Rd *r, int names, int depth) {
+   names[k] = true for every global read (_ENV.k), gnames[k] = true for
+   every _G.k (a GETFIELD with a constant key right after the read of _G,
+   from the register it went to: _G.k, _G.k.x, f(_G.k)). Returns 0, or -1
+   when the dump is not what Lua 5.4 writes. */
+static int scan_function(lua_State *L, Rd *r, int names, int gnames,
+                         int depth) {
   size_t ncode, nk, nup, np, i, n, codepos;
   const char *s;
   size_t len;
@@ -293,7 +297,7 @@ static int scan_function(lua_State *L, Rd *r, int names, int depth) {
   if (rd_size(r, &nup) || nup > 255 || rd_skip(r, nup * 3)) return -1;
   if (rd_size(r, &np)) return -1;
   for (i = 0; i < np; i++)
-    if (scan_function(L, r, names, depth + 1)) return -1;
+    if (scan_function(L, r, names, gnames, depth + 1)) return -1;
   /* debug: lineinfo, abslineinfo, locvars, upvalue names */
   if (rd_size(r, &n) || rd_skip(r, n)) return -1;
   if (rd_size(r, &n)) return -1;
@@ -323,14 +327,29 @@ static int scan_function(lua_State *L, Rd *r, int names, int depth) {
       lua_pushlstring(L, ks[c].s, ks[c].len);
       lua_pushboolean(L, 1);
       lua_rawset(L, names);
+      if (ks[c].len == 2 && memcmp(ks[c].s, "_G", 2) == 0 && i + 1 < ncode) {
+        uint32_t nx;
+        unsigned ra = (ins >> 7) & 0xff, nb, nc;
+        memcpy(&nx, r->p + codepos + 4 * (i + 1), 4);
+        nb = (nx >> 16) & 0xff;
+        nc = (nx >> 24) & 0xff;
+        if ((nx & 0x7f) == OP_GETFIELD && nb == ra && nc < nk &&
+            ks[nc].s != NULL) {
+          lua_pushlstring(L, ks[nc].s, ks[nc].len);
+          lua_pushboolean(L, 1);
+          lua_rawset(L, gnames);
+        }
+      }
     }
   }
   lua_pop(L, 1); /* ks */
   return 0;
 }
 
-/* The globals the dumped function in d reads: names[k] = true. */
-static int scan_dump(lua_State *L, const parmap_buf *d, int names) {
+/* The globals the dumped function in d reads: names[k] = true (through
+   _ENV), gnames[k] = true (through _G). */
+static int scan_dump(lua_State *L, const parmap_buf *d, int names,
+                     int gnames) {
   Rd r;
   size_t hdr = 4 + 1 + 1 + 6 + 3 + sizeof(lua_Integer) + sizeof(lua_Number);
   r.p = (const unsigned char *)d->p;
@@ -339,7 +358,7 @@ static int scan_dump(lua_State *L, const parmap_buf *d, int names) {
       r.p[5] != 0)
     return -1;
   r.i = hdr + 1; /* and the main closure's upvalue count */
-  return scan_function(L, &r, names, 0) || r.i != r.n ? -1 : 0;
+  return scan_function(L, &r, names, gnames, 0) || r.i != r.n ? -1 : 0;
 }
 
 static int dump_writer(lua_State *L, const void *p, size_t sz, void *ud) {
@@ -371,51 +390,113 @@ static lua_Integer new_object(Enc *e, int idx, lua_Integer pid, int kind,
   return id;
 }
 
-/* Queue the globals read by the function at idx (object id) when its _ENV
-   is the global table. */
+/* Queue global k (the string at kidx), read by object id: sent with its
+   value on this side, nil included (so a global the agents kept from an
+   earlier map, or their own, is not what fn reads). */
+static void queue_global(Enc *e, int kidx, lua_Integer id) {
+  lua_State *L = e->L;
+  lua_pushvalue(L, kidx);
+  if (lua_rawget(L, SLOT(e, E_GSENT)) == LUA_TNIL) {
+    e->nglob++;
+    lua_pushvalue(L, kidx);
+    lua_rawseti(L, SLOT(e, E_GNAME), e->nglob);
+    lua_pushinteger(L, id);
+    lua_rawseti(L, SLOT(e, E_GREADER), e->nglob);
+    lua_pushvalue(L, kidx);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, SLOT(e, E_GSENT));
+  }
+  lua_pop(L, 1);
+}
+
+/* t[k] (t at tidx, k at kidx) as a read finds it, through __index tables
+   (bounded: a loop of them): when the read reaches the global table, k is
+   a global. A table on the way travels by value with its metatable, and a
+   __index function runs on the agent, so only _G needs this (fnenc sends
+   _G as the receiver's own). With push, the value found (or nil) is
+   pushed. */
+#define MAX_INDEX_CHAIN 100
+static void resolve_read(Enc *e, int tidx, int kidx, lua_Integer id, int push) {
+  lua_State *L = e->L;
+  int top = lua_gettop(L), k, found = 0;
+  lua_pushvalue(L, tidx);
+  for (k = 0; k < MAX_INDEX_CHAIN && lua_istable(L, -1); k++) {
+    int t = lua_gettop(L);
+    if (lua_rawequal(L, t, SLOT(e, E_GLOBALS))) {
+      if (!push) queue_global(e, kidx, id);
+      lua_pushvalue(L, kidx);
+      lua_rawget(L, t);
+      found = 1;
+      break;
+    }
+    lua_pushvalue(L, kidx);
+    if (lua_rawget(L, t) != LUA_TNIL) {
+      found = 1;
+      break;
+    }
+    lua_pop(L, 1);
+    if (!lua_getmetatable(L, t)) break;
+    lua_pushliteral(L, "__index");
+    lua_rawget(L, -2);
+    lua_replace(L, t); /* on to __index */
+    lua_settop(L, t);
+  }
+  if (push) { /* a __index function's value is not known here: nil */
+    if (!found) lua_pushnil(L);
+    lua_replace(L, top + 1);
+  }
+  lua_settop(L, top + push);
+}
+
+/* Queue the globals read by the function at idx (object id): its code's
+   reads through each _ENV upvalue (the global table, or a table whose
+   __index leads there: a sandbox of load's env) and through _G. */
 static void queue_globals(Enc *e, int idx, lua_Integer id) {
   lua_State *L = e->L;
   lua_Debug ar;
-  int i, env = 0, names;
+  int i, names, gnames, scanned = 0, top = lua_gettop(L);
   lua_pushvalue(L, idx);
   lua_getinfo(L, ">u", &ar);
   for (i = 1; i <= ar.nups; i++) {
+    int env;
     const char *nm = lua_getupvalue(L, idx, i);
-    if (nm && strcmp(nm, "_ENV") == 0 && lua_rawequal(L, -1, SLOT(e, E_GLOBALS)))
-      env = 1;
-    lua_pop(L, 1);
-  }
-  if (!env) return;
-  lua_newtable(L);
-  names = lua_gettop(L);
-  if (scan_dump(L, &e->bufs->tmp, names)) {
-    push_path(e, id, K_ROOT, 0);
-    luaL_error(L, "parmap: cannot read the bytecode of %s (not Lua 5.4's)",
-               lua_tostring(L, -1));
-  }
-  lua_pushnil(L);
-  while (lua_next(L, names)) {
-    lua_pop(L, 1);
-    lua_pushvalue(L, -1);
-    if (lua_rawget(L, SLOT(e, E_GSENT)) == LUA_TNIL) {
+    if (nm == NULL || strcmp(nm, "_ENV") != 0 || !lua_istable(L, -1)) {
       lua_pop(L, 1);
-      lua_pushvalue(L, -1);
-      if (lua_rawget(L, SLOT(e, E_GLOBALS)) != LUA_TNIL) {
-        e->nglob++;
-        lua_pushvalue(L, -2);
-        lua_rawseti(L, SLOT(e, E_GNAME), e->nglob);
-        lua_pushinteger(L, id);
-        lua_rawseti(L, SLOT(e, E_GREADER), e->nglob);
-      }
-      lua_pop(L, 1);
-      lua_pushvalue(L, -1);
-      lua_pushboolean(L, 1);
-      lua_rawset(L, SLOT(e, E_GSENT));
-    } else {
-      lua_pop(L, 1);
+      continue;
     }
+    env = lua_gettop(L);
+    if (!scanned) {
+      scanned = 1;
+      lua_newtable(L);
+      lua_newtable(L);
+      lua_rotate(L, env, 2); /* names, gnames below the env */
+      names = env;
+      gnames = env + 1;
+      env += 2;
+      if (scan_dump(L, &e->bufs->tmp, names, gnames)) {
+        push_path(e, id, K_ROOT, 0);
+        luaL_error(L, "parmap: cannot read the bytecode of %s (not Lua 5.4's)",
+                   lua_tostring(L, -1));
+      }
+    }
+    lua_pushnil(L);
+    while (lua_next(L, names)) {
+      lua_pop(L, 1);
+      resolve_read(e, env, lua_gettop(L), id, 0);
+    }
+    lua_pushliteral(L, "_G");
+    resolve_read(e, env, lua_gettop(L), id, 1); /* what _G is there */
+    if (lua_istable(L, -1)) {
+      int g = lua_gettop(L);
+      lua_pushnil(L);
+      while (lua_next(L, gnames)) {
+        lua_pop(L, 1);
+        resolve_read(e, g, lua_gettop(L), id, 0);
+      }
+    }
+    lua_settop(L, env - 1);
   }
-  lua_pop(L, 1); /* names */
+  lua_settop(L, top);
 }
 
 /* Module references: 1 if the value at idx travels by name (written). */
@@ -697,6 +778,7 @@ typedef struct Dec {
   const char *p;
   size_t len, pos;
   lua_Integer nobj;
+  int save; /* 0, or the table that keeps what each global set was */
 } Dec;
 
 static void corrupt(Dec *d, const char *why) {
@@ -737,9 +819,13 @@ static void push_module(Dec *d, const char *m, size_t n) {
   lua_pushlstring(L, m, n); /* for the message */
   lua_getglobal(L, "require");
   lua_pushvalue(L, -2);
-  if (lua_pcall(L, 1, 1, 0) != LUA_OK)
-    luaL_error(L, "parmap: the function needs module '%s', which does not "
-               "load here: %s", lua_tostring(L, -2), luaL_tolstring(L, -1, NULL));
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) { /* no position: not the caller's */
+    const char *why = luaL_tolstring(L, -1, NULL);
+    /* no "parmap: ": an agent's rank 0 says it, with the rank */
+    lua_pushfstring(L, "the function needs module '%s', which does not load "
+                    "(%s)", lua_tostring(L, -3), why);
+    lua_error(L);
+  }
   lua_remove(L, -2);
 }
 
@@ -913,7 +999,7 @@ static void set_package_string(Dec *d, const char *field) {
   lua_pop(L, 2);
 }
 
-void parmap_fn_decode(lua_State *L, const char *p, size_t len) {
+static void decode(lua_State *L, const char *p, size_t len, int save) {
   Dec d;
   lua_Integer done = 0;
   luaL_checkstack(L, D_NSLOTS + 24, "parmap: decoder");
@@ -923,6 +1009,7 @@ void parmap_fn_decode(lua_State *L, const char *p, size_t len) {
   d.len = len;
   d.pos = 0;
   d.nobj = 0;
+  d.save = save;
   lua_newtable(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
   if (len < MAGIC_LEN || memcmp(p, MAGIC, MAGIC_LEN) != 0)
@@ -946,6 +1033,19 @@ void parmap_fn_decode(lua_State *L, const char *p, size_t len) {
       size_t n;
       const char *s = get_str(&d, &n);
       lua_pushlstring(L, s, n);
+      if (d.save) { /* its value before the first set: {old} */
+        lua_pushvalue(L, -1);
+        if (lua_rawget(L, d.save) == LUA_TNIL) {
+          lua_createtable(L, 1, 0);
+          lua_pushvalue(L, -3);
+          lua_rawget(L, d.base + D_GLOBALS);
+          lua_rawseti(L, -2, 1);
+          lua_pushvalue(L, -3);
+          lua_insert(L, -2);
+          lua_rawset(L, d.save);
+        }
+        lua_pop(L, 1);
+      }
       get_value(&d);
       lua_rawset(L, d.base + D_GLOBALS);
     } else {
@@ -959,7 +1059,30 @@ void parmap_fn_decode(lua_State *L, const char *p, size_t len) {
   lua_settop(L, d.base + 1);
 }
 
+void parmap_fn_decode(lua_State *L, const char *p, size_t len) {
+  decode(L, p, len, 0);
+}
+
 /* ================================================================ Lua API */
+
+/* The restore object's __close (and __call): every global the record set
+   gets back the value it had before; once. */
+static int restore_globals(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1); /* __close also gets the error */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  lua_pushnil(L);
+  while (lua_next(L, 1)) {
+    lua_pushvalue(L, -2);
+    lua_rawgeti(L, -2, 1);
+    lua_rawset(L, 2);
+    lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    lua_pushnil(L);
+    lua_rawset(L, 1); /* assigning an existing field during next is allowed */
+  }
+  return 0;
+}
 
 static int l_dumpfn(lua_State *L) {
   const char *root = luaL_optstring(L, 2, "fn");
@@ -969,11 +1092,38 @@ static int l_dumpfn(lua_State *L) {
   return 1;
 }
 
-static int l_loadfn(lua_State *L) {
+static int loadfn_body(lua_State *L) { /* (s, restore) -> f */
   size_t n;
-  const char *s = luaL_checklstring(L, 1, &n);
-  parmap_fn_decode(L, s, n);
+  const char *s = lua_tolstring(L, 1, &n);
+  decode(L, s, n, 2);
   return 1;
+}
+
+/* loadfn(s) -> f, restore: the globals the record carries are set in
+   this state's _G; restore (to-be-closed, or called) puts back what they
+   were, so that a map's globals do not outlive it on the agent. */
+static int l_loadfn(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TSTRING);
+  lua_settop(L, 1);
+  lua_newtable(L); /* 2: the restore object */
+  if (luaL_newmetatable(L, "parmap.fnenc.restore")) {
+    lua_pushcfunction(L, restore_globals);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, restore_globals);
+    lua_setfield(L, -2, "__call");
+  }
+  lua_setmetatable(L, 2);
+  lua_pushcfunction(L, loadfn_body);
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, 2);
+  if (lua_pcall(L, 2, 1, 0) != LUA_OK) { /* what it set so far goes back */
+    lua_pushcfunction(L, restore_globals);
+    lua_pushvalue(L, 2);
+    lua_call(L, 1, 0);
+    return lua_error(L);
+  }
+  lua_insert(L, 2);
+  return 2;
 }
 
 void parmap_fnenc_register(lua_State *L) {

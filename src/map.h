@@ -27,6 +27,13 @@ typedef struct ParmapRawSource {
   /* called while a relayed map waits for its workers (every 200 ms): a
      nonzero return closes the map, as close() from a callback would */
   int (*tick)(lua_State *L);
+  /* nonzero when peek would not wait: a map that holds items (a chunk
+     being filled, items at the workers) does not wait for more, since
+     rank 0 may hold items back until their results come (buffersize) */
+  int (*ready)(lua_State *L);
+  /* a Lua-called items function of the same source (the agent's boxed
+     items): the map consults ready before calling it, as for peek */
+  lua_CFunction boxed;
 } ParmapRawSource;
 void parmap_map_rawsource(const ParmapRawSource *src);
 

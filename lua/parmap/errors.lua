@@ -186,6 +186,10 @@ local function find_unsendable(v)
   end
 end
 
+-- path, type of the first value in v that cannot travel (nil if none);
+-- keypath(k): how a key reads in a path (".db", "[2]")
+E.find_unsendable, E.keypath = find_unsendable, keypath
+
 -- describe("result"|"item", index, values...): why they cannot travel.
 function E.describe(what, index, ...)
   local n = select("#", ...)

@@ -143,6 +143,7 @@ typedef struct Map {
   int spawn_wait; /* a fork failed while workers retire: fork again once
                      one of them is reaped */
   const ParmapRawSource *raw; /* items from a C source (the MPI agent) */
+  int (*ready)(lua_State *L); /* that source's: would its next item wait? */
   ParmapSink sink;            /* results to a C sink (parmap_map_relay) */
   int (*tick)(lua_State *L);  /* ... and the source's tick */
   void *sink_ud;

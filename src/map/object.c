@@ -411,6 +411,10 @@ static int map_start(lua_State *L) {
       lua_tocfunction(L, -1) == raw_source->items)
     m->raw = raw_source;
   m->cfg.range = m->cfg.from_table ? parmap_torange(L, -1) : NULL;
+  if (raw_source && !m->cfg.from_table && lua_tocfunction(L, -1) != NULL &&
+      (lua_tocfunction(L, -1) == raw_source->items ||
+       lua_tocfunction(L, -1) == raw_source->boxed))
+    m->ready = raw_source->ready;
   lua_setiuservalue(L, ud, U_ITEMS);
   parmap_setfields(L, 1, ud, "fn", m->cfg.nargs, CALL_UV, FIELDS, U_SCRATCH);
   m->nw = m->cfg.N;

@@ -248,6 +248,14 @@ static void offs_reserve(lua_State *L, Slot *s, size_t n) {
   }
 }
 
+/* The MPI agent's input: never wait for it while holding items (in this
+   chunk, at the workers, or results not taken), since rank 0 may wait for
+   their results before it sends more (buffersize). */
+static int must_not_wait(lua_State *L, Map *m, Slot *s) {
+  return m->ready && (s->count > 0 || m->next_index - 1 > m->taken) &&
+         !m->ready(L);
+}
+
 /* pull(map, slot, size): pull up to `size` items from the iterator into
    the slot. Runs under lua_pcall (pull_items): when the iterator raises,
    the items pulled before still run, and the error comes after them. */
@@ -259,7 +267,7 @@ static int pull(lua_State *L) {
   m->self = 1;
   lua_getiuservalue(L, 1, U_ITEMS);   /* base + 1 */
   lua_getiuservalue(L, 1, U_SCRATCH); /* base + 2 */
-  while (s->count < size && !m->close_req) {
+  while (s->count < size && !m->close_req && !must_not_wait(L, m, s)) {
     const char *what;
     lua_Integer index = s->start + s->count;
     lua_pushvalue(L, base + 1);
@@ -320,7 +328,12 @@ static void raw_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
   while (s->count < size && !m->close_req) {
     const char *p;
     size_t len, pos = 0;
-    lua_Integer n = m->raw->peek(L, &p, &len), k;
+    lua_Integer n, k;
+    /* never wait for input while holding items (in this chunk, at the
+       workers, or results not taken): rank 0 may wait for their results
+       before it sends more (buffersize) */
+    if (must_not_wait(L, m, s)) break;
+    n = m->raw->peek(L, &p, &len);
     if (n <= 0) {
       m->exhausted = 1;
       return;

@@ -322,7 +322,14 @@ static int raw_tick(lua_State *L) {
   while (pump(L, 0)) {}
   return A.aborted;
 }
-static const ParmapRawSource RAW = {a_raw, raw_peek, raw_take, raw_tick};
+/* Would raw_peek return without waiting for rank 0? */
+static int raw_ready(lua_State *L) {
+  while (pump(L, 0)) {}
+  return A.left > 0 || A.in.n > 0 || A.ended || A.aborted;
+}
+static int a_items(lua_State *L);
+static const ParmapRawSource RAW = {a_raw, raw_peek, raw_take, raw_tick,
+                                    raw_ready, a_items};
 
 /* agent.items(): the next item as {item, the map's index} (box mode: the
    input has nil items, or seed needs the index), or nil at the end. */
@@ -496,6 +503,8 @@ static int a_finish(lua_State *L) {
 
 static const char *const DRIVER =
     "local agent = ...\n"
+    "-- a map's globals are set in _G while it runs: the driver's own are locals\n"
+    "local pcall, randomseed = pcall, math.randomseed\n"
     "local parmap = require 'parmap'\n"
     "local core = require 'parmap.core'\n"
     "local STAR = { ['false'] = false, ['true'] = true, none = parmap.None }\n"
@@ -507,7 +516,9 @@ static const char *const DRIVER =
     "  e.message = e.message:gsub('item ' .. i .. '%f[%D]', 'item ' .. agent.global(i))\n"
     "end\n"
     "local function run(rec, o)\n"
-    "  local fn, init, finish = core.loadfn(rec)\n"
+    "  local fn, restore = core.loadfn(rec)\n"
+    "  local _globals <close> = restore -- put back when the map ends here\n"
+    "  local init, finish\n"
     "  if o.bundle then fn, init, finish = fn() end -- one record: shared upvalues\n"
     "  local N = o.N or parmap.ncpu()\n"
     "  local timeout = o.timeout\n"
@@ -516,12 +527,13 @@ static const char *const DRIVER =
     "  local opts = { N = N, ordered = false, exception = 'return', timeout = timeout,\n"
     "    maxtasks = o.maxtasks, maxmemory = o.maxmemory, retries = o.retries,\n"
     "    buffersize = o.buffersize, init_timeout = o.init_timeout,\n"
-    "    finish_timeout = o.finish_timeout }\n"
+    "    finish_timeout = o.finish_timeout,\n"
+    "    chunksize = o.chunksize }\n"
     "  opts.init, opts.finish = init, finish\n"
     "  local args = o.args or {}\n"
     "  args.n = o.nargs\n"
     "  if o.box then -- nil items, or seed: the call table applied here\n"
-    "    local seed, randomseed = o.seed, math.randomseed\n"
+    "    local seed = o.seed\n"
     "    local call = core.caller({ fn = fn, star = o.star, kwstar = o.kwstar,\n"
     "      args = args, nargs = o.nargs, has_kw = o.has_kw, kwargs = o.kwargs })\n"
     "    fn = function(box)\n"

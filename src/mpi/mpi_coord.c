@@ -9,8 +9,9 @@
 ** more than a share of what remains of a known total, so agents finish
 ** together. Results arrive in batches from any agent; each waits as a
 ** string (rank, record) until the loop takes it, in order or as they
-** came. A CREDIT is always answered at once (see handle()): so, ordered,
-** the results that wait for a slow item are bounded only by the input.
+** came. A CREDIT is answered at once (see handle()) unless buffersize
+** items of an iterator are pulled and not taken: then once the loop
+** takes some (pay_owed).
 */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -31,6 +32,7 @@
 #define SEG_BYTES ((size_t)4 << 20)
 #define SEG_MAX 65536
 #define SEG_NS 25000000.0 /* 25 ms */
+#define BUFFER_PER_WORKER 8192 /* the fork engine's default buffersize */
 #define MAP_META "parmap.MpiMap"
 
 typedef struct AgentInfo {
@@ -52,6 +54,7 @@ static struct {
 
 typedef struct PerAgent {
   int ended, done;
+  int owed; /* segments it asked for that wait for room (buffersize) */
   int open; /* rounds of this map it runs (a resilient map may add one) */
   struct Sent {
     int64_t first;
@@ -83,10 +86,13 @@ typedef struct MMap {
   int busy; /* a step runs: a callback that steps the map gets an error */
   int ierr; /* the items iterator raised: its error (M_IERR) comes after
                the items pulled before it */
+  int nowed; /* the agents' owed segments (PerAgent.owed), in all */
   int segn;      /* items in seg so far */
   size_t segok;  /* seg's length after its last whole item */
   lua_Integer segid;
   lua_Integer total, pulled, received, emitted, want;
+  lua_Integer buffersize; /* iterator input: at most this many items pulled
+                             and not yet taken by the loop; 0: no bound */
   /* Results that wait for the loop stay in their batch (a Lua string in
      the M_PENDING table, by message number); slot g says where. Slots form
      a ring over the items [lo, lo + rcap) not yet taken by the loop. */
@@ -130,11 +136,19 @@ static int seg_size(MMap *m, int r) {
   if (k < nw) k = nw;
   if (k > SEG_MAX) k = SEG_MAX;
   m->as[r].last = k;
-  if (m->total >= 0) {
+  if (m->total > m->pulled) { /* an iterator's total may be wrong */
     double share = (double)(m->total - m->pulled) / (2.0 * (C.size - 1));
     if (k > share) k = share;
   }
+  if (m->buffersize > 0 && k > (double)(m->buffersize - (m->pulled - m->emitted)))
+    k = (double)(m->buffersize - (m->pulled - m->emitted));
   return k < 1 ? 1 : (int)k;
+}
+
+/* No room for one more item: buffersize items are pulled and not taken. */
+static int full(const MMap *m) {
+  return m->buffersize > 0 && !m->exhausted &&
+         m->pulled - m->emitted >= m->buffersize;
 }
 
 /* Push the next item, or return 0 when the input has ended. */
@@ -284,6 +298,11 @@ static int fill(lua_State *L) {
 static void send_segment(lua_State *L, MMap *m, int r) {
   int status, top = lua_gettop(L);
   if (m->as[r].ended) return;
+  if (full(m)) { /* sent once the loop takes items (pay_owed) */
+    m->as[r].owed++;
+    m->nowed++;
+    return;
+  }
   if (mpi_begin(&m->seg, m->id, 0, m->pulled + 1, 0)) nomem(L);
   m->segn = 0;
   m->segok = m->seg.len;
@@ -315,6 +334,20 @@ static void send_segment(lua_State *L, MMap *m, int r) {
     m->as[r].ended = 1;
   }
   lua_settop(L, top);
+}
+
+/* Send the segments that waited for room, now that the loop took items.
+   No deadlock: every item pulled and not taken is at an agent (whose
+   engine never holds a chunk back waiting for input: map.h's ready) or
+   here, so the loop takes some and makes room. */
+static void pay_owed(lua_State *L, MMap *m) {
+  int r;
+  for (r = 1; r < C.size && m->nowed > 0 && !full(m); r++)
+    while (m->as[r].owed > 0 && !full(m)) {
+      m->as[r].owed--;
+      m->nowed--;
+      send_segment(L, m, r);
+    }
 }
 
 /* ------------------------------------------------------------ messages */
@@ -423,9 +456,9 @@ static void handle(lua_State *L, MMap *m, parmap_buf *b, int msgi, int tag,
   if (m->closed && tag != TAG_DONE && tag != TAG_FAIL) return;
   switch (tag) {
     case TAG_CREDIT:
-      /* answered at once, always: an agent may be waiting for items with
-         some pulled into a chunk its engine has not sent to a worker yet,
-         so holding a CREDIT back (to bound what waits here) can deadlock */
+      /* answered at once, or owed while buffersize items are out (an
+         agent's engine never waits for items while it holds some, so
+         their results come and the loop makes room) */
       send_segment(L, m, from);
       m->as[from].credit_ns = parmap_now_ns();
       break;
@@ -517,6 +550,8 @@ static void agent_died(lua_State *L, MMap *m, int r) {
   int s, i, top = lua_gettop(L);
   C.ag[r].dead = 1;
   C.lost = 1;
+  m->nowed -= a->owed; /* what it asked for is not sent */
+  a->owed = 0;
   a->open = 0;
   a->done = a->ended = 1;
   for (s = 1; s < C.size; s++)
@@ -761,6 +796,7 @@ static int advance(lua_State *L, MMap *m) {
     lua_Integer g;
     if (m->closed) return 0; /* closed from a callback: the loop ends */
     if (m->failrank) return agent_failed(L, m);
+    if (m->nowed > 0) pay_owed(L, m);
     if ((g = ready(m)) > 0) {
       pass_ready(m);
       return emit(L, m, g);
@@ -839,7 +875,8 @@ static int step(lua_State *L, MMap *m, lua_CFunction body, int nargs) {
 static int map_next(lua_State *L) {
   MMap *m = checkmap(L, 1);
   lua_settop(L, 1);
-  if (!m->busy && !m->closed && !m->has_progress && !m->failrank) {
+  if (!m->busy && !m->closed && !m->has_progress && !m->failrank &&
+      !m->nowed) {
     lua_Integer g = ready(m);
     if (g > 0) {
       struct Slot *sl = slot(m, g);
@@ -882,7 +919,8 @@ static int first_segments(lua_State *L) {
 }
 
 /* start(spec, fnrecord, agent_opts) -> map: spec as lua/parmap.lua's check
-   makes it; agent_opts what the agents' engines get. */
+   makes it; agent_opts what the agents' engines get. nil and the type
+   found when agent_opts (args, kwargs) holds a value that cannot travel. */
 static int mpi_start(lua_State *L) {
   MMap *m;
   parmap_buf msg = PARMAP_BUF_INIT;
@@ -930,8 +968,9 @@ static int mpi_start(lua_State *L) {
   m->resilient = lua_toboolean(L, -1);
   m->from_table = parmap_boolfield(L, 1, "from_table", 0);
   lua_getfield(L, 1, "total");
-  m->total = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : -1;
-  if (!m->from_table) m->total = -1; /* the iterator decides */
+  m->total = lua_isinteger(L, -1) ? lua_tointeger(L, -1) : -1; /* an
+    iterator's given total: for progress and segment sizes, as the fork
+    engine's; the iterator's nil still ends the input */
   m->ordered = parmap_boolfield(L, 1, "ordered", 1);
   lua_getfield(L, 3, "N");
   {
@@ -944,6 +983,19 @@ static int mpi_start(lua_State *L) {
       m->as[r].wbase = m->wtotal;
       m->wtotal += n < 1 ? 1 : n > PARMAP_MAX_WORKERS ? PARMAP_MAX_WORKERS : n;
     }
+  /* the fork engine's read-ahead bound; by default its own for the job's
+     workers, but room for 4 full segments an agent (less halved the rate
+     of tiny items from an iterator: the agents starved) */
+  lua_getfield(L, 1, "buffersize");
+  if (lua_isinteger(L, -1) && lua_tointeger(L, -1) > 0) {
+    m->buffersize = lua_tointeger(L, -1);
+  } else {
+    lua_Integer live = 0;
+    for (r = 1; r < C.size; r++) live += !C.ag[r].dead;
+    m->buffersize = (lua_Integer)BUFFER_PER_WORKER * (m->wtotal > 0 ? m->wtotal : 1);
+    if (m->buffersize < 4 * SEG_MAX * live) m->buffersize = 4 * SEG_MAX * live;
+  }
+  if (m->from_table) m->buffersize = 0;
   lua_settop(L, 4);
   m->want = 1;
   m->lo = 1;
@@ -961,10 +1013,11 @@ static int mpi_start(lua_State *L) {
   lua_newtable(L); /* 5: scratch */
   rc = parmap_encode(L, 3, 1, &msg, 5, &what);
   lua_pop(L, 1);
-  if (rc != PARMAP_OK) {
+  if (rc != PARMAP_OK) { /* the caller finds the value's place, names it */
     parmap_buf_free(&msg);
-    return luaL_error(L, "parmap: options 'args' and 'kwargs' must hold only "
-                      "values that travel (found a %s)", what);
+    lua_pushnil(L);
+    lua_pushstring(L, what);
+    return 2;
   }
   lua_pushlstring(L, msg.p, msg.len); /* for a round after a death */
   lua_setiuservalue(L, 4, M_MAPMSG);

@@ -30,11 +30,13 @@
 **                          its tag, a = its length; TAG_PARTs follow
 **
 ** Flow control without deadlock: rank 0 sends items on CREDIT, never in
-** answer to results, and answers every CREDIT with a segment or TAG_END.
-** An agent blocks (in its items iterator) only when it holds no segment,
+** answer to results, and answers every CREDIT with a segment or TAG_END,
+** at once unless buffersize items are out (then when the loop takes one).
+** An agent blocks (in its items iterator) only when it holds no item,
 ** after sending every result it holds; so whenever an agent waits for
-** items, rank 0 has a CREDIT to answer, and whenever rank 0 waits for
-** results, some agent either works or waits with a CREDIT sent.
+** items, rank 0 has a CREDIT to answer (or results for the loop), and
+** whenever rank 0 waits for results, some agent either works or waits
+** with a CREDIT sent.
 */
 #ifndef PARMAP_MPI_H
 #define PARMAP_MPI_H

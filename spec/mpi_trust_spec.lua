@@ -1,0 +1,202 @@
+-- The MPI backend keeps the fork backend's promises: buffersize bounds
+-- what rank 0 pulls ahead of the loop, an iterator's total reaches
+-- progress, the globals fn reads are the ones rank 0 has (and do not
+-- outlive the map on the agents), and refusals name the caller's line and
+-- the value's place. Scripts run under mpirun -n 3 parmap-mpi, as in
+-- spec/mpi_backend_spec.lua (spec/mpi_helpers.lua); pending without it.
+local MH = require "mpi_helpers"
+local mpirun = MH.mpirun
+local describe_mpi = MH.describer(describe, pending)
+
+describe_mpi("the MPI backend keeps the fork backend's options", function()
+  it("buffersize bounds the items pulled and not yet taken by the loop",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+for _, ordered in ipairs {true, false} do
+  local pulled, n, worst = 0, 0, 0
+  local function it() pulled = pulled + 1; return pulled end
+  for i in parmap(function(x) return x end, it,
+      {buffersize = 10, N = 2, ordered = ordered, backend = "mpi"}) do
+    n = n + 1
+    if pulled - n > worst then worst = pulled - n end
+    -- time for agents that are not held back to run far ahead
+    if n == 1 then os.execute("sleep 1") end
+    if n == 5 then break end
+  end
+  print("ahead", ordered, worst, pulled)
+end
+-- down to buffersize = 1, every index once, both orders; with seed the
+-- agents take the items boxed with their index, through another path
+for _, ordered in ipairs {true, false} do
+  for _, b in ipairs {1, 3} do
+    local bad = 0
+    for _, seed in ipairs {false, 5} do
+      local k, n, seen = 0, 0, {}
+      for i, r in parmap(function(x) return x * 2 end,
+          function() k = k + 1; if k <= 300 then return k end end,
+          {buffersize = b, ordered = ordered, backend = "mpi", seed = seed or nil}) do
+        n = n + 1 -- k counts the iterator's calls, its last nil too
+        if seen[i] or r ~= 2 * i or k - n > b + 1 then bad = bad + 1 end
+        seen[i] = true
+      end
+      for i = 1, 300 do if not seen[i] then bad = bad + 1 end end
+    end
+    print("small", ordered, b, bad)
+  end
+end
+]])
+      assert.are.equal(0, code, out)
+      for _, o in ipairs { "true", "false" } do
+        local worst, pulled = out:match("ahead\t" .. o .. "\t(%d+)\t(%d+)")
+        assert.is_truthy(worst, out)
+        assert.is_true(tonumber(worst) <= 10, out)
+        assert.is_true(tonumber(pulled) <= 15, out)
+        for _, b in ipairs { 1, 3 } do
+          assert.matches("small\t" .. o .. "\t" .. b .. "\t0\n", out, 1, true)
+        end
+      end
+    end)
+
+  it("gives progress an iterator's total, as the fork backend does", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+for _, backend in ipairs {"fork", "mpi"} do
+  local k, totals = 0, {}
+  for _ in parmap(function(x) return x end,
+      function() k = k + 1; if k <= 8 then return k end end,
+      {total = 8, backend = backend,
+       progress = function(done, total) totals[#totals + 1] = tostring(total) end}) do
+  end
+  print(backend, table.concat(totals, ","))
+end
+]])
+    assert.are.equal(0, code, out)
+    local fork = out:match("fork\t([^\n]*)")
+    assert.matches("^8[8,]*$", fork)
+    assert.matches("^8[8,]*$", out:match("mpi\t([^\n]*)")) -- progress is paced
+  end)
+end)
+
+describe_mpi("the MPI backend's globals", function()
+  it("are rank 0's at each map, nil included, and do not outlive it",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local function one(f) return parmap.map(f, {1}, {backend = "mpi"})[1] end
+G1 = 5
+print("set", one(function() return G1 end))
+G1 = nil
+print("unset", one(function() return G1 end))
+G2 = 6
+print("read", one(function() return G2 end))
+-- a later map that does not read G2 statically finds the agent's own _G
+print("left", tostring(one(function() return rawget(_G, "G2") end)))
+-- the agent's driver does not run on the script's globals
+math = {floor = math.floor}
+print("math", one(function(x) return math.floor(x + 0.5) end),
+  parmap.map(function(x) return math.floor(x + 0.5) end, {1.5},
+    {backend = "mpi", seed = 3})[1])
+]])
+      assert.are.equal(0, code, out)
+      assert.matches("set\t5\n", out, 1, true)
+      assert.matches("unset\tnil\n", out, 1, true)
+      assert.matches("read\t6\n", out, 1, true)
+      assert.matches("left\tnil\n", out, 1, true)
+      assert.matches("math\t1\t2\n", out, 1, true)
+    end)
+
+  it("are read through _G.k and through a sandbox _ENV whose __index is _G",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+CONFIG = {k = 7}
+local function both(name, f)
+  local a = parmap.map(f, {1}, {backend = "fork"})[1]
+  local b = parmap.map(f, {1}, {backend = "mpi"})[1]
+  print(name, a, b)
+end
+both("static", function() return _G.CONFIG.k end)
+both("call", function() return tostring(_G.CONFIG.k) end)
+local sandbox = setmetatable({}, {__index = _G})
+both("sandbox", load("return function() return CONFIG.k end", "=sb", "t", sandbox)())
+local own = setmetatable({}, {__index = _G})
+own._G = own
+both("own _G", load("return function() return _G.CONFIG.k end", "=sb", "t", own)())
+local two = setmetatable({LOCALV = 1}, {__index = setmetatable({}, {__index = _G})})
+both("chain", load("return function() return CONFIG.k + LOCALV end", "=sb", "t", two)())
+]])
+      assert.are.equal(0, code, out)
+      assert.matches("static\t7\t7\n", out, 1, true)
+      assert.matches("call\t7\t7\n", out, 1, true)
+      assert.matches("sandbox\t7\t7\n", out, 1, true)
+      assert.matches("own _G\t7\t7\n", out, 1, true)
+      assert.matches("chain\t8\t8\n", out, 1, true)
+    end)
+end)
+
+describe_mpi("the MPI backend's refusals", function()
+  it("name the caller's line and the place of an args or kwargs value",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local function try(opts)
+  local ok, err = pcall(function()
+    local r = parmap.map(function(x) return x end, {1}, opts) -- line 4
+    return r
+  end)
+  print(ok, err)
+end
+try({args = {1, io.stdout}, backend = "mpi"})
+try({kwargs = {db = {h = io.stdout}}, backend = "mpi"})
+try({args = {1, {2, {print}}}, backend = "mpi"})
+]])
+      assert.are.equal(0, code, out)
+      local lines = {}
+      for l in out:gmatch("false\t([^\n]*)") do lines[#lines + 1] = l end
+      assert.are.equal(3, #lines, out)
+      for _, l in ipairs(lines) do
+        assert.matches("^[^\n]*:4: parmap: bad option '%a+'", l)
+      end
+      assert.matches("cannot send a userdata at args[2]", lines[1], 1, true)
+      assert.matches("cannot send a userdata at kwargs.db.h", lines[2], 1, true)
+      assert.matches("cannot send a function at args[2][2][1]", lines[3], 1, true)
+    end)
+
+  it("name the caller's line for a second MPI map while one is open", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local f, s = parmap.parmap(function(x) return x end, {1, 2, 3}, {backend = "mpi"})
+local ok, err = pcall(function()
+  local r = parmap.map(function(x) return x end, {1}, {backend = "mpi"}) -- line 4
+  return r
+end)
+print(ok, err)
+print("first", f(s))
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("false\t[^\n]*:4: parmap: backend 'mpi' runs one map at a time", out)
+    assert.matches("first\t1\t1\n", out, 1, true)
+  end)
+
+  it("name a module the agents cannot load once, with require's reason and the rank",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+package.preload.fakemod = function() return {f = function() return 1 end} end
+local fm = require "fakemod"
+local ok, err = pcall(parmap.map, function() return fm.f() end, {1}, {backend = "mpi"})
+print(ok)
+print(err)
+print("next map", parmap.map(function(x) return x end, {4}, {backend = "mpi"})[1])
+]])
+      assert.are.equal(0, code, out)
+      assert.matches("\nfalse\n", "\n" .. out, 1, true)
+      assert.matches("parmap: the map failed on rank %d %(.-%): the function needs "
+        .. "module 'fakemod', which does not load %(module 'fakemod' not found:", out)
+      local _, n = out:gsub("fakemod' not found", "")
+      assert.are.equal(1, n, out)
+      assert.matches("no field package.preload['fakemod']", out, 1, true)
+      assert.matches("next map\t4\n", out, 1, true)
+    end)
+end)
