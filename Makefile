@@ -239,7 +239,8 @@ $(MPI_BIN): $(MPI_SRC) src/mpi/parmap_mpi.h $(HEADERS) $(BUILD)/libparmap.a
 check-mpi: test-deps
 	@$(MAKE) --no-print-directory WERROR=-Werror all mpi
 	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" \
-	  MPIRUN_RESILIENT_FLAGS="$(MPIRUN_RESILIENT_FLAGS)" PARMAP_SPECS=spec/mpi_backend_spec.lua \
+	  MPIRUN_RESILIENT_FLAGS="$(MPIRUN_RESILIENT_FLAGS)" \
+	  PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_liveness_spec.lua" \
 	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 # `make bench-mpi`: bench/mpi.lua, the MPI backend against the fork backend
 # on this machine (MPI_BENCH_RANKS ranks, default 2: rank 0 and one agent).

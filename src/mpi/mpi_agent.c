@@ -104,7 +104,9 @@ static int pump(lua_State *L, int block) {
   m = &A.in.v[A.in.head + A.in.n++];
   m->b = b;
   m->tag = tag;
-  if (tag == TAG_ABORT && mpi_hdr(&b).mapid == A.mapid) A.aborted = 1;
+  /* QUIT too: rank 0 is leaving, the items still running stop */
+  if ((tag == TAG_ABORT && mpi_hdr(&b).mapid == A.mapid) || tag == TAG_QUIT)
+    A.aborted = 1;
   return 1;
 }
 
@@ -583,12 +585,16 @@ int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
             "parmap-mpi: warning: rank %d on %s may use 1 CPU of %ld (bound "
             "to one core?): start with `mpirun --bind-to none` or `srun -c "
             "<cores>`\n", rank, host, online);
-  if (mpi_begin(&b, 0, 0, ncpu, 0) || parmap_buf_reserve(&b, n)) return 1;
-  memcpy(b.p + b.len, host, n);
-  b.len += n;
-  if (mpi_send(&A.out, &b, 0, TAG_HELLO)) return 1;
   if (threads == MPI_THREAD_MULTIPLE)
     hb_on = pthread_create(&hb, NULL, heartbeat, NULL) == 0;
+  /* b = 1: it sends heartbeats, so rank 0 may watch its silence */
+  if (mpi_begin(&b, 0, 0, ncpu, hb_on) || parmap_buf_reserve(&b, n)) return 1;
+  memcpy(b.p + b.len, host, n);
+  b.len += n;
+  pthread_mutex_lock(&mu);
+  status = mpi_send(&A.out, &b, 0, TAG_HELLO) ? 1 : 0;
+  pthread_mutex_unlock(&mu);
+  if (status) return 1;
 
   lua_newtable(L); /* the agent module */
   lua_newtable(L); /* upvalue 1: the codec's scratch table */
