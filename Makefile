@@ -237,7 +237,7 @@ $(MPI_BIN): $(MPI_SRC) src/mpi/parmap_mpi.h $(HEADERS) $(BUILD)/libparmap.a
 	$(MPICC) $(WARN) $(CFLAGS) $(LUA_CFLAGS) -Isrc $(LDFLAGS) -o $@ \
 	  $(MPI_SRC) $(BUILD)/libparmap.a $(HOST_LIBS)
 check-mpi: test-deps
-	@$(MAKE) --no-print-directory WERROR=-Werror all mpi
+	@$(MAKE) --no-print-directory WERROR=-Werror all testhelper mpi
 	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" \
 	  MPIRUN_RESILIENT_FLAGS="$(MPIRUN_RESILIENT_FLAGS)" \
 	  PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_liveness_spec.lua" \
