@@ -155,4 +155,34 @@ io.stdout:flush()
     assert.matches("resilient\t40\nnext map\t40\n", out, 1, true)
     assert_none_left(path)
   end)
+
+  local it_rth = (keep and th_path) and it or pending
+  it_rth("resilient = true: a quiet agent's items go to an agent still "
+    .. "taking segments, and none is lost (" .. (keep or "MPIRUN_RESILIENT_FLAGS")
+    .. ")", function()
+    -- rank 1 stops at once; rank 2 alone needs ~10 s, so its input is still
+    -- open when rank 1 is given up
+    local out, code, path = mpirun([[
+local parmap = require "parmap"
+local th = require "parmap_testhelper"
+local items = {}
+for i = 1, 200 do items[i] = i end
+local r = parmap.map(function(x)
+  if (os.getenv("OMPI_COMM_WORLD_RANK") or os.getenv("PMI_RANK")) == "1" then
+    os.execute("kill -STOP $(ps -o ppid= -p $PPID)")
+  end
+  th.sleep(0.1)
+  return x * 2
+end, items, {resilient = true, N = 2})
+local ok = 0
+for i = 1, 200 do if r[i] == 2 * i then ok = ok + 1 end end
+print("resilient", ok)
+io.stdout:flush()
+]], "env PARMAP_MPI_DEAD_AFTER=3", keep)
+    assert.are_not.equal(124, code, out)
+    if not MPIRUN:match("srun$") then assert.are.equal(0, code, out) end
+    assert.matches("rank 1 on %S+ sent nothing for 3 s: given up", out)
+    assert.matches("resilient\t200\n", out)
+    assert_none_left(path)
+  end)
 end)

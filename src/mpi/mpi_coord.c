@@ -554,13 +554,20 @@ static void agent_died(lua_State *L, MMap *m, int r) {
     parmap_buf b = PARMAP_BUF_INIT;
     size_t n;
     const char *p;
-    lua_getiuservalue(L, 1, M_MAPMSG);
-    p = lua_tolstring(L, -1, &n);
-    if (parmap_buf_reserve(&b, n)) nomem(L);
-    memcpy(b.p, p, n);
-    b.len = n;
-    numbering(m, &b, s);
-    if (mpi_send(&C.out, &b, s, TAG_MAP)) nomem(L);
+    /* s still takes segments (no END yet): they join its current round.
+       A new round's MAP there would end that round's input early, and
+       the segments still coming for it would land after the round's END
+       and be dropped: items lost, the map waiting for ever */
+    int round = m->as[s].ended;
+    if (round) {
+      lua_getiuservalue(L, 1, M_MAPMSG);
+      p = lua_tolstring(L, -1, &n);
+      if (parmap_buf_reserve(&b, n)) nomem(L);
+      memcpy(b.p, p, n);
+      b.len = n;
+      numbering(m, &b, s);
+      if (mpi_send(&C.out, &b, s, TAG_MAP)) nomem(L);
+    }
     lua_getiuservalue(L, 1, M_SEGS);
     for (i = 0; i < a->nsent; i++) {
       int seg;
@@ -576,9 +583,11 @@ static void agent_died(lua_State *L, MMap *m, int r) {
       lua_rawseti(L, seg - 1, a->sent[i].id);
       lua_pop(L, 1);
     }
-    if (mpi_send_hdr(&C.out, s, TAG_END, m->id, 0)) nomem(L);
-    m->as[s].open++;
-    m->as[s].done = 0;
+    if (round) {
+      if (mpi_send_hdr(&C.out, s, TAG_END, m->id, 0)) nomem(L);
+      m->as[s].open++;
+      m->as[s].done = 0;
+    }
     a->nsent = 0;
   }
   lua_settop(L, top);
