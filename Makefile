@@ -242,6 +242,13 @@ check-mpi: test-deps
 	  MPIRUN_RESILIENT_FLAGS="$(MPIRUN_RESILIENT_FLAGS)" \
 	  PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_liveness_spec.lua" \
 	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
+# `make check-cluster` (root): .ci/cluster.sh makes 3 hosts in namespaces
+# (node1..3 on a bridge of their own, 10.77.0.0/24), runs the MPI specs
+# across them (rank r on host r + 1) and spec/cluster_spec.lua (a host
+# killed, cut off, its agent stopped), and removes them, also on failure.
+.PHONY: check-cluster
+check-cluster: test-deps
+	@bash .ci/cluster.sh check
 # `make bench-mpi`: bench/mpi.lua, the MPI backend against the fork backend
 # on this machine (MPI_BENCH_RANKS ranks, default 2: rank 0 and one agent).
 MPI_BENCH_RANKS ?= 2

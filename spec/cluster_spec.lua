@@ -55,7 +55,7 @@ io.stdout:flush()
 local function run(resilient, fault)
   local path = H.script("local RESILIENT = " .. tostring(resilient) .. "\n" .. SCRIPT)
   local p = io.popen(string.format(
-    "env PARMAP_MPI_DEAD_AFTER=5 timeout 150 %s %s %s -n 3 %s %q 2>&1",
+    "env PARMAP_MPI_DEAD_AFTER=10 timeout 150 %s %s %s -n 3 %s %q 2>&1",
     MPIRUN, FLAGS, resilient and "--enable-recovery" or "", BIN, path))
   local out, t = {}, nil
   for line in p:lines() do
@@ -108,24 +108,25 @@ describe_cl("a host lost on the simulated cluster", function()
     none_left(out)
   end)
 
-  it("default mode, node3's link cut: parmap names rank 2 on node3; the "
-    .. "job ends", function()
+  -- Open MPI's keepalive (~6 s under .ci/cluster.sh) notices the cut
+  -- daemon before parmap's bound (10 s) and ends the job, naming the host
+  it("default mode, node3's link cut: the job ends, naming node3", function()
     local out, code, secs = run(false, "cut")
     assert.are_not.equal(124, code, out)
     assert.are_not.equal(0, code, out)
-    assert.matches(QUIET .. "[^\n]*the job ends", out)
-    assert.is_true(secs >= 0 and secs < 90, out)
+    assert.is_true(out:match(QUIET .. "[^\n]*the job ends") ~= nil
+      or (out:find(LOST_DAEMON, 1, true) and out:find("node3", 1, true)) ~= nil, out)
+    assert.is_true(secs >= 0 and secs < 60, out)
     none_left(out)
   end)
 
-  it("resilient, node3's link cut: parmap gives rank 2 up; the job ends "
-    .. "(Open MPI's mpirun ends it once its daemon's keepalive fails)", function()
+  it("resilient, node3's link cut: the job ends, naming node3 (Open MPI's "
+    .. "mpirun cannot keep a job whose daemon is lost)", function()
     local out, code, secs = run(true, "cut")
     assert.are_not.equal(124, code, out)
-    assert.matches(QUIET .. ": given up", out)
-    assert.is_true(out:find(LOST_DAEMON, 1, true) ~= nil
+    assert.is_true((out:find(LOST_DAEMON, 1, true) and out:find("node3", 1, true)) ~= nil
       or (code == 0 and out:find("done\t200\nnext\t200\n", 1, true) ~= nil), out)
-    assert.is_true(secs >= 0 and secs < 90, out)
+    assert.is_true(secs >= 0 and secs < 60, out)
     none_left(out)
   end)
 

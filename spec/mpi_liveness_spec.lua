@@ -185,4 +185,25 @@ io.stdout:flush()
     assert.matches("resilient\t200\n", out)
     assert_none_left(path)
   end)
+
+  it("agents that share a host share its CPUs when N is not given; an N "
+    .. "above an agent's CPUs warns once", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local h = require("parmap.mpi").hosts()
+local want = 0
+for r = 1, 2 do
+  local same = h[1].host == h[2].host and 2 or 1
+  want = want + math.max(1, h[r].ncpu // same)
+end
+local r = parmap.map(function() local _, total = parmap.worker(); return total end, {1, 2, 3, 4})
+print("workers", r[1] == want, r[1], want)
+parmap.map(function(x) return x end, {1, 2}, {N = 1000})
+parmap.map(function(x) return x end, {1, 2}, {N = 1000})
+]])
+    assert.are.equal(0, code, out)
+    assert.matches("workers\ttrue\t", out)
+    local _, warnings = out:gsub("warning: N = 1000 workers on each agent", "")
+    assert.are.equal(1, warnings, out)
+  end)
 end)

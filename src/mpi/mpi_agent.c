@@ -252,9 +252,14 @@ static int a_wait(lua_State *L) {
       }
       lua_pushlstring(L, b.p + pos, (size_t)fnlen);
       pos += (size_t)fnlen;
-      if (parmap_decode(L, b.p, b.len, &pos, lua_upvalueindex(1), &err) != 1) {
+      if (parmap_decode(L, b.p, b.len, &pos, lua_upvalueindex(1), &err) != 1 ||
+          !lua_istable(L, -1)) {
         parmap_buf_free(&b);
         luaL_error(L, "parmap-mpi: bad map options (%s)", err ? err : "?");
+      }
+      if (h.count > 0) { /* N by default: this host's CPUs over its agents */
+        lua_pushinteger(L, (lua_Integer)h.count);
+        lua_setfield(L, -2, "share");
       }
       parmap_buf_free(&b);
       return 2;
@@ -504,7 +509,7 @@ static const char *const DRIVER =
     "local function run(rec, o)\n"
     "  local fn, init, finish = core.loadfn(rec)\n"
     "  if o.bundle then fn, init, finish = fn() end -- one record: shared upvalues\n"
-    "  local N = o.N or parmap.ncpu()\n"
+    "  local N = o.N or o.share or parmap.ncpu()\n"
     "  local timeout = o.timeout\n"
     "  -- N = 1 would run fn in this process: a worker process instead\n"
     "  if N == 1 and not timeout then timeout = 1e9 end\n"

@@ -36,6 +36,8 @@
 typedef struct AgentInfo {
   int ncpu, dead;
   int hb; /* it sends heartbeats (its MPI gave it MPI_THREAD_MULTIPLE) */
+  int share; /* its workers when N is not given: its CPUs over the agents
+                on its host */
   uint64_t seen_ns; /* when a message from it came last */
   char host[256];
 } AgentInfo;
@@ -122,7 +124,7 @@ static void nomem(lua_State *L) { luaL_error(L, "parmap: not enough memory"); }
    than one item per worker, nor more than a share of what remains of a
    known total (so agents finish together). */
 static int seg_size(MMap *m, int r) {
-  double k, nw = m->nw > 0 ? m->nw : C.ag[r].ncpu, last = m->as[r].last;
+  double k, nw = m->nw > 0 ? m->nw : C.ag[r].share, last = m->as[r].last;
   uint64_t now = parmap_now_ns(), prev = m->as[r].credit_ns;
   if (nw < 1) nw = 1;
   k = last > 0 ? last : nw;
@@ -171,6 +173,7 @@ static void numbering(MMap *m, parmap_buf *msg, int r) {
   memcpy(&h, msg->p, sizeof h);
   h.a = m->as[r].wbase;
   h.b = m->wtotal;
+  h.count = m->nw > 0 ? 0 : (uint32_t)C.ag[r].share; /* its N, by default */
   memcpy(msg->p, &h, sizeof h);
 }
 
@@ -973,7 +976,15 @@ static int mpi_start(lua_State *L) {
   }
   for (r = 1; r < C.size; r++) /* worker numbers, unique in the job */
     if (!C.ag[r].dead) {
-      int n = m->nw > 0 ? m->nw : C.ag[r].ncpu;
+      int n = m->nw > 0 ? m->nw : C.ag[r].share;
+      static int warned = 0;
+      if (m->nw > C.ag[r].ncpu && !warned) { /* once a job */
+        warned = 1;
+        fprintf(stderr, "parmap-mpi: warning: N = %d workers on each agent, "
+                "but rank %d on %s has %d CPUs (N counts each agent's "
+                "workers; without N each agent starts its own CPUs' worth)\n",
+                m->nw, r, C.ag[r].host, C.ag[r].ncpu);
+      }
       m->as[r].wbase = m->wtotal;
       m->wtotal += n < 1 ? 1 : n > PARMAP_MAX_WORKERS ? PARMAP_MAX_WORKERS : n;
     }
@@ -1119,6 +1130,13 @@ void parmap_mpi_coord_init(int size) {
     memcpy(C.ag[from].host, b.p + sizeof(MsgHdr), n);
     C.ag[from].host[n] = '\0';
     parmap_buf_free(&b);
+  }
+  /* agents that share a host share its CPUs (each sees them all) */
+  for (i = 1; i < size; i++) {
+    int k, same = 0;
+    for (k = 1; k < size; k++) same += strcmp(C.ag[k].host, C.ag[i].host) == 0;
+    C.ag[i].share = C.ag[i].ncpu / (same > 0 ? same : 1);
+    if (C.ag[i].share < 1) C.ag[i].share = 1;
   }
 }
 
