@@ -66,10 +66,11 @@ up() {
     ip -n $ns link set eth0 up
     rm -f "$STATE/$h.pid"
     # the host: its own hostname, /tmp and /etc/hosts, kept by a sleep
-    setsid ip netns exec $ns unshare --uts --mount --ipc --propagation private \
+    # (in a subshell: no job of this shell, whose end down reports)
+    (setsid ip netns exec $ns unshare --uts --mount --ipc --propagation private \
       sh -c "hostname $h && mount -t tmpfs -o size=512m tmpfs /tmp &&
              mount --bind '$STATE/hosts' /etc/hosts && echo \$\$ > '$STATE/$h.pid' &&
-             exec sleep infinity" </dev/null >/dev/null 2>&1 &
+             exec sleep infinity" </dev/null >/dev/null 2>&1 &)
   done
   for h in $HOSTS; do
     for _ in $(seq 100); do [ -s "$STATE/$h.pid" ] && break; sleep 0.1; done

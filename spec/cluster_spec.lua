@@ -87,6 +87,27 @@ end
 local QUIET = "rank 2 on node3 sent nothing for %d+ s"
 local LOST_DAEMON = "lost communication with a remote daemon"
 
+describe_cl("the simulated cluster", function()
+  it("rank r runs on host r + 1, and parmap's own settings reach the "
+    .. "agents (a remote login has not got them); other variables need -x",
+    function()
+      local path = H.script([[
+local parmap = require "parmap"
+local h = require("parmap.mpi").hosts()
+print("hosts", io.popen("hostname"):read("l"), h[1].host, h[2].host)
+local r = parmap.map(function()
+  return tostring(os.getenv("PARMAP_MPI_MAXMSG")) .. "/" .. tostring(os.getenv("SPEC_OTHER"))
+end, {1, 2, 3, 4})
+print("env", table.concat(r, " "))
+]])
+      local out = sh(string.format("env PARMAP_MPI_MAXMSG=100 SPEC_OTHER=1 timeout 60 %s %s -n 3 %s %q",
+        MPIRUN, FLAGS, BIN, path))
+      os.remove(path)
+      assert.matches("hosts\tnode1\tnode2\tnode3\n", out, 1, true)
+      assert.matches("env\t100/nil 100/nil 100/nil 100/nil\n", out, 1, true)
+    end)
+end)
+
 describe_cl("a host lost on the simulated cluster", function()
   it("default mode, node3's agent stopped: parmap names rank 2 on node3 "
     .. "and ends the job", function()

@@ -590,6 +590,24 @@ int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
             "parmap-mpi: warning: rank %d on %s may use 1 CPU of %ld (bound "
             "to one core?): start with `mpirun --bind-to none` or `srun -c "
             "<cores>`\n", rank, host, online);
+  { /* rank 0's PARMAP_* settings first (a remote login has not got
+       them), before anything reads one */
+    int tag = 0, from;
+    size_t pos = sizeof(MsgHdr);
+    if (mpi_recv(0, 1, &b, &tag, &from) != 1 || tag != TAG_ENV) return 1;
+    while (pos < b.len) {
+      char *kv = b.p + pos, *eq;
+      size_t kn = strnlen(kv, b.len - pos);
+      if (kn == b.len - pos) break; /* no NUL: not ours */
+      eq = strchr(kv, '=');
+      if (eq != NULL) {
+        *eq = '\0';
+        setenv(kv, eq + 1, 1);
+      }
+      pos += kn + 1;
+    }
+    b.len = 0;
+  }
   if (threads == MPI_THREAD_MULTIPLE)
     hb_on = pthread_create(&hb, NULL, heartbeat, NULL) == 0;
   /* b = 1: it sends heartbeats, so rank 0 may watch its silence */

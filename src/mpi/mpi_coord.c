@@ -1110,6 +1110,36 @@ void parmap_mpi_coord_init(int size) {
   }
   if (gethostname(C.ag[0].host, sizeof C.ag[0].host - 1) != 0)
     strcpy(C.ag[0].host, "?");
+  { /* parmap's own settings reach the agents without mpirun -x */
+    extern char **environ;
+    parmap_buf env = PARMAP_BUF_INIT;
+    char **v;
+    int bad = mpi_begin(&env, 0, 0, 0, 0);
+    for (v = environ; !bad && *v != NULL; v++)
+      if (strncmp(*v, "PARMAP_", 7) == 0 && strncmp(*v, "PARMAP_MPI=", 11) != 0) {
+        size_t n = strlen(*v) + 1;
+        bad = parmap_buf_reserve(&env, n);
+        if (!bad) {
+          memcpy(env.p + env.len, *v, n);
+          env.len += n;
+        }
+      }
+    for (i = 1; !bad && i < size; i++) {
+      parmap_buf copy = PARMAP_BUF_INIT;
+      bad = parmap_buf_reserve(&copy, env.len);
+      if (!bad) {
+        memcpy(copy.p, env.p, env.len);
+        copy.len = env.len;
+        bad = mpi_send(&C.out, &copy, i, TAG_ENV);
+      }
+      parmap_buf_free(&copy);
+    }
+    parmap_buf_free(&env);
+    if (bad) {
+      fprintf(stderr, "parmap-mpi: out of memory\n");
+      MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+  }
   for (i = 1; i < size; i++) {
     parmap_buf b = PARMAP_BUF_INIT;
     int tag, from;
