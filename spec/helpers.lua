@@ -41,8 +41,8 @@ end
 function H.tmpname()
   local path = os.tmpname()
   local shared = os.getenv("PARMAP_SPEC_SHARED")
-  if not shared then return path end
   os.remove(path)
+  if not shared then return path end
   return shared .. "/" .. path:match("[^/]+$")
 end
 
