@@ -133,24 +133,28 @@ agent_pid() { # the parmap-mpi whose parent is orted, on HOST
 
 check() {
   cd "$repo" || exit 1
+  local runner=
   trap 'down' EXIT
-  trap 'exit 130' INT TERM
+  # the specs run in a session of their own, killed whole on Ctrl-C or
+  # TERM (busted would go on, and mpirun waits for a second Ctrl-C)
+  trap '[ -n "$runner" ] && kill -KILL -- -"$runner" 2>/dev/null; exit 130' INT TERM
   up || exit 1
-  local st=0 out
-  out=$(mktemp)
+  local st=0
   make --no-print-directory WERROR=-Werror all testhelper mpi >/dev/null || exit 1
   # the MPI specs, rank r on host r + 1; then the host failures
   PARMAP_CLUSTER="$here/cluster.sh" PARMAP_MPI_BIN="$repo/build/parmap-mpi" \
     MPIRUN="$here/cluster.sh mpirun" MPIRUN_FLAGS="--allow-run-as-root --bind-to none" \
     PARMAP_SPEC_SHARED="$STATE/shared" CI="${CI:-1}" \
     PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_liveness_spec.lua spec/cluster_spec.lua" \
-    bash spec/run.sh "${BUSTED:-busted}" ${BUSTED_FLAGS:-} 2>&1 | tee "$out"
-  st=${PIPESTATUS[0]}
+    setsid bash spec/run.sh "${BUSTED:-busted}" ${BUSTED_FLAGS:-} &
+  runner=$!
+  wait "$runner"
+  st=$?
+  runner=
   for h in $HOSTS; do
     local left; left=$(host_pids $h)
     [ -n "$left" ] && { echo "# processes left on $h:"; ps -o pid,args -p $left | sed 's/^/# /'; }
   done
-  rm -f "$out"
   return "$st"
 }
 
