@@ -237,10 +237,18 @@ $(MPI_BIN): $(MPI_SRC) src/mpi/parmap_mpi.h $(HEADERS) $(BUILD)/libparmap.a
 	$(MPICC) $(WARN) $(CFLAGS) $(LUA_CFLAGS) -Isrc $(LDFLAGS) -o $@ \
 	  $(MPI_SRC) $(BUILD)/libparmap.a $(HOST_LIBS)
 check-mpi: test-deps
-	@$(MAKE) --no-print-directory WERROR=-Werror all mpi
+	@$(MAKE) --no-print-directory WERROR=-Werror all testhelper mpi
 	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" \
-	  MPIRUN_RESILIENT_FLAGS="$(MPIRUN_RESILIENT_FLAGS)" PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_trust_spec.lua" \
+	  MPIRUN_RESILIENT_FLAGS="$(MPIRUN_RESILIENT_FLAGS)" \
+	  PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_trust_spec.lua spec/mpi_liveness_spec.lua" \
 	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
+# `make check-cluster` (root): .ci/cluster.sh makes 3 hosts in namespaces
+# (node1..3 on a bridge of their own, 10.77.0.0/24), runs the MPI specs
+# across them (rank r on host r + 1) and spec/cluster_spec.lua (a host
+# killed, cut off, its agent stopped), and removes them, also on failure.
+.PHONY: check-cluster
+check-cluster: test-deps
+	@bash .ci/cluster.sh check
 # `make bench-mpi`: bench/mpi.lua, the MPI backend against the fork backend
 # on this machine (MPI_BENCH_RANKS ranks, default 2: rank 0 and one agent).
 MPI_BENCH_RANKS ?= 2

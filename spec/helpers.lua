@@ -37,8 +37,24 @@ function H.lua_cmd(script_path)
 end
 
 -- Write src to a temporary file and return its path.
+-- A fresh path (nothing there) that every simulated host sees too.
+function H.tmpname()
+  local path = os.tmpname()
+  local shared = os.getenv("PARMAP_SPEC_SHARED")
+  os.remove(path)
+  if not shared then return path end
+  return shared .. "/" .. path:match("[^/]+$")
+end
+
 function H.script(src)
   local path = os.tmpname()
+  -- a directory every simulated host sees (.ci/cluster.sh: each has its
+  -- own /tmp)
+  local shared = os.getenv("PARMAP_SPEC_SHARED")
+  if shared then
+    os.remove(path)
+    path = shared .. "/" .. path:match("[^/]+$")
+  end
   local f = assert(io.open(path, "w"))
   f:write(src)
   f:close()

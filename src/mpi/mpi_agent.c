@@ -104,7 +104,9 @@ static int pump(lua_State *L, int block) {
   m = &A.in.v[A.in.head + A.in.n++];
   m->b = b;
   m->tag = tag;
-  if (tag == TAG_ABORT && mpi_hdr(&b).mapid == A.mapid) A.aborted = 1;
+  /* QUIT too: rank 0 is leaving, the items still running stop */
+  if ((tag == TAG_ABORT && mpi_hdr(&b).mapid == A.mapid) || tag == TAG_QUIT)
+    A.aborted = 1;
   return 1;
 }
 
@@ -250,9 +252,14 @@ static int a_wait(lua_State *L) {
       }
       lua_pushlstring(L, b.p + pos, (size_t)fnlen);
       pos += (size_t)fnlen;
-      if (parmap_decode(L, b.p, b.len, &pos, lua_upvalueindex(1), &err) != 1) {
+      if (parmap_decode(L, b.p, b.len, &pos, lua_upvalueindex(1), &err) != 1 ||
+          !lua_istable(L, -1)) {
         parmap_buf_free(&b);
         luaL_error(L, "parmap-mpi: bad map options (%s)", err ? err : "?");
+      }
+      if (h.count > 0) { /* N by default: this host's CPUs over its agents */
+        lua_pushinteger(L, (lua_Integer)h.count);
+        lua_setfield(L, -2, "share");
       }
       parmap_buf_free(&b);
       return 2;
@@ -520,7 +527,7 @@ static const char *const DRIVER =
     "  local _globals <close> = restore -- put back when the map ends here\n"
     "  local init, finish\n"
     "  if o.bundle then fn, init, finish = fn() end -- one record: shared upvalues\n"
-    "  local N = o.N or parmap.ncpu()\n"
+    "  local N = o.N or o.share or parmap.ncpu()\n"
     "  local timeout = o.timeout\n"
     "  -- N = 1 would run fn in this process: a worker process instead\n"
     "  if N == 1 and not timeout then timeout = 1e9 end\n"
@@ -604,6 +611,24 @@ int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
             "parmap-mpi: warning: rank %d on %s may use 1 CPU of %ld (bound "
             "to one core?): start with `mpirun --bind-to none` or `srun -c "
             "<cores>`\n", rank, host, online);
+  { /* rank 0's PARMAP_* settings first (a remote login has not got
+       them), before anything reads one */
+    int tag = 0, from;
+    size_t pos = sizeof(MsgHdr);
+    if (mpi_recv(0, 1, &b, &tag, &from) != 1 || tag != TAG_ENV) return 1;
+    while (pos < b.len) {
+      char *kv = b.p + pos, *eq;
+      size_t kn = strnlen(kv, b.len - pos);
+      if (kn == b.len - pos) break; /* no NUL: not ours */
+      eq = strchr(kv, '=');
+      if (eq != NULL) {
+        *eq = '\0';
+        setenv(kv, eq + 1, 1);
+      }
+      pos += kn + 1;
+    }
+    b.len = 0;
+  }
   /* rank 0 weighs agents by the N they will run: parmap.ncpu(), which a
      cgroup's CPU quota lowers below the affinity count */
   {
@@ -614,12 +639,16 @@ int parmap_mpi_agent_main(lua_State *L, int rank, int threads) {
       ncpu = (int)lua_tointeger(L, -1);
     lua_settop(L, top);
   }
-  if (mpi_begin(&b, 0, 0, ncpu, 0) || parmap_buf_reserve(&b, n)) return 1;
-  memcpy(b.p + b.len, host, n);
-  b.len += n;
-  if (mpi_send(&A.out, &b, 0, TAG_HELLO)) return 1;
   if (threads == MPI_THREAD_MULTIPLE)
     hb_on = pthread_create(&hb, NULL, heartbeat, NULL) == 0;
+  /* b = 1: it sends heartbeats, so rank 0 may watch its silence */
+  if (mpi_begin(&b, 0, 0, ncpu, hb_on) || parmap_buf_reserve(&b, n)) return 1;
+  memcpy(b.p + b.len, host, n);
+  b.len += n;
+  pthread_mutex_lock(&mu);
+  status = mpi_send(&A.out, &b, 0, TAG_HELLO) ? 1 : 0;
+  pthread_mutex_unlock(&mu);
+  if (status) return 1;
 
   lua_newtable(L); /* the agent module */
   lua_newtable(L); /* upvalue 1: the codec's scratch table */

@@ -37,6 +37,9 @@
 
 typedef struct AgentInfo {
   int ncpu, dead;
+  int hb; /* it sends heartbeats (its MPI gave it MPI_THREAD_MULTIPLE) */
+  int share; /* its workers when N is not given: its CPUs over the agents
+                on its host */
   uint64_t seen_ns; /* when a message from it came last */
   char host[256];
 } AgentInfo;
@@ -48,8 +51,9 @@ static struct {
   uint32_t nextmap;
   int nopen; /* maps open (one at a time) */
   int quit, lost;
-  double dead_after; /* ns of silence after which a resilient map gives an
-                        agent up */
+  double dead_after; /* ns of silence (heartbeats included) after which an
+                        agent is lost: PARMAP_MPI_DEAD_AFTER s, default 10 */
+  uint64_t last_check; /* when wait_one last looked for silent agents */
 } C;
 
 typedef struct PerAgent {
@@ -83,6 +87,8 @@ typedef struct MMap {
   int from_table, ordered, closed, finished, exhausted, nw;
   int failrank, resilient;
   int wtotal; /* workers in the job: every live agent's N */
+  double bound; /* ns of silence that loses an agent in this map: dead_after,
+                   or less with a timeout */
   int busy; /* a step runs: a callback that steps the map gets an error */
   int ierr; /* the items iterator raised: its error (M_IERR) comes after
                the items pulled before it */
@@ -124,7 +130,7 @@ static void nomem(lua_State *L) { luaL_error(L, "parmap: not enough memory"); }
    than one item per worker, nor more than a share of what remains of a
    known total (so agents finish together). */
 static int seg_size(MMap *m, int r) {
-  double k, nw = m->nw > 0 ? m->nw : C.ag[r].ncpu, last = m->as[r].last;
+  double k, nw = m->nw > 0 ? m->nw : C.ag[r].share, last = m->as[r].last;
   uint64_t now = parmap_now_ns(), prev = m->as[r].credit_ns;
   if (nw < 1) nw = 1;
   k = last > 0 ? last : nw;
@@ -181,6 +187,7 @@ static void numbering(MMap *m, parmap_buf *msg, int r) {
   memcpy(&h, msg->p, sizeof h);
   h.a = m->as[r].wbase;
   h.b = m->wtotal;
+  h.count = m->nw > 0 ? 0 : (uint32_t)C.ag[r].share; /* its N, by default */
   memcpy(msg->p, &h, sizeof h);
 }
 
@@ -483,31 +490,52 @@ static void handle(lua_State *L, MMap *m, parmap_buf *b, int msgi, int tag,
 
 static void agent_died(lua_State *L, MMap *m, int r);
 
-/* Wait for one message from any agent and handle it (or, in a resilient
-   map, for the silence that gives an agent up). Polls, then sleeps 10 us
-   doubling to 0.2 ms: MPI_Probe would spin a core the workers need. */
+/* Agent k owes work in map m and has sent nothing, heartbeats included,
+   past the map's bound: a stopped, cut off or dead host. Resilient maps go
+   on without it (agent_died: returns 1); any other map ends the job here,
+   naming it (waiting could be for ever: a cut link or a stopped process
+   may never make the launcher notice). */
+static int check_silence(lua_State *L, MMap *m) {
+  uint64_t now = parmap_now_ns();
+  int k;
+  if (now - C.last_check < 100000000ull) return 0; /* every 0.1 s */
+  C.last_check = now;
+  for (k = 1; k < C.size; k++) {
+    double quiet = (double)(now - C.ag[k].seen_ns);
+    if (C.ag[k].dead || !C.ag[k].hb || m->as[k].open <= 0 || quiet <= m->bound)
+      continue;
+    if (m->resilient) {
+      agent_died(L, m, k);
+      return 1;
+    }
+    fprintf(stderr, "parmap-mpi: rank %d on %s sent nothing for %.0f s (its "
+            "host is down, cut off or stopped?): the job ends (the bound: "
+            "PARMAP_MPI_DEAD_AFTER=%g s%s; resilient = true goes on without "
+            "it)\n", k, C.ag[k].host, quiet / 1e9, C.dead_after / 1e9,
+            m->bound < C.dead_after ? ", here the map's timeout + 3 s" : "");
+    fflush(NULL);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    _exit(1);
+  }
+  return 0;
+}
+
+/* Wait for one message from any agent and handle it (or for the silence
+   that loses an agent). Polls, then sleeps 10 us doubling to 0.2 ms:
+   MPI_Probe would spin a core the workers need. */
 static void wait_one(lua_State *L, MMap *m) {
   parmap_buf b = PARMAP_BUF_INIT;
   int tag, from, r, spins = 0;
   long delay = 10000;
-  uint64_t last_check = parmap_now_ns();
   for (;;) {
     mpi_poll(&C.out);
     r = mpi_recv(MPI_ANY_SOURCE, 0, &b, &tag, &from);
     if (r != 0) break;
-    if (m != NULL && m->resilient && !m->closed) {
-      uint64_t now = parmap_now_ns();
-      if (now - last_check > 100000000ull) { /* every 0.1 s */
-        int k;
-        last_check = now;
-        for (k = 1; k < C.size; k++)
-          if (!C.ag[k].dead && m->as[k].open > 0 &&
-              (double)(now - C.ag[k].seen_ns) > C.dead_after) {
-            agent_died(L, m, k);
-            return;
-          }
-      }
-    }
+    /* silence is judged only with nothing left to receive (a loop body
+       that took long has heartbeats queued), on a clock of its own (a
+       streaming agent, whose messages return here, must not hide a
+       silent one) */
+    if (m != NULL && !m->closed && check_silence(L, m)) return;
     if (++spins > 64) {
       struct timespec ts;
       ts.tv_sec = 0;
@@ -558,19 +586,26 @@ static void agent_died(lua_State *L, MMap *m, int r) {
     if (!C.ag[s].dead) break;
   fprintf(stderr, "parmap-mpi: rank %d on %s sent nothing for %.0f s: given "
           "up, %d of its segments go to rank %d\n", r, C.ag[r].host,
-          C.dead_after / 1e9, a->nsent, s < C.size ? s : -1);
+          m->bound / 1e9, a->nsent, s < C.size ? s : -1);
   if (s >= C.size) luaL_error(L, "parmap: every agent is gone (the last: rank %d on %s)", r, C.ag[r].host);
   if (a->nsent > 0) {
     parmap_buf b = PARMAP_BUF_INIT;
     size_t n;
     const char *p;
-    lua_getiuservalue(L, 1, M_MAPMSG);
-    p = lua_tolstring(L, -1, &n);
-    if (parmap_buf_reserve(&b, n)) nomem(L);
-    memcpy(b.p, p, n);
-    b.len = n;
-    numbering(m, &b, s);
-    if (mpi_send(&C.out, &b, s, TAG_MAP)) nomem(L);
+    /* s still takes segments (no END yet): they join its current round.
+       A new round's MAP there would end that round's input early, and
+       the segments still coming for it would land after the round's END
+       and be dropped: items lost, the map waiting for ever */
+    int round = m->as[s].ended;
+    if (round) {
+      lua_getiuservalue(L, 1, M_MAPMSG);
+      p = lua_tolstring(L, -1, &n);
+      if (parmap_buf_reserve(&b, n)) nomem(L);
+      memcpy(b.p, p, n);
+      b.len = n;
+      numbering(m, &b, s);
+      if (mpi_send(&C.out, &b, s, TAG_MAP)) nomem(L);
+    }
     lua_getiuservalue(L, 1, M_SEGS);
     for (i = 0; i < a->nsent; i++) {
       int seg;
@@ -586,9 +621,11 @@ static void agent_died(lua_State *L, MMap *m, int r) {
       lua_rawseti(L, seg - 1, a->sent[i].id);
       lua_pop(L, 1);
     }
-    if (mpi_send_hdr(&C.out, s, TAG_END, m->id, 0)) nomem(L);
-    m->as[s].open++;
-    m->as[s].done = 0;
+    if (round) {
+      if (mpi_send_hdr(&C.out, s, TAG_END, m->id, 0)) nomem(L);
+      m->as[s].open++;
+      m->as[s].done = 0;
+    }
     a->nsent = 0;
   }
   lua_settop(L, top);
@@ -972,6 +1009,14 @@ static int mpi_start(lua_State *L) {
     iterator's given total: for progress and segment sizes, as the fork
     engine's; the iterator's nil still ends the input */
   m->ordered = parmap_boolfield(L, 1, "ordered", 1);
+  /* with a timeout, an agent's owed work is bounded by it as a worker's
+     is: heartbeats come every second, so silence past timeout + 3 s is a
+     stopped or lost host, not a slow item */
+  m->bound = C.dead_after;
+  lua_getfield(L, 3, "timeout");
+  if (lua_isnumber(L, -1) && lua_tonumber(L, -1) > 0 &&
+      (lua_tonumber(L, -1) + 3) * 1e9 < m->bound)
+    m->bound = (lua_tonumber(L, -1) + 3) * 1e9;
   lua_getfield(L, 3, "N");
   {
     lua_Integer n = lua_tointeger(L, -1); /* 0: each agent's CPUs */
@@ -979,7 +1024,15 @@ static int mpi_start(lua_State *L) {
   }
   for (r = 1; r < C.size; r++) /* worker numbers, unique in the job */
     if (!C.ag[r].dead) {
-      int n = m->nw > 0 ? m->nw : C.ag[r].ncpu;
+      int n = m->nw > 0 ? m->nw : C.ag[r].share;
+      static int warned = 0;
+      if (m->nw > C.ag[r].ncpu && !warned) { /* once a job */
+        warned = 1;
+        fprintf(stderr, "parmap-mpi: warning: N = %d workers on each agent, "
+                "but rank %d on %s has %d CPUs (N counts each agent's "
+                "workers; without N each agent starts its own CPUs' worth)\n",
+                m->nw, r, C.ag[r].host, C.ag[r].ncpu);
+      }
       m->as[r].wbase = m->wtotal;
       m->wtotal += n < 1 ? 1 : n > PARMAP_MAX_WORKERS ? PARMAP_MAX_WORKERS : n;
     }
@@ -1119,6 +1172,36 @@ void parmap_mpi_coord_init(int size) {
   }
   if (gethostname(C.ag[0].host, sizeof C.ag[0].host - 1) != 0)
     strcpy(C.ag[0].host, "?");
+  { /* parmap's own settings reach the agents without mpirun -x */
+    extern char **environ;
+    parmap_buf env = PARMAP_BUF_INIT;
+    char **v;
+    int bad = mpi_begin(&env, 0, 0, 0, 0);
+    for (v = environ; !bad && *v != NULL; v++)
+      if (strncmp(*v, "PARMAP_", 7) == 0 && strncmp(*v, "PARMAP_MPI=", 11) != 0) {
+        size_t n = strlen(*v) + 1;
+        bad = parmap_buf_reserve(&env, n);
+        if (!bad) {
+          memcpy(env.p + env.len, *v, n);
+          env.len += n;
+        }
+      }
+    for (i = 1; !bad && i < size; i++) {
+      parmap_buf copy = PARMAP_BUF_INIT;
+      bad = parmap_buf_reserve(&copy, env.len);
+      if (!bad) {
+        memcpy(copy.p, env.p, env.len);
+        copy.len = env.len;
+        bad = mpi_send(&C.out, &copy, i, TAG_ENV);
+      }
+      parmap_buf_free(&copy);
+    }
+    parmap_buf_free(&env);
+    if (bad) {
+      fprintf(stderr, "parmap-mpi: out of memory\n");
+      MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+  }
   for (i = 1; i < size; i++) {
     parmap_buf b = PARMAP_BUF_INIT;
     int tag, from;
@@ -1133,34 +1216,74 @@ void parmap_mpi_coord_init(int size) {
       MPI_Abort(MPI_COMM_WORLD, 1);
     }
     C.ag[from].ncpu = (int)mpi_hdr(&b).a;
+    C.ag[from].hb = mpi_hdr(&b).b != 0;
     n = b.len - sizeof(MsgHdr);
     if (n >= sizeof C.ag[from].host) n = sizeof C.ag[from].host - 1;
     memcpy(C.ag[from].host, b.p + sizeof(MsgHdr), n);
     C.ag[from].host[n] = '\0';
     parmap_buf_free(&b);
   }
+  /* agents that share a host share its CPUs (each sees them all) */
+  for (i = 1; i < size; i++) {
+    int k, same = 0;
+    for (k = 1; k < size; k++) same += strcmp(C.ag[k].host, C.ag[i].host) == 0;
+    C.ag[i].share = C.ag[i].ncpu / (same > 0 ? same : 1);
+    if (C.ag[i].share < 1) C.ag[i].share = 1;
+  }
 }
 
 void parmap_mpi_coord_quit(void) {
   int r;
+  uint64_t t0;
   if (C.quit) return;
   C.quit = 1;
+  /* leaving with a map open (os.exit, the end of the script): its items
+     stop on the agents as on a break, rather than run to their end */
+  if (C.nopen > 0)
+    for (r = 1; r < C.size; r++)
+      if (!C.ag[r].dead) mpi_send_hdr(&C.out, r, TAG_ABORT, C.nextmap, 0);
   for (r = 1; r < C.size; r++)
     if (!C.ag[r].dead) /* a = 1: a rank is lost, do not MPI_Finalize */
       mpi_send_hdr(&C.out, r, TAG_QUIT, 0, C.lost);
   /* every message still coming (the DONE of a last map) is received:
-     MPI_Finalize with unreceived messages makes some transports warn */
-  for (r = 1; r < C.size; r++)
+     MPI_Finalize with unreceived messages makes some transports warn. An
+     agent silent past the bound (heartbeats come until its BYE) is lost */
+  t0 = parmap_now_ns();
+  for (r = 1; r < C.size; r++) {
     if (C.ag[r].dead) C.ag[r].seen_ns = 1; /* counted as gone */
+    else C.ag[r].seen_ns = t0;
+  }
   for (;;) {
     parmap_buf b = PARMAP_BUF_INIT;
-    int tag, from, k, left = 0;
-    for (k = 1; k < C.size; k++) left += !C.ag[k].dead && C.ag[k].seen_ns != 1;
+    int tag, from, k, left = 0, got;
+    uint64_t now = parmap_now_ns();
+    for (k = 1; k < C.size; k++) {
+      if (C.ag[k].dead || C.ag[k].seen_ns == 1) continue;
+      if (C.ag[k].hb && (double)(now - C.ag[k].seen_ns) > C.dead_after) {
+        fprintf(stderr, "parmap-mpi: rank %d on %s sent nothing for %.0f s "
+                "(PARMAP_MPI_DEAD_AFTER) at the end of the job: given up\n",
+                k, C.ag[k].host, C.dead_after / 1e9);
+        C.ag[k].dead = 1;
+        C.lost = 1;
+        continue;
+      }
+      left++;
+    }
     if (left == 0) break;
-    if (mpi_recv(MPI_ANY_SOURCE, 1, &b, &tag, &from) < 0) break;
-    if (tag == TAG_BYE && from >= 1 && from < C.size) C.ag[from].seen_ns = 1;
+    got = mpi_recv(MPI_ANY_SOURCE, 0, &b, &tag, &from);
+    if (got < 0) break;
+    if (got == 0) {
+      struct timespec ts = {0, 200000};
+      nanosleep(&ts, NULL);
+    } else if (from >= 1 && from < C.size && C.ag[from].seen_ns != 1) {
+      C.ag[from].seen_ns = tag == TAG_BYE ? 1 : parmap_now_ns();
+    }
     parmap_buf_free(&b);
     mpi_poll(&C.out);
+  }
+  if (C.lost) { /* a send to a lost rank may never complete */
+    mpi_poll(&C.out);
+    return;
   }
   mpi_drain(&C.out);
 }

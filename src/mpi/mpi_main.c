@@ -28,6 +28,17 @@ static int msgh(lua_State *L) {
   return 1;
 }
 
+/* Rank 0 of a job that lost a rank: MPI_Finalize, or an exit without it,
+   would wait for the lost rank (stopped, cut off: for ever, whatever
+   --enable-recovery says); MPI_Abort ends the job at once with status. */
+static void end_lost(int status) {
+  fprintf(stderr, "parmap-mpi: a rank was lost (above): the job ends through "
+          "MPI_Abort with status %d\n", status);
+  fflush(NULL);
+  MPI_Abort(MPI_COMM_WORLD, status);
+  _exit(status);
+}
+
 /* os.exit on rank 0: tell the agents to leave first, so the job ends
    cleanly (an MPI process that exits without MPI_Finalize ends the job
    with an error). */
@@ -37,7 +48,8 @@ static int os_exit(lua_State *L) {
   else status = (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
   fflush(NULL);
   parmap_mpi_coord_quit();
-  if (!parmap_mpi_coord_lost()) MPI_Finalize();
+  if (parmap_mpi_coord_lost()) end_lost(status);
+  MPI_Finalize();
   exit(status);
   return 0;
 }
@@ -115,8 +127,10 @@ int main(int argc, char **argv) {
     status = parmap_mpi_agent_main(L, rank, threads);
   }
   lua_close(L);
-  if (rank == 0 ? parmap_mpi_coord_lost() : parmap_mpi_agent_lost()) {
-    /* a rank is gone: MPI_Finalize may wait for it forever */
+  if (rank == 0 && parmap_mpi_coord_lost()) end_lost(status);
+  if (rank > 0 && parmap_mpi_agent_lost()) {
+    /* a rank is gone: MPI_Finalize may wait for it forever; rank 0 ends
+       the job */
     fflush(NULL);
     _exit(status);
   }

@@ -15,7 +15,11 @@
 **               TAG_END    no more items for this map
 **               TAG_ABORT  rank 0 closed the map early: stop, send DONE
 **               TAG_QUIT   leave
-**   agent -> 0  TAG_HELLO  at start: a = CPUs, then the host name
+**               TAG_ENV    before anything: rank 0's PARMAP_* settings,
+**                          "NAME=value" strings each ending in a NUL
+**   agent -> 0  TAG_HELLO  at start: a = CPUs, b = 1 when it sends
+**                          heartbeats, then the host name
+**               TAG_HB     every second, from a thread: alive
 **               TAG_CREDIT the agent started on a segment: send one more
 **               TAG_RES    count results: varint index, REC_OK|REC_ERR,
 **                          codec record (values | kind err msg tb pid)
@@ -51,7 +55,8 @@ enum {
   TAG_HELLO = 1, TAG_MAP, TAG_SEG, TAG_END, TAG_ABORT, TAG_QUIT,
   TAG_CREDIT, TAG_RES, TAG_DONE, TAG_FAIL, TAG_BYE,
   TAG_BIG, TAG_PART, /* a message over PARMAP_MPI_MAXMSG, in parts */
-  TAG_HB              /* agent -> 0, every second: alive (resilient) */
+  TAG_HB,             /* agent -> 0, every second: alive */
+  TAG_ENV             /* 0 -> agent, first: rank 0's PARMAP_* variables */
 };
 
 enum { FAIL_TEXT = 0, FAIL_ERROR = 1 }; /* TAG_FAIL's first byte */
