@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -46,6 +47,8 @@ typedef struct WState {
   uint32_t tries_k; /* retries: the item that tries counts for */
   uint64_t tries;   /* ... its runs that failed so far */
   uint64_t last;    /* last flush (coarse clock) */
+  uint64_t st_wall, st_cpu; /* stats: when item k started, its CPU then */
+  uint64_t st_rss;          /* stats: peak RSS after the previous item */
 } WState;
 
 static uint64_t coarse_ns(void) {
@@ -86,6 +89,54 @@ static void put_failure(WState *w, int box) {
                    w->pid);
 }
 
+/* ---------------------------------------------------------------- stats */
+
+/* stats = true: this thread's CPU time (the worker may run other threads),
+   and the process's peak RSS in bytes. */
+static uint64_t cpu_ns(void) {
+  struct rusage ru;
+#ifdef RUSAGE_THREAD
+  getrusage(RUSAGE_THREAD, &ru);
+#else
+  getrusage(RUSAGE_SELF, &ru);
+#endif
+  return ((uint64_t)ru.ru_utime.tv_sec + (uint64_t)ru.ru_stime.tv_sec) *
+             1000000000u +
+         ((uint64_t)ru.ru_utime.tv_usec + (uint64_t)ru.ru_stime.tv_usec) * 1000u;
+}
+
+static uint64_t peak_rss(void) {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return (uint64_t)ru.ru_maxrss * 1024u; /* KiB on Linux */
+}
+
+/* The REC_STATS prefix of the record that starts at out.len: room for it
+   now, its numbers once the item is over (stats_end). */
+static void stats_room(WState *w) {
+  if (parmap_buf_reserve(&w->out, 1 + STATS_LEN))
+    luaL_error(w->L, "parmap: not enough memory");
+  w->out.p[w->out.len] = (char)REC_STATS;
+  w->out.len += 1 + STATS_LEN;
+}
+
+static void stats_begin(WState *w) {
+  stats_room(w);
+  w->st_wall = parmap_now_ns();
+  w->st_cpu = cpu_ns();
+}
+
+/* Fill the prefix at w->mark (the item's record starts there). */
+static void stats_end(WState *w) {
+  uint64_t v[4];
+  v[0] = parmap_now_ns() - w->st_wall;
+  v[1] = cpu_ns() - w->st_cpu;
+  v[2] = peak_rss();
+  v[3] = v[2] > w->st_rss ? v[2] - w->st_rss : 0;
+  w->st_rss = v[2];
+  memcpy(w->out.p + w->mark + 1, v, sizeof v);
+}
+
 /* After each item: count it, and flush when enough has piled up. */
 static void item_done(WState *w) {
   w->pending++;
@@ -105,7 +156,7 @@ static int run_items(lua_State *L) {
   const Config *cfg = w->cfg;
   int top, u, seeder;
   int simple = w->cs.star == STAR_FALSE && !w->cs.kwstar && !w->cs.has_kw &&
-               w->cs.nargs == 0;
+               w->cs.nargs == 0 && !cfg->stats;
   /* this call's own frame: the map (argument 2)'s values at base + U_* */
   w->base = 2;
   for (u = 1; u <= U_COUNT; u++) lua_getiuservalue(L, 2, u);
@@ -120,6 +171,7 @@ static int run_items(lua_State *L) {
     int nargs, fnpos;
     w->mark = w->out.len;
     w->mark_pos = w->pos;
+    if (cfg->stats) stats_begin(w); /* not on the simple path */
     /* start before cur: the parent never pairs an old start with a new
        item (it reads cur, start, cur) */
     if (cfg->timeout > 0)
@@ -159,6 +211,7 @@ static int run_items(lua_State *L) {
       lua_call(L, nargs, LUA_MULTRET);
       put_result(w, index, fnpos); /* results replace fn and its args */
     }
+    if (cfg->stats) stats_end(w);
     lua_settop(L, top);
     item_done(w);
   }
@@ -212,6 +265,10 @@ static void run_segment(WState *w, const TaskHdr *h) {
           w->pos = w->mark_pos; /* its item is decoded again */
           continue;
         }
+      }
+      if (w->cfg->stats) { /* the last run's cost, as for a result */
+        stats_room(w);
+        stats_end(w);
       }
       put_failure(w, lua_gettop(L));
       lua_settop(L, top);
@@ -346,6 +403,7 @@ void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
   w.shm = shm;
   w.fd = fd;
   w.pid = getpid();
+  if (cfg->stats) w.st_rss = peak_rss();
   if (parmap_buf_reserve(&w.out, FRAME_HDR)) parmap_child_exit(PARMAP_EXIT_INTERNAL);
   w.out.len = FRAME_HDR;
   if (!lua_checkstack(L, 8)) parmap_child_exit(PARMAP_EXIT_INTERNAL);

@@ -48,6 +48,7 @@ C.OPTIONS = {
   buffersize = true,
   backend = true, -- issue 13: "auto", "fork" or "mpi"
   resilient = true, -- issue 13: the MPI backend outlives an agent's death
+  stats = true, -- per-item wall, CPU time and peak RSS, m:stats()
 }
 local OPTIONS = C.OPTIONS
 
@@ -423,6 +424,11 @@ function C.map_spec(level, fn, items, opts, extra)
     bad(level, "resilient", "boolean", resilient)
   end
   spec.resilient = resilient or nil
+  local stats = opts.stats
+  if stats ~= nil and type(stats) ~= "boolean" then
+    bad(level, "stats", "boolean", stats)
+  end
+  spec.stats = stats or nil
   return spec
 end
 

@@ -61,6 +61,7 @@ static void recycle(Map *m) {
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
     if (w->fd >= 0 && w->qn == 0 && spent(m, w)) {
+      unwatch(m, i);
       parmap_fd_close(w->fd);
       w->fd = -1;
       m->nlive--;
@@ -135,6 +136,7 @@ static void retire_idle(Map *m) {
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
     if (w->fd >= 0 && w->qn == 0) {
+      unwatch(m, i);
       parmap_fd_close(w->fd);
       w->fd = -1;
       m->nlive--;
@@ -177,6 +179,7 @@ static void on_death(lua_State *L, Map *m, int wi) {
   int64_t cur = __atomic_load_n(&m->shm[wi].cur, __ATOMIC_ACQUIRE);
   lua_Integer bad = 0;
   pid_t pid = w->pid;
+  unwatch(m, wi);
   parmap_fd_close(w->fd);
   w->fd = -1;
   if (w->exited) {
@@ -512,6 +515,7 @@ static void stop(Map *m, int kill_them) {
   if (m->owner != getpid()) return; /* a worker's copy: not its children */
   if (m->w == NULL) return;
   for (i = 0; i < m->nw; i++) {
+    unwatch(m, i);
     parmap_fd_close(m->w[i].fd);
     m->w[i].fd = -1;
   }
