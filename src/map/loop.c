@@ -391,6 +391,10 @@ static int poll_body(lua_State *L) {
       m->exit_check = now;
       check_exits(L, m);
     }
+    /* what a death left (the item's failure record, its other items, a
+       worker to fork) is dispatched now: the blocking loop's next pump
+       would, and no fd would wake this loop for it */
+    if (!m->close_req) dispatch(L, m);
     progress(L, m, 0);
   }
   lua_pushboolean(L, 0);
