@@ -78,6 +78,38 @@ describe("parmap.start and m:poll() from plain poll(2)", function()
     m:close()
   end)
 
+  it("watches a socket for room while a segment is unsent (EPOLLOUT)", function()
+    -- item 1 holds the worker; item 2's 4 MiB cannot all fit the socket,
+    -- so the map must be woken when the worker reads: the epoll set
+    -- (/proc/self/fdinfo) must ask for POLLOUT on that socket
+    local r, w = T.pipe()
+    local k = 0
+    local m = parmap.start(function(s)
+      assert(T.read(r, 30000, 1) == "x", "no marker")
+      return #s
+    end, function()
+      k = k + 1
+      if k <= 2 then return string.rep("z", 4 * 1024 * 1024) end
+    end, { N = 1, chunksize = 1 })
+    local fd = m:fd()
+    assert.is_false(m:poll())
+    local f = assert(io.open("/proc/self/fdinfo/" .. fd))
+    local info = f:read("a")
+    f:close()
+    local out = false
+    for ev in info:gmatch("tfd:%s*%d+%s+events:%s*(%x+)") do
+      if tonumber(ev, 16) & 4 ~= 0 then out = true end
+    end
+    assert(out, "no fd watched for POLLOUT:\n" .. info)
+    T.write(w, "xx")
+    local n = 0
+    drive(m, function(_, len) n = n + 1; assert.equal(4 * 1024 * 1024, len) end)
+    assert.equal(2, n)
+    m:close()
+    T.close(r)
+    T.close(w)
+  end)
+
   it("never blocks: false while the item runs, then its result", function()
     local r, w = T.pipe()
     -- the item waits for a byte that only this test writes
@@ -151,11 +183,11 @@ describe("parmap.start and m:poll() from plain poll(2)", function()
     local m = parmap.start(function(x)
       if x == 2 then T.sleep(60) end
       return x
-    end, { 1, 2, 3 }, { N = 1, timeout = 0.3, exception = "return" })
+    end, { 1, 2, 3 }, { N = 1, timeout = 0.3 * F.slow, exception = "return" })
     local got = {}
     local t0 = F.now()
     drive(m, function(i, v) got[i] = v end, nil, 20)
-    assert.is_true(F.now() - t0 < 30)
+    assert.is_true(F.now() - t0 < 30 * F.slow)
     assert.equal(1, got[1])
     assert.is_true(parmap.iserror(got[2]))
     assert.equal("timeout", got[2].kind)

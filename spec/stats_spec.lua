@@ -2,6 +2,7 @@
 -- worker's peak RSS (measured in the worker), readable as m:stats() with
 -- totals, the slowest items and the scheduling overhead.
 local parmap = require "parmap"
+local F = require "faults_helpers"
 
 -- CPU work for `s` seconds of this process's CPU time
 local function spin(s)
@@ -18,7 +19,7 @@ end
 describe("stats = true", function()
   it("records wall and CPU time per item; the slowest first; totals", function()
     local m = parmap.start(function(x)
-      if x == 7 then spin(0.3) end
+      if x == 7 then spin(0.3 * F.slow) end -- slower than any other
       return x
     end, range(20), { N = 2, stats = true })
     local t, n = m:collect()
