@@ -171,7 +171,6 @@ static int run_items(lua_State *L) {
     int nargs, fnpos;
     w->mark = w->out.len;
     w->mark_pos = w->pos;
-    if (cfg->stats) stats_begin(w); /* not on the simple path */
     /* start before cur: the parent never pairs an old start with a new
        item (it reads cur, start, cur) */
     if (cfg->timeout > 0)
@@ -202,6 +201,8 @@ static int run_items(lua_State *L) {
       item_done(w);
       continue;
     }
+    if (cfg->stats) stats_begin(w); /* never on the simple path; nothing
+                                       was written since w->mark */
     nargs = parmap_push_call(L, &w->cs, top + 1, index);
     if (nargs < 0) {
       parmap_put_error(L, &w->out, w->base + U_SCRATCH, "shape",

@@ -33,8 +33,8 @@ typedef struct ItemStat {
 } ItemStat;
 
 /* The REC_STATS prefix of item `index`'s record (STATS_LEN bytes at p). */
-static int stats_take(lua_State *L, Map *m, lua_Integer index,
-                      const char *p) {
+static MAP_COLD int stats_take(lua_State *L, Map *m, lua_Integer index,
+                               const char *p) {
   ItemStat *e;
   if (index > m->st_cap) {
     lua_Integer cap = m->st_cap ? m->st_cap : 1024;

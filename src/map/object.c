@@ -97,7 +97,7 @@ static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
 
 /* The loop took the record of s that ends at pos: when it was the slot's
    last, the slot may go (and workers waiting for room get it). */
-static void took(lua_State *L, Map *m, Slot *s, size_t pos) {
+static MAP_INLINE void took(lua_State *L, Map *m, Slot *s, size_t pos) {
   s->rpos = pos;
   m->taken++;
   if (++s->consumed == s->count) {
@@ -110,7 +110,7 @@ static void took(lua_State *L, Map *m, Slot *s, size_t pos) {
 /* Push index and values of the next record of s; returns the count. With
    a sink (parmap_map_relay), a REC_OK record goes to it as it is instead:
    returns RELAYED, or SINK_STOP when the sink says stop. */
-static int emit(lua_State *L, Map *m, Slot *s) {
+static MAP_INLINE int emit(lua_State *L, Map *m, Slot *s) {
   lua_Integer index = s->start + s->consumed;
   size_t at = s->rpos, pos;
   int status, n, base;
