@@ -262,6 +262,24 @@ describe("parmap.start and m:poll() from plain poll(2)", function()
     assert.same(before, F.fds())
   end)
 
+  it("cannot be polled from a worker (its copy is stale)", function()
+    local m = parmap.start(function(x) return x end, range(3), { N = 2 })
+    local inner = parmap.start(function()
+      local ok1, e1 = pcall(m.poll, m)
+      local ok2, e2 = pcall(m.fd, m)
+      return not ok1 and tostring(e1) or "polled", not ok2 and tostring(e2) or "fd"
+    end, { 1 }, { N = 1 })
+    local e1, e2
+    drive(inner, function(_, a, b) e1, e2 = a, b end)
+    assert.matches("belongs to process", e1)
+    assert.matches("belongs to process", e2)
+    inner:close()
+    local n = 0
+    drive(m, function() n = n + 1 end)
+    assert.equal(3, n)
+    m:close()
+  end)
+
   it("m:fd() of a map already over is readable and poll says over", function()
     local m = parmap.start(function(x) return x end, {}, { N = 2 })
     assert.is_true(T.poll(m:fd(), 0))

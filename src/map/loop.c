@@ -27,9 +27,9 @@
 
 /* ---------------------------------------------------------------- stats */
 
+/* 32 bytes an item; rss is never 0 for an item that was recorded */
 typedef struct ItemStat {
   uint64_t wall, cpu, rss, grow; /* ns, ns, bytes, bytes */
-  int has;
 } ItemStat;
 
 /* The REC_STATS prefix of item `index`'s record (STATS_LEN bytes at p). */
@@ -48,12 +48,12 @@ static MAP_COLD int stats_take(lua_State *L, Map *m, lua_Integer index,
     m->st_cap = cap;
   }
   e = &m->st[index - 1];
+  if (!e->rss) m->st_n++;
   memcpy(&e->wall, p, 8);
   memcpy(&e->cpu, p + 8, 8);
   memcpy(&e->rss, p + 16, 8);
   memcpy(&e->grow, p + 24, 8);
-  if (!e->has) m->st_n++;
-  e->has = 1;
+  if (!e->rss) e->rss = 1; /* recorded, whatever the kernel said */
   return 0;
 }
 
@@ -88,13 +88,13 @@ static int map_stats(lua_State *L) {
                          "the option stats = true)");
   if (!lua_isnoneornil(L, 2)) {
     i = luaL_checkinteger(L, 2);
-    if (i < 1 || i > m->st_cap || !m->st[i - 1].has) return 0;
+    if (i < 1 || i > m->st_cap || !m->st[i - 1].rss) return 0;
     push_item_stat(L, &m->st[i - 1], i);
     return 1;
   }
   for (i = 1; i <= m->st_cap; i++) {
     const ItemStat *e = &m->st[i - 1];
-    if (!e->has) continue;
+    if (!e->rss) continue;
     n++;
     busy += (double)e->wall;
     cpu += (double)e->cpu;
@@ -414,6 +414,10 @@ static int poll_entry(lua_State *L) {
 static int map_poll(lua_State *L) {
   Map *m = checkmap(L, 1);
   int status, n;
+  if (m->owner != getpid()) /* a forked copy: its records are stale */
+    return luaL_error(L, "parmap: a map cannot be stepped from a worker or "
+                      "child process (it belongs to process %d)",
+                      (int)m->owner);
   lua_settop(L, 1);
   lua_pushcfunction(L, poll_entry);
   lua_pushvalue(L, 1);
