@@ -124,6 +124,24 @@ describe("stats = true", function()
     m:close()
   end)
 
+  it("times an item that raised before fn from its own start", function()
+    -- item 2's __index raises: fn never starts for it, and its time must
+    -- not be counted from item 1's start (which spins)
+    local items = setmetatable({ n = 3 }, { __index = function(_, i)
+      if i == 2 then error("no item 2") end
+      return i
+    end })
+    local m = parmap.start(function(x)
+      if x == 1 then spin(0.3 * F.slow) end
+      return x
+    end, items, { N = 1, chunksize = 3, stats = true, exception = "return" })
+    local t = m:collect()
+    assert.is_true(parmap.iserror(t[2]))
+    assert.is_true(m:stats(1).wall >= 0.25 * F.slow)
+    assert.is_true(m:stats(2).wall < 0.1 * F.slow, "wall " .. m:stats(2).wall)
+    m:close()
+  end)
+
   it("parmap.map with stats gives the same results", function()
     local r, n = parmap.map(function(x) return { x } end, range(100),
       { N = 2, stats = true })

@@ -49,6 +49,7 @@ typedef struct WState {
   uint64_t last;    /* last flush (coarse clock) */
   uint64_t st_wall, st_cpu; /* stats: when item k started, its CPU then */
   uint64_t st_rss;          /* stats: peak RSS after the previous item */
+  int64_t st_item;          /* stats: the item st_wall is of */
 } WState;
 
 static uint64_t coarse_ns(void) {
@@ -124,6 +125,7 @@ static void stats_begin(WState *w) {
   stats_room(w);
   w->st_wall = parmap_now_ns();
   w->st_cpu = cpu_ns();
+  w->st_item = w->h->from + (int64_t)w->k;
 }
 
 /* Fill the prefix at w->mark (the item's record starts there). */
@@ -268,6 +270,10 @@ static void run_segment(WState *w, const TaskHdr *h) {
         }
       }
       if (w->cfg->stats) { /* the last run's cost, as for a result */
+        if (w->st_item != h->from + (int64_t)w->k) { /* raised before fn */
+          w->st_wall = parmap_now_ns();
+          w->st_cpu = cpu_ns();
+        }
         stats_room(w);
         stats_end(w);
       }

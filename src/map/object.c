@@ -156,9 +156,6 @@ static MAP_INLINE int emit(lua_State *L, Map *m, Slot *s) {
   return status == REC_OK ? n + 1 : failed(L, m, lost, index, base, n);
 }
 
-/* The body of a step, run under lua_pcall by step(): push the next
-   item's index and values and return their count, or 0 when the map is
-   over (then the items iterator's error, if it raised, is raised). */
 /* Every item is delivered: the map ends (returns 0), or raises the items
    iterator's error. */
 static int over(lua_State *L, Map *m) {
@@ -175,6 +172,9 @@ static int over(lua_State *L, Map *m) {
   return 0;
 }
 
+/* The body of a step, run under lua_pcall by step(): push the next
+   item's index and values and return their count, or 0 when the map is
+   over (then the items iterator's error, if it raised, is raised). */
 static int advance(lua_State *L, Map *m) {
   for (;;) {
     Slot *s;
