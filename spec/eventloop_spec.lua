@@ -9,6 +9,10 @@ local has_luv, uv = pcall(require, "luv")
 if not has_luv and os.getenv("CI") then
   error("eventloop_spec needs luv (Debian: lua-luv; make test-deps installs it)")
 end
+local has_cq, cqueues = pcall(require, "cqueues")
+if not has_cq and os.getenv("CI") then
+  error("eventloop_spec needs cqueues (Debian: lua-cqueues; make test-deps installs it)")
+end
 
 -- Drive m from poll(2) on m:fd() until it is over; fails instead of
 -- hanging when the fd stays quiet for `quiet` seconds (a lost wake-up).
@@ -383,5 +387,54 @@ describe("a map driven by luv", function()
     local ok = p:close()
     assert(ok, out)
     assert.matches("50 results", out)
+  end)
+end)
+
+describe("a map driven by cqueues", function()
+  if not has_cq then
+    pending("cqueues is not installed (lua-cqueues)")
+    return
+  end
+
+  it("the map object is a pollable (pollfd, events, timeout) beside a ticking coroutine", function()
+    local r, w = T.pipe()
+    local n = 20
+    local m = parmap.start(function(x)
+      assert(T.read(r, 30000, 1) == "t", "no tick")
+      return x + 100
+    end, range(n), { N = 2 })
+    local cq = cqueues.new()
+    local ticks, got, over = 0, {}, false
+    cq:wrap(function()
+      while not over do
+        cqueues.sleep(0.005)
+        ticks = ticks + 1
+        T.write(w, "t")
+      end
+    end)
+    cq:wrap(function()
+      local t0 = F.now()
+      while F.now() - t0 < 60 do
+        cqueues.poll(m) -- m:pollfd() for m:events(), at most m:timeout()
+        while true do
+          local i, v = m:poll()
+          if i == nil then
+            over = true
+            cqueues.cancel(m:fd()) -- before the fd closes
+            m:close()
+            return
+          end
+          if not i then break end
+          got[i] = v
+        end
+      end
+      over = true
+    end)
+    local ok, err = cq:loop()
+    assert(ok, err)
+    assert.is_true(ticks >= n)
+    for i = 1, n do assert.equal(i + 100, got[i]) end
+    T.close(r)
+    T.close(w)
   end)
 end)
