@@ -97,10 +97,13 @@ deps:
 	sh .ci/apt-install $$need
 
 # What the specs need beyond the build: a terminal multiplexer (the
-# progress bar as a person sees it) and MPI (the MPI backend's specs).
+# progress bar as a person sees it), MPI (the MPI backend's specs), luv
+# and cqueues (a map driven by an event loop).
 test-deps: deps
 	@need=""; \
 	command -v tmux >/dev/null 2>&1 || need="$$need tmux"; \
+	$(LUA) -e 'require "luv"' >/dev/null 2>&1 || need="$$need lua-luv"; \
+	$(LUA) -e 'require "cqueues"' >/dev/null 2>&1 || need="$$need lua-cqueues"; \
 	command -v $(MPICC) >/dev/null 2>&1 || need="$$need openmpi-bin libopenmpi-dev"; \
 	sh .ci/apt-install $$need
 

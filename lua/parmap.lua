@@ -223,11 +223,16 @@ local function start(level, fn, items, opts, extra)
       .. "(mpirun -n K parmap-mpi script.lua)", level + 1)
   end
   if mpi and (spec.backend == "mpi" or (mpi.size() > 1 and not mpi.busy())) then
+    if spec.stats then
+      error("parmap: option 'stats' needs the fork backend (backend = 'fork')",
+        level + 1)
+    end
     f, s, c, closer = mpi_start(level + 1, spec)
-  -- timeout, seed: with N = 1 too, the items run in one worker process (a
-  -- loop cannot stop itself; seeding must not touch the caller's stream)
+  -- timeout, init_timeout, seed, stats: with N = 1 too, the items run in
+  -- one worker process (a loop cannot stop itself; seeding must not touch
+  -- the caller's stream; stats measure a worker)
   elseif spec.N == 1 and not spec.timeout and not spec.seed
-      and not spec.init_timeout then
+      and not spec.init_timeout and not spec.stats then
     f, s, c, closer = serial(spec)
   else
     local m = core.start(spec)
@@ -250,6 +255,19 @@ function M.parmap(fn, items, opts, ...)
 end
 M.parmapper = M.parmap
 M.imap = M.parmap
+
+--- m = parmap.start(fn, items, opts): the map object itself, on worker
+--- processes whatever N is (so an event loop never runs fn): m:poll(),
+--- m:fd(), m:timeout(), m:next(), m:collect(), m:stats(), m:close().
+function M.start(fn, items, opts, ...)
+  local spec = Check.map_spec(2, fn, items, opts, select("#", ...))
+  if spec.backend == "mpi" then
+    error("parmap.start: the map object needs the fork backend "
+      .. "(backend = 'fork' or 'auto')", 2)
+  end
+  local m = core.start(spec)
+  return m
+end
 
 --- results, n = parmap.map(fn, items, opts): the first value of each item.
 function M.map(fn, items, opts, ...)

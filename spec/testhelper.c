@@ -143,6 +143,7 @@ static int th_write(lua_State *L) {
 static int th_read(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 1);
   int ms = (int)luaL_optinteger(L, 2, 0);
+  lua_Integer most = luaL_optinteger(L, 3, 4096); /* bytes at most */
   struct pollfd p;
   char buf[4096];
   ssize_t r;
@@ -156,7 +157,7 @@ static int th_read(lua_State *L) {
     lua_pushliteral(L, "");
     return 1;
   }
-  do r = read(fd, buf, sizeof buf);
+  do r = read(fd, buf, most > 0 && most < 4096 ? (size_t)most : sizeof buf);
   while (r < 0 && errno == EINTR);
   if (r <= 0) /* a pty master reads EIO once the slave side is gone */
     return (r == 0 || errno == EIO) ? 0 : fileresult(L, "read");
@@ -165,6 +166,30 @@ static int th_read(lua_State *L) {
 }
 
 /* inq(fd): bytes waiting to be read on a socket (FIONREAD). */
+/* pipe() -> read fd, write fd (the event loop specs' markers) */
+static int th_pipe(lua_State *L) {
+  int p[2];
+  if (pipe(p)) return fileresult(L, "pipe");
+  lua_pushinteger(L, p[0]);
+  lua_pushinteger(L, p[1]);
+  return 2;
+}
+
+/* poll(fd, ms) -> true when fd is readable within ms (-1: forever), else
+   false: what a host's loop does with a map's m:fd() */
+static int th_poll(lua_State *L) {
+  struct pollfd p;
+  int pr;
+  p.fd = (int)luaL_checkinteger(L, 1);
+  p.events = POLLIN;
+  p.revents = 0;
+  do pr = poll(&p, 1, (int)luaL_optinteger(L, 2, -1));
+  while (pr < 0 && errno == EINTR);
+  if (pr < 0) return fileresult(L, "poll");
+  lua_pushboolean(L, pr > 0 && (p.revents & POLLIN));
+  return 1;
+}
+
 static int th_inq(lua_State *L) {
   int n = 0;
   if (ioctl((int)luaL_checkinteger(L, 1), FIONREAD, &n))
@@ -374,6 +399,8 @@ TH_API int luaopen_parmap_testhelper(lua_State *L) {
                                    {"write", th_write},
                                    {"read", th_read},
                                    {"inq", th_inq},
+                                   {"pipe", th_pipe},
+                                   {"poll", th_poll},
                                    {"close", th_close},
                                    {"pty_spawn", th_pty_spawn},
                                    {"wait", th_wait},

@@ -64,6 +64,7 @@ typedef struct Config {
   int has_init;         /* an init option: a death before it ends is its */
   double init_timeout;   /* seconds init may run, 0: none */
   double finish_timeout; /* seconds finish may run, 0: none */
+  int stats;            /* each record comes after a REC_STATS prefix */
 } Config;
 
 /* Frame headers. Both ends are the same machine: native byte order. */
@@ -91,8 +92,12 @@ typedef struct ResultHdr {
 
 /* A result record starts with one of these bytes, then a codec record:
    REC_OK: the values fn returned.
-   REC_ERR: kind, err, message, traceback, pid. */
-enum { REC_OK = 0, REC_ERR = 1 };
+   REC_ERR: kind, err, message, traceback, pid.
+   REC_STATS (stats = true): STATS_LEN bytes, the item's wall and CPU ns and
+   the worker's peak RSS and its growth in bytes (4 native uint64), then
+   the item's REC_OK or REC_ERR record. */
+enum { REC_OK = 0, REC_ERR = 1, REC_STATS = 2 };
+#define STATS_LEN 32
 
 /* Written by a worker, read by the parent: what it is doing now. */
 typedef struct Shm {

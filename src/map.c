@@ -17,7 +17,9 @@
      map/internal.h  the types and the calls between rooms
      map/window.c    the chunk/slot window and its failure list
      map/pool.c      the worker pool and its transport
-     map/object.c    the Lua object: start, next, collect, close */
+     map/object.c    the Lua object: start, next, collect, close
+     map/loop.c      an event loop's view (fd, poll, timeout) and stats */
 #include "map/window.c"
 #include "map/pool.c"
 #include "map/object.c"
+#include "map/loop.c"

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -67,6 +68,9 @@ typedef struct WState {
   int busy;         /* a segment runs (atomic; set under mu) */
   pthread_mutex_t mu; /* held by the flusher but while it waits */
   pthread_cond_t cv;  /* wakes it for a segment */
+  uint64_t st_wall, st_cpu; /* stats: when item k started, its CPU then */
+  uint64_t st_rss;          /* stats: peak RSS after the previous item */
+  int64_t st_item;          /* stats: the item st_wall is of */
 } WState;
 
 static uint64_t coarse_ns(void) {
@@ -229,6 +233,54 @@ static void put_failure(WState *w, int box) {
                    w->pid);
 }
 
+/* ---------------------------------------------------------------- stats */
+
+/* stats = true: this thread's CPU time (the worker may run other threads),
+   and the process's peak RSS in bytes. */
+static uint64_t cpu_ns(void) {
+  struct rusage ru;
+#ifdef RUSAGE_THREAD
+  getrusage(RUSAGE_THREAD, &ru);
+#else
+  getrusage(RUSAGE_SELF, &ru);
+#endif
+  return ((uint64_t)ru.ru_utime.tv_sec + (uint64_t)ru.ru_stime.tv_sec) *
+             1000000000u +
+         ((uint64_t)ru.ru_utime.tv_usec + (uint64_t)ru.ru_stime.tv_usec) * 1000u;
+}
+
+static uint64_t peak_rss(void) {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return (uint64_t)ru.ru_maxrss * 1024u; /* KiB on Linux */
+}
+
+static void stats_begin(WState *w) {
+  w->st_wall = parmap_now_ns();
+  w->st_cpu = cpu_ns();
+  w->st_item = w->h->from + (int64_t)w->k;
+}
+
+/* Put the REC_STATS prefix in front of the record that starts at w->mark
+   (the buffer held: the flusher never sees a record without it). Its
+   numbers are known only once the item is over. Returns 0, or -1 with no
+   memory for it. */
+static int stats_end(WState *w) {
+  uint64_t v[4];
+  size_t n = w->out.len - w->mark;
+  v[0] = parmap_now_ns() - w->st_wall;
+  v[1] = cpu_ns() - w->st_cpu;
+  v[2] = peak_rss();
+  v[3] = v[2] > w->st_rss ? v[2] - w->st_rss : 0;
+  w->st_rss = v[2];
+  if (parmap_buf_reserve(&w->out, 1 + STATS_LEN)) return -1;
+  memmove(w->out.p + w->mark + 1 + STATS_LEN, w->out.p + w->mark, n);
+  w->out.p[w->mark] = (char)REC_STATS;
+  memcpy(w->out.p + w->mark + 1, v, sizeof v);
+  w->out.len += 1 + STATS_LEN;
+  return 0;
+}
+
 /* maxmemory: once this process's RSS passes it, say so in its Shm; the
    parent then hands it nothing more and replaces it, as for maxtasks.
    Checked at the end of each segment and at the main thread's flushes, so
@@ -280,7 +332,7 @@ static int run_items(lua_State *L) {
   const Config *cfg = w->cfg;
   int top, u, seeder;
   int simple = w->cs.star == STAR_FALSE && !w->cs.kwstar && !w->cs.has_kw &&
-               w->cs.nargs == 0;
+               w->cs.nargs == 0 && !cfg->stats;
   /* this call's own frame: the map (argument 2)'s values at base + U_* */
   w->base = 2;
   for (u = 1; u <= U_COUNT; u++) lua_getiuservalue(L, 2, u);
@@ -330,6 +382,7 @@ static int run_items(lua_State *L) {
       unhold(w);
       continue;
     }
+    if (cfg->stats) stats_begin(w); /* never on the simple path */
     nargs = parmap_push_call(L, &w->cs, top + 1, index);
     if (nargs < 0) {
       hold(w);
@@ -341,6 +394,7 @@ static int run_items(lua_State *L) {
       hold(w);
       put_result(w, index, fnpos); /* results replace fn and its args */
     }
+    if (cfg->stats && stats_end(w)) luaL_error(L, "parmap: not enough memory");
     lua_settop(L, top);
     item_done(w);
     unhold(w);
@@ -410,6 +464,13 @@ static void run_segment(WState *w, const TaskHdr *h) {
         }
       }
       put_failure(w, lua_gettop(L));
+      if (w->cfg->stats) { /* the last run's cost, as for a result */
+        if (w->st_item != h->from + (int64_t)w->k) { /* raised before fn */
+          w->st_wall = parmap_now_ns();
+          w->st_cpu = cpu_ns();
+        }
+        if (stats_end(w)) parmap_child_exit(PARMAP_EXIT_INTERNAL);
+      }
       lua_settop(L, top);
       w->k++;
       item_done(w);
@@ -550,6 +611,7 @@ void parmap_worker_main(lua_State *L, int map_idx, const Config *cfg,
   w.shm = shm;
   w.fd = fd;
   w.pid = getpid();
+  if (cfg->stats) w.st_rss = peak_rss();
   if (parmap_buf_reserve(&w.out, FRAME_HDR)) parmap_child_exit(PARMAP_EXIT_INTERNAL);
   w.out.len = FRAME_HDR;
   if (!lua_checkstack(L, 8)) parmap_child_exit(PARMAP_EXIT_INTERNAL);

@@ -52,6 +52,7 @@ C.OPTIONS = {
   backend = true, -- issue 13: "auto", "fork" or "mpi"
   resilient = true, -- issue 13: the MPI backend outlives an agent's death
   maxmemory = true, -- bytes (or "2G") of RSS past which a worker is replaced
+  stats = true, -- per-item wall, CPU time and peak RSS, m:stats()
 }
 local OPTIONS = C.OPTIONS
 
@@ -459,6 +460,11 @@ function C.map_spec(level, fn, items, opts, extra)
     bad(level, "resilient", "boolean", resilient)
   end
   spec.resilient = resilient or nil
+  local stats = opts.stats
+  if stats ~= nil and type(stats) ~= "boolean" then
+    bad(level, "stats", "boolean", stats)
+  end
+  spec.stats = stats or nil
   return spec
 end
 

@@ -147,6 +147,17 @@ typedef struct Map {
   ParmapSink sink;            /* results to a C sink (parmap_map_relay) */
   int (*tick)(lua_State *L);  /* ... and the source's tick */
   void *sink_ud;
+  /* an event loop drives it (loop.c): m:fd(), m:poll(); -1 until m:fd() */
+  int ep;         /* epoll fd: the sockets, evfd, tfd */
+  int evfd, tfd;  /* eventfd: records are ready; timerfd: time is due */
+  int ev_on;      /* evfd is set */
+  int reaping;    /* m:poll(): all delivered, workers not all gone yet */
+  int *ep_fd;     /* per worker entry: the fd registered, -1 none */
+  unsigned *ep_ev; /* ... and its events */
+  /* stats = true (loop.c): per item, by index - 1; kept after the stop */
+  struct ItemStat *st;
+  lua_Integer st_cap, st_n;
+  uint64_t t_start, t_end; /* the map's start, its end (0: not yet) */
 } Map;
 
 /* The window (window.c): chunks and their slots, the items pulled from an
@@ -177,5 +188,28 @@ static Slot *work_slot(lua_State *L, Map *m);
 static void dispatch(lua_State *L, Map *m);
 static void pump(lua_State *L, Map *m, int block);
 static void stop(Map *m, int kill_them);
+
+/* Off the per-item path: kept out of line so that its callers stay small
+   enough to be inlined where they were; and the per-item step (emit),
+   inlined into both of its callers (the for loop's and m:poll()'s). */
+#if defined(__GNUC__)
+#define MAP_COLD __attribute__((noinline, cold))
+#define MAP_INLINE __inline__ __attribute__((always_inline))
+#else
+#define MAP_COLD
+#define MAP_INLINE
+#endif
+
+/* The event loop and stats (loop.c). */
+static void unwatch(Map *m, int wi);
+static MAP_COLD int stats_take(lua_State *L, Map *m, lua_Integer index,
+                               const char *p);
+static void loop_close(Map *m);
+static void loop_release(Map *m);
+static int map_fd(lua_State *L);
+static int map_events(lua_State *L);
+static int map_poll(lua_State *L);
+static int map_timeout(lua_State *L);
+static int map_stats(lua_State *L);
 
 #endif

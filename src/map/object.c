@@ -22,6 +22,7 @@ static int map_gc(lua_State *L) {
   Map *m = (Map *)luaL_checkudata(L, 1, MAP_MT);
   stop(m, 1);
   release(m);
+  loop_release(m);
   return 0;
 }
 
@@ -36,6 +37,7 @@ static int map_close(lua_State *L) {
     return 0;
   }
   stop(m, 1);
+  loop_close(m);
   return 0;
 }
 
@@ -101,7 +103,7 @@ static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
 
 /* The loop took the record of s that ends at pos: when it was the slot's
    last, the slot may go (and workers waiting for room get it). */
-static void took(lua_State *L, Map *m, Slot *s, size_t pos) {
+static MAP_INLINE void took(lua_State *L, Map *m, Slot *s, size_t pos) {
   s->rpos = pos;
   m->taken++;
   if (++s->consumed == s->count) {
@@ -114,23 +116,31 @@ static void took(lua_State *L, Map *m, Slot *s, size_t pos) {
 /* Push index and values of the next record of s; returns the count. With
    a sink (parmap_map_relay), a REC_OK record goes to it as it is instead:
    returns RELAYED, or SINK_STOP when the sink says stop. */
-static int emit(lua_State *L, Map *m, Slot *s) {
+static MAP_INLINE int emit(lua_State *L, Map *m, Slot *s) {
   lua_Integer index = s->start + s->consumed;
-  size_t pos = s->rpos + 1;
+  size_t at = s->rpos, pos;
   int status, n, base;
   lua_Integer lost = 0;
   const char *err = NULL;
-  if (s->rpos >= s->out.len) { /* a frame announced more than it carried */
+  if (at < s->out.len && s->out.p[at] == (char)REC_STATS) { /* stats */
+    if (s->out.len - at <= 1 + STATS_LEN)
+      return luaL_error(L, "parmap: corrupt result for item %I: no record",
+                        (LUAI_UACINT)index);
+    stats_take(L, m, index, s->out.p + at + 1);
+    at += 1 + STATS_LEN;
+  }
+  pos = at + 1;
+  if (at >= s->out.len) { /* a frame announced more than it carried */
     return luaL_error(L, "parmap: corrupt result for item %I: no record",
                       (LUAI_UACINT)index);
   }
-  status = (unsigned char)s->out.p[s->rpos];
+  status = (unsigned char)s->out.p[at];
   if (m->sink && status == REC_OK) { /* relayed as it is (the MPI agent) */
     int halt;
     if (parmap_skip(s->out.p, s->out.len, &pos))
       return luaL_error(L, "parmap: corrupt result for item %I",
                         (LUAI_UACINT)index);
-    halt = m->sink(m->sink_ud, index, s->out.p + s->rpos, pos - s->rpos);
+    halt = m->sink(m->sink_ud, index, s->out.p + at, pos - at);
     took(L, m, s, pos);
     return halt ? SINK_STOP : RELAYED;
   }
@@ -152,6 +162,22 @@ static int emit(lua_State *L, Map *m, Slot *s) {
   return status == REC_OK ? n + 1 : failed(L, m, lost, index, base, n);
 }
 
+/* Every item is delivered: the map ends (returns 0), or raises the items
+   iterator's error. */
+static int over(lua_State *L, Map *m) {
+  if (m->cfg.stats && !m->t_end) m->t_end = parmap_now_ns();
+  if (!m->ierr) progress(L, m, 1);
+  if (m->close_req) return 0;
+  stop(m, 0);
+  if (m->ierr) { /* every item pulled is delivered: now the error */
+    m->ierr = 2;   /* and the map counts as stopped, not as over */
+    lua_getiuservalue(L, m->self, U_IERR);
+    return lua_error(L);
+  }
+  m->state = M_DONE;
+  return 0;
+}
+
 /* The body of a step, run under lua_pcall by step(): push the next
    item's index and values and return their count, or 0 when the map is
    over (then the items iterator's error, if it raised, is raised). */
@@ -161,18 +187,7 @@ static int advance(lua_State *L, Map *m) {
     if (m->close_req) return 0; /* closed from a callback: step stops it */
     s = ready(m);
     if (s) return emit(L, m, s);
-    if (finished(m)) {
-      if (!m->ierr) progress(L, m, 1);
-      if (m->close_req) return 0;
-      stop(m, 0);
-      if (m->ierr) { /* every item pulled is delivered: now the error */
-        m->ierr = 2;   /* and the map counts as stopped, not as over */
-        lua_getiuservalue(L, m->self, U_IERR);
-        return lua_error(L);
-      }
-      m->state = M_DONE;
-      return 0;
-    }
+    if (finished(m)) return over(L, m);
     pump(L, m, 1);
     progress(L, m, 0);
   }
@@ -221,7 +236,7 @@ static int step_body(lua_State *L) {
    items iterator, make_error), a finalizer or a hook that steps this map
    again gets an error, and one that closes it is obeyed once the step is
    out. An error stops the map (reaping its workers) and goes on up. */
-static int step(lua_State *L, Map *m, int nargs) {
+static int step_with(lua_State *L, Map *m, int nargs, lua_CFunction body) {
   int top, status;
   if (m->busy)
     return luaL_error(L, "parmap: map is busy (stepped from inside its own "
@@ -238,7 +253,7 @@ static int step(lua_State *L, Map *m, int nargs) {
     return 0;
   }
   top = lua_gettop(L) - nargs; /* below the map */
-  lua_pushcfunction(L, step_body);
+  lua_pushcfunction(L, body);
   lua_rotate(L, top + 1, 1);
   m->busy = 1;
   status = lua_pcall(L, nargs, LUA_MULTRET, 0);
@@ -260,6 +275,10 @@ static int step(lua_State *L, Map *m, int nargs) {
     return lua_error(L);
   }
   return lua_gettop(L) - top;
+}
+
+static int step(lua_State *L, Map *m, int nargs) {
+  return step_with(L, m, nargs, step_body);
 }
 
 /* next(map): the iterator of a generic for. The most common record, a
@@ -347,6 +366,7 @@ static void read_config(lua_State *L, Config *c) {
   c->maxtasks = parmap_countfield(L, 1, "maxtasks", "maxtasks", 1, 0);
   c->retries = parmap_countfield(L, 1, "retries", "retries", 0, 0);
   c->maxmemory = parmap_countfield(L, 1, "maxmemory", "maxmemory", 1, 0);
+  c->stats = parmap_boolfield(L, 1, "stats", 0);
   n = parmap_countfield(L, 1, "N", "N", 1, 1);
   if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
   if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;
@@ -404,6 +424,7 @@ static int map_start(lua_State *L) {
   m->self = ud;
   m->owner = getpid();
   m->cur = -1;
+  m->ep = m->evfd = m->tfd = -1;
   read_config(L, &m->cfg);
   parmap_pushfield(L, 1, "items", m->cfg.from_table ? LUA_TTABLE : LUA_TNONE,
                    0);
@@ -431,6 +452,7 @@ static int map_start(lua_State *L) {
   if (!m->w || !m->slots || !m->ring || !m->pfd || !m->pfd_w || !m->shm) nomem(L);
   for (i = 0; i < m->cfg.N; i++) m->w[i].fd = -1;
   m->next_index = 1;
+  if (m->cfg.stats) m->t_start = parmap_now_ns();
   m->state = M_RUNNING;
   if (m->cfg.from_table && m->cfg.total == 0) m->exhausted = 1;
   lua_pushcfunction(L, first_dispatch);
@@ -458,7 +480,10 @@ void parmap_map_register(lua_State *L) {
   static const luaL_Reg meta[] = {
       {"__gc", map_gc}, {"__close", map_close}, {NULL, NULL}};
   static const luaL_Reg methods[] = {
-      {"close", map_close}, {NULL, NULL}};
+      {"close", map_close}, {"next", map_next}, {"collect", map_collect},
+      {"fd", map_fd}, {"pollfd", map_fd}, {"events", map_events},
+      {"poll", map_poll}, {"timeout", map_timeout}, {"stats", map_stats},
+      {NULL, NULL}};
   if (luaL_newmetatable(L, MAP_MT)) {
     luaL_setfuncs(L, meta, 0);
     luaL_newlib(L, methods);

@@ -82,7 +82,7 @@ static void retire(Map *m, Worker *w) {
 /* A retiring worker was reaped with status st (r: parmap_wait's answer):
    a signal that we did not send ended its finish, and nothing else would
    say so (an error in finish is the worker's own line on stderr). */
-static void reaped(const Map *m, const Worker *w, int r, int st) {
+static void say_finish_death(const Map *m, const Worker *w, int r, int st) {
   char how[160];
   if (r != 1 || !WIFSIGNALED(st) || w->term_ns || WTERMSIG(st) == SIGINT)
     return;
@@ -97,7 +97,8 @@ static void reap_retired(Map *m, int wi, int ms) {
   Worker *w = &m->w[wi];
   int st = 0, r = parmap_wait(w->pid, &st, ms);
   if (r == 0) return;
-  reaped(m, w, r, st);
+  say_finish_death(m, w, r, st);
+  unwatch(m, wi);
   parmap_fd_close(w->fd);
   memset(w, 0, sizeof *w);
   w->fd = -1;
@@ -224,6 +225,7 @@ static void on_death(lua_State *L, Map *m, int wi) {
   int64_t cur;
   lua_Integer bad = 0;
   pid_t pid = w->pid;
+  unwatch(m, wi);
   parmap_fd_close(w->fd);
   w->fd = -1;
   if (w->exited) {
@@ -554,6 +556,7 @@ static void retiring_readable(Map *m, int wi) {
   int k;
   ssize_t r = parmap_recv_some(w->fd, sink, sizeof sink);
   if (r == -2 || r > 0) return;
+  unwatch(m, wi);
   parmap_fd_close(w->fd);
   w->fd = -1;
   /* its files close just before it is a zombie: yield to it a moment
@@ -648,6 +651,7 @@ static void stop(Map *m, int kill_them) {
       w->retiring = 1;
       w->retire_ns = now;
     }
+    unwatch(m, i);
     parmap_fd_close(w->fd);
     w->fd = -1;
     if (kill_them && w->pid && !w->term_ns) {
@@ -665,7 +669,7 @@ static void stop(Map *m, int kill_them) {
       Worker *w = &m->w[i];
       if (!w->pid) continue;
       if ((r = parmap_wait(w->pid, &st, 0)) != 0) {
-        if (!kill_them) reaped(m, w, r, st);
+        if (!kill_them) say_finish_death(m, w, r, st);
         w->pid = 0;
         continue;
       }
