@@ -41,6 +41,9 @@ Errors.own()
 
 local error, select, setmetatable, type, tostring, pcall, next =
   error, select, setmetatable, type, tostring, pcall, next
+-- the library's own globals, read once: a script (or, on the MPI agents,
+-- the globals a map's fn reads from rank 0) may replace them
+local io, package, string = io, package, string
 local format = string.format
 
 local M = {}

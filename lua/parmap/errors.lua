@@ -4,8 +4,8 @@
 
 local core = require "parmap.core"
 
-local type, select, tostring, setmetatable, getmetatable, next =
-  type, select, tostring, setmetatable, getmetatable, next
+local type, select, tostring, setmetatable, getmetatable, next, error =
+  type, select, tostring, setmetatable, getmetatable, next, error
 local math_type = math.type
 local format, concat = string.format, table.concat
 

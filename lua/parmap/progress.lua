@@ -17,7 +17,7 @@ local core = require "parmap.core"
 
 local floor, ceil, exp, huge = math.floor, math.ceil, math.exp, math.huge
 local format, rep, concat = string.format, string.rep, table.concat
-local select, tostring, setmetatable = select, tostring, setmetatable
+local select, tostring, setmetatable, ipairs, io = select, tostring, setmetatable, ipairs, io
 local ulen = utf8.len
 
 local P = {}
