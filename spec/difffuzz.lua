@@ -38,7 +38,7 @@ local KNOWN_OPEN = {
   serial_item_error = false,    -- point 4: N = 1 lets an item's own __index error escape
   init_slow_timeout = false,    -- point 5: init time counts against timeout
   star_n_loose = false,         -- point 8: star items' n = 2.0, 1.5, "2", -1 read loosely
-  mpi_buffersize = false,       -- point 14: buffersize is ignored under MPI
+  mpi_buffersize = true,        -- point 14: buffersize is ignored under MPI
   mpi_total = false,            -- point 15: total is dropped under MPI (progress gets nil)
   -- found by this fuzz, not in issue 17 (repros in the fuzz's report):
   mpi_err_index = true,         -- MPI: a death's or timeout's err (what "proc" raises) names the agent's own item number
