@@ -29,7 +29,9 @@
 #include "parmap_mpi.h"
 #include "proc.h"
 
-#define FLUSH_BYTES ((size_t)1 << 20)
+/* under Open MPI's TCP eager limit (btl_tcp_eager_limit, 64 KiB): a batch
+   arrives whole, rank 0 need not wait for this agent to send the rest */
+#define FLUSH_BYTES ((size_t)60 << 10)
 #define FLUSH_NS 5000000ull /* 5 ms: a batch never waits longer */
 #define PUMP_NS 200000ull /* 0.2 ms: how often a busy agent reads rank 0 */
 
