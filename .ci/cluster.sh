@@ -17,9 +17,13 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-STATE=${PARMAP_CLUSTER_STATE:-/run/parmap-cluster}
+# PARMAP_CLUSTER_NAME keeps two clusters on one machine apart (its state
+# directory and namespace names); PARMAP_CLUSTER_STATE overrides the state.
+NAME=${PARMAP_CLUSTER_NAME:-}
+STATE=${PARMAP_CLUSTER_STATE:-/run/parmap-cluster${NAME:+-$NAME}}
 HOSTS="node1 node2 node3"
-BR=pmc-bridge
+NS=pmc${NAME:+-$NAME}
+BR=$NS-bridge
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 holder() { cat "$STATE/$1.pid" 2>/dev/null || die "no host $1 (cluster.sh up)"; }
@@ -57,7 +61,7 @@ up() {
   ip -n $BR link set lo up
   ip -n $BR link set br0 up
   for k in 1 2 3; do
-    local h=node$k ns=pmc-node$k
+    local h=node$k ns=$NS-node$k
     ip netns add $ns
     ip -n $BR link add "v$k" type veth peer name eth0 netns $ns
     ip -n $BR link set "v$k" master br0 up
@@ -89,7 +93,7 @@ down() {
     [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
     rm -f "$STATE/$h.pid"
   done
-  for k in 1 2 3; do ip netns del pmc-node$k 2>/dev/null; done
+  for k in 1 2 3; do ip netns del $NS-node$k 2>/dev/null; done
   ip netns del $BR 2>/dev/null
   rm -rf "$STATE"
   return 0
@@ -166,8 +170,8 @@ case "$cmd" in
   exec) h=$1; shift; in_host "$h" "$@" ;;
   mpirun) cluster_mpirun "$@" ;;
   kill) pids=$(host_pids "$1"); [ -n "$pids" ] && kill -KILL $pids; true ;;
-  cut) ip -n "pmc-${1}" link set eth0 down ;;
-  mend) ip -n "pmc-${1}" link set eth0 up ;;
+  cut) ip -n "$NS-${1}" link set eth0 down ;;
+  mend) ip -n "$NS-${1}" link set eth0 up ;;
   stop-agent) p=$(agent_pid "$1"); [ -n "$p" ] || die "no agent on $1"; kill -STOP $p; echo "$p" ;;
   cont-agent) p=$(agent_pid "$1"); [ -n "$p" ] && kill -CONT $p; true ;;
   procs) for p in $(host_pids "$1"); do echo "$p $(tr '\0' ' ' < /proc/$p/cmdline 2>/dev/null)"; done ;;

@@ -29,8 +29,11 @@
 #include "parmap_mpi.h"
 #include "proc.h"
 
-#define FLUSH_BYTES ((size_t)1 << 20)
+/* under Open MPI's TCP eager limit (btl_tcp_eager_limit, 64 KiB): a batch
+   arrives whole, rank 0 need not wait for this agent to send the rest */
+#define FLUSH_BYTES ((size_t)60 << 10)
 #define FLUSH_NS 5000000ull /* 5 ms: a batch never waits longer */
+#define PUMP_NS 200000ull /* 0.2 ms: how often a busy agent reads rank 0 */
 
 typedef struct Inbox {
   struct Msg {
@@ -430,9 +433,15 @@ static int queue(lua_State *L, lua_Integer g, const char *rec, size_t len) {
   }
   pthread_mutex_unlock(&mu);
   if (err) nomem(L);
-  /* rank 0 may have left the map: look every 64 results, or 5 ms */
-  if ((++A.calls & 63) == 0 || look) {
-    if (now) A.last_pump = now;
+  /* rank 0 may have left the map, a segment may be coming, a send may
+     need progress: look every 64 results once 0.2 ms have passed, or 5 ms
+     (over TCP each look polls the sockets: a system call or more) */
+  if ((++A.calls & 63) == 0 && !look) {
+    if (!now) now = parmap_now_ns();
+    look = now - A.last_pump >= PUMP_NS;
+  }
+  if (look) {
+    A.last_pump = now;
     while (pump(L, 0)) {}
   }
   return !A.aborted;

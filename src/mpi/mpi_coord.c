@@ -836,6 +836,10 @@ static int advance(lua_State *L, MMap *m) {
     if (m->nowed > 0) pay_owed(L, m);
     if ((g = ready(m)) > 0) {
       pass_ready(m);
+      /* a send larger than the transport's eager limit (a segment over
+         TCP) completes only while this rank calls MPI: the agent waits
+         in its receive meanwhile, so a long run of ready results polls */
+      if (C.out.n > 0 && (m->emitted & 255) == 0) mpi_poll(&C.out);
       return emit(L, m, g);
     }
     if (m->exhausted && m->emitted == m->pulled) {

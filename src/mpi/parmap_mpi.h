@@ -92,7 +92,11 @@ void mpi_drain(Outbox *o);
 
 /* Receive one message from src (or MPI_ANY_SOURCE) into b (replacing its
    contents). Blocking, or with block = 0 returns 0 when none is there.
-   Returns 1 with *tag and *from set, -1 when out of memory. */
+   Returns 1 with *tag and *from set, -1 when out of memory. From one
+   source (not MPI_ANY_SOURCE) with block = 0, a message that has not all
+   arrived (a rendezvous: its sender must call MPI for the rest) goes on
+   arriving in the background and a later call returns it: the caller
+   works meanwhile rather than wait for the sender. */
 int mpi_recv(int src, int block, parmap_buf *b, int *tag, int *from);
 
 /* Header of a received message (zeroes when too short). */
