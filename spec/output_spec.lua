@@ -104,6 +104,30 @@ describe("output = 'lines'", function()
     assert.truthy(out:find("false\tdied\n", 1, true), out)
   end)
 
+  it("ends though a process the worker forked holds its pipes", function()
+    local pidfile = H.tmpname()
+    local t0 = F.now()
+    local out, err, code = run(([[
+      local parmap = require "parmap"
+      for _ in parmap(function(x)
+        print("before")
+        -- the shell's background sleep keeps fd 1 and 2 open for 60 s
+        os.execute("sleep 60 & echo $! > %s")
+        print("after")
+        return x
+      end, {1}, {N = 1, output = "lines"}) do end
+      print("done")
+    ]]):format(pidfile))
+    local f = io.open(pidfile)
+    local pid = f and f:read("n")
+    if f then f:close() end
+    os.remove(pidfile)
+    if pid then os.execute("kill " .. math.tointeger(pid) .. " 2>/dev/null") end
+    assert.equal(0, code, err)
+    assert.equal("before\nafter\ndone\n", out)
+    assert.truthy(F.now() - t0 < 40, "the map waited for the grandchild")
+  end)
+
   it("keeps the progress bar whole on a terminal (tmux)", function()
     if os.execute("command -v tmux >/dev/null 2>&1") ~= true then
       pending("tmux is not installed")
