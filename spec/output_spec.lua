@@ -273,15 +273,63 @@ describe("output = 'item'", function()
     assert.same({ "warn 1", "warn 2", "warn 3" }, lines_of(err))
   end)
 
-  it("shows an error's output with the error an fn raised too", function()
-    local ok, e = pcall(function()
-      for _ in parmap(function(x)
-        if x == 2 then error("boom") end
+  it("writes what init wrote before its error", function()
+    local out, err, code = run([[
+      local parmap = require "parmap"
+      local ok, e = pcall(function()
+        for _ in parmap(function(x) return x end, {1, 2}, {N = 1, output = "item",
+          init = function() print("init here") error("no") end}) do end
+      end)
+      print(ok, e.kind)
+    ]])
+    assert.equal(0, code, err)
+    assert.equal("init here\nfalse\tinit\n", out)
+  end)
+
+  it("works with an iterator, unordered, stats and retries", function()
+    local out, err, code = run([[
+      local parmap = require "parmap"
+      local seen = {}
+      local n = 0
+      local function gen()
+        n = n + 1
+        if n <= 30 then return n end
+      end
+      local m = parmap.start(function(x)
+        io.write("item ", x, "\n")
         return x
-      end, {1, 2}, {N = 2, output = "item"}) do end
-    end)
-    assert.is_false(ok)
-    assert.equal("error", e.kind)
+      end, gen, {N = 2, ordered = false, stats = true, output = "item", retries = 1})
+      for i, v in m.next, m do
+        io.write("got ", i, "\n")
+      end
+      print(m:stats().items)
+    ]])
+    assert.equal(0, code, err)
+    local ls = lines_of(out)
+    assert.equal(61, #ls)
+    for k = 1, 60, 2 do
+      local a, b = ls[k]:match("^item (%d+)$"), ls[k + 1]:match("^got (%d+)$")
+      assert.truthy(a and a == b, ls[k] .. " / " .. ls[k + 1])
+    end
+    assert.equal("30", ls[61])
+  end)
+
+  it("writes what an item wrote before it raised, before its error", function()
+    local out, err, code = run([[
+      local parmap = require "parmap"
+      local ok, e = pcall(function()
+        for i in parmap(function(x)
+          io.write("pre ", x, "\n")
+          if x == 2 then error("boom") end
+          return x
+        end, {1, 2, 3}, {N = 2, chunksize = 1, output = "item"}) do
+          print("got", i)
+        end
+      end)
+      print(ok, e.kind, e.index)
+    ]])
+    assert.equal(0, code, err)
+    assert.same({ "pre 1", "got\t1", "pre 2", "false\terror\t2" }, lines_of(out))
   end)
 end)
 

@@ -393,6 +393,10 @@ static void protocol_error(lua_State *L, Worker *w, const char *what) {
    (which raises an error object of kind "init"). */
 static void raise_init(lua_State *L, Map *m, int id, int first) {
   int k;
+  if (m->op) { /* what init wrote goes before its error */
+    out_reaped(L, m, id - 1);
+    out_flush(L, m);
+  }
   stop(m, 1);
   luaL_checkstack(L, 12, NULL);
   lua_getiuservalue(L, m->self, U_FAIL);
@@ -729,8 +733,13 @@ static void stop(Map *m, int kill_them) {
       }
     nanosleep(&ts, NULL);
   }
-  if (m->op) {
-    for (i = 0; i < m->nw; i++) out_reaped(NULL, m, i);
+  if (m->op) { /* item: the items a stopped map never yields write
+                   nothing (their records are dropped too) */
+    for (i = 0; i < m->nw; i++)
+      if (m->cfg.output == OUT_LINES || !kill_them)
+        out_reaped(NULL, m, i);
+      else
+        out_close(m, i);
     out_flush(NULL, m);
   }
   m->nlive = 0;
