@@ -153,14 +153,17 @@ static MAP_INLINE int emit(lua_State *L, Map *m, Slot *s) {
   int status, n, base;
   lua_Integer lost = 0;
   const char *err = NULL;
-  if (at < s->out.len && s->out.p[at] == (char)REC_OUT) /* output = "item" */
-    at = take_output(L, m, s, index, at);
-  if (at < s->out.len && s->out.p[at] == (char)REC_STATS) { /* stats */
-    if (s->out.len - at <= 1 + STATS_LEN)
-      return luaL_error(L, "parmap: corrupt result for item %I: no record",
-                        (LUAI_UACINT)index);
-    stats_take(L, m, index, s->out.p + at + 1);
-    at += 1 + STATS_LEN;
+  /* one test on the plain path for both prefixes (REC_OUT > REC_STATS) */
+  if (at < s->out.len && (unsigned char)s->out.p[at] >= REC_STATS) {
+    if (s->out.p[at] == (char)REC_OUT) /* output = "item" */
+      at = take_output(L, m, s, index, at);
+    if (at < s->out.len && s->out.p[at] == (char)REC_STATS) { /* stats */
+      if (s->out.len - at <= 1 + STATS_LEN)
+        return luaL_error(L, "parmap: corrupt result for item %I: no record",
+                          (LUAI_UACINT)index);
+      stats_take(L, m, index, s->out.p + at + 1);
+      at += 1 + STATS_LEN;
+    }
   }
   pos = at + 1;
   if (at >= s->out.len) { /* a frame announced more than it carried */
