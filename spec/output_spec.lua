@@ -384,3 +384,31 @@ describe("output options", function()
     assert.equal(before, after)
   end)
 end)
+
+local MPI = require "mpi_helpers"
+local describe_mpi = MPI.describer(describe, pending)
+
+describe_mpi("output under parmap-mpi", function()
+  it("refuses 'lines' and 'item' with a clear error; 'direct' runs", function()
+    local out, code = MPI.mpirun([[
+      local parmap = require "parmap"
+      for _, mode in ipairs { "lines", "item" } do
+        local ok, e = pcall(function()
+          for _ in parmap(function(x) return x end, {1, 2}, {output = mode}) do end
+        end)
+        print(mode, ok, e)
+      end
+      local n = 0
+      for _ in parmap(function(x) return x end, {1, 2, 3}, {output = "direct"}) do
+        n = n + 1
+      end
+      print("direct", n)
+    ]], 2)
+    assert.equal(0, code, out)
+    for _, mode in ipairs { "lines", "item" } do
+      assert.truthy(out:find(mode .. "\tfalse\t[^\n]*option 'output' = '" .. mode
+        .. "' needs the fork backend"), out)
+    end
+    assert.truthy(out:find("direct\t3", 1, true), out)
+  end)
+end)
