@@ -230,12 +230,19 @@ local function start(level, fn, items, opts, extra)
       error("parmap: option 'stats' needs the fork backend (backend = 'fork')",
         level + 1)
     end
+    if spec.output and spec.output ~= "direct" then
+      error("parmap: option 'output' = '" .. spec.output .. "' needs the "
+        .. "fork backend (backend = 'fork'); under parmap-mpi the workers "
+        .. "write to mpirun's streams", level + 1)
+    end
     f, s, c, closer = mpi_start(level + 1, spec)
-  -- timeout, init_timeout, seed, stats: with N = 1 too, the items run in
-  -- one worker process (a loop cannot stop itself; seeding must not touch
-  -- the caller's stream; stats measure a worker)
+  -- timeout, init_timeout, seed, stats, output: with N = 1 too, the items
+  -- run in one worker process (a loop cannot stop itself; seeding must not
+  -- touch the caller's stream; stats measure a worker; output is a
+  -- worker's streams)
   elseif spec.N == 1 and not spec.timeout and not spec.seed
-      and not spec.init_timeout and not spec.stats then
+      and not spec.init_timeout and not spec.stats
+      and (spec.output or "direct") == "direct" then
     f, s, c, closer = serial(spec)
   else
     local m = core.start(spec)

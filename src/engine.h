@@ -39,6 +39,7 @@ enum {
   U_SCRATCH,  /* the codec's scratch table */
   U_INIT,     /* init(id), run once in each worker before its items, or nil */
   U_FINISH,   /* finish(id), run in a worker that ends normally, or nil */
+  U_OUTPUT,   /* output = "lines" | "item": write(stream, text), or nil */
   U_IERR,     /* the error the items iterator raised (parent side only) */
   U_COUNT = U_IERR
 };
@@ -65,7 +66,10 @@ typedef struct Config {
   double init_timeout;   /* seconds init may run, 0: none */
   double finish_timeout; /* seconds finish may run, 0: none */
   int stats;            /* each record comes after a REC_STATS prefix */
+  int output;           /* OUT_DIRECT, OUT_LINES, OUT_ITEM */
+  char prefix[64];      /* lines: each line's prefix, "%d" the worker */
 } Config;
+enum { OUT_DIRECT = 0, OUT_LINES = 1, OUT_ITEM = 2 };
 
 /* Frame headers. Both ends are the same machine: native byte order. */
 #define FRAME_HDR 32
@@ -95,8 +99,11 @@ typedef struct ResultHdr {
    REC_ERR: kind, err, message, traceback, pid.
    REC_STATS (stats = true): STATS_LEN bytes, the item's wall and CPU ns and
    the worker's peak RSS and its growth in bytes (4 native uint64), then
-   the item's REC_OK or REC_ERR record. */
-enum { REC_OK = 0, REC_ERR = 1, REC_STATS = 2 };
+   the item's REC_OK or REC_ERR record.
+   REC_OUT (output = "item"): two native uint64 n1, n2, then what the item
+   wrote on stdout (n1 bytes) and stderr (n2), then the REC_STATS, REC_OK or
+   REC_ERR record; only when it wrote something. */
+enum { REC_OK = 0, REC_ERR = 1, REC_STATS = 2, REC_OUT = 3 };
 #define STATS_LEN 32
 
 /* Written by a worker, read by the parent: what it is doing now. */

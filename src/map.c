@@ -16,10 +16,12 @@
    files), so that the per-item path stays inlined across them:
      map/internal.h  the types and the calls between rooms
      map/window.c    the chunk/slot window and its failure list
+     map/output.c    worker output relayed: output = "lines" | "item"
      map/pool.c      the worker pool and its transport
      map/object.c    the Lua object: start, next, collect, close
      map/loop.c      an event loop's view (fd, poll, timeout) and stats */
 #include "map/window.c"
+#include "map/output.c"
 #include "map/pool.c"
 #include "map/object.c"
 #include "map/loop.c"

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -281,6 +282,60 @@ static int stats_end(WState *w) {
   return 0;
 }
 
+/* ---------------------------------------------------------------- output */
+
+/* What fd (a memfd, output = "item") holds, appended to out; then it is
+   emptied. Returns the bytes, or -1 with no memory. */
+static int64_t take_fd(WState *w, int fd) {
+  struct stat sb;
+  off_t at = 0;
+  if (fstat(fd, &sb) || sb.st_size <= 0) return 0; /* not ours any more */
+  if (parmap_buf_reserve(&w->out, (size_t)sb.st_size)) return -1;
+  while (at < sb.st_size) {
+    ssize_t r = pread(fd, w->out.p + w->out.len, (size_t)(sb.st_size - at), at);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) break;
+    w->out.len += (size_t)r;
+    at += r;
+  }
+  /* empty, and the next write at its start (fd 1 and 2 keep an offset) */
+  if (ftruncate(fd, 0) == 0) lseek(fd, 0, SEEK_SET);
+  return (int64_t)at;
+}
+
+/* output = "item": put the REC_OUT prefix (what the item wrote on stdout
+   and stderr) in front of the record that starts at w->mark, the buffer
+   held. Nothing when it wrote nothing. Returns 0, or -1 with no memory. */
+static int output_end(WState *w) {
+  size_t rec = w->out.len - w->mark, hdr = 1 + 2 * sizeof(uint64_t), len;
+  uint64_t n[2];
+  int64_t a, b;
+  fflush(stdout); /* C stdio holds what io.write and print wrote */
+  fflush(stderr);
+  a = take_fd(w, 1);
+  b = a < 0 ? -1 : take_fd(w, 2);
+  if (a < 0 || b < 0) return -1;
+  if (a == 0 && b == 0) return 0;
+  n[0] = (uint64_t)a;
+  n[1] = (uint64_t)b;
+  len = (size_t)(a + b);
+  if (parmap_buf_reserve(&w->out, hdr)) return -1;
+  /* out is now: record, text; make it: REC_OUT, n, text, record */
+  {
+    char *p = w->out.p + w->mark;
+    char *tmp = (char *)malloc(rec ? rec : 1);
+    if (tmp == NULL) return -1;
+    memcpy(tmp, p, rec);
+    memmove(p + hdr, p + rec, len);
+    p[0] = (char)REC_OUT;
+    memcpy(p + 1, n, sizeof n);
+    memcpy(p + hdr + len, tmp, rec);
+    free(tmp);
+  }
+  w->out.len += hdr;
+  return 0;
+}
+
 /* maxmemory: once this process's RSS passes it, say so in its Shm; the
    parent then hands it nothing more and replaces it, as for maxtasks.
    Checked at the end of each segment and at the main thread's flushes, so
@@ -332,7 +387,7 @@ static int run_items(lua_State *L) {
   const Config *cfg = w->cfg;
   int top, u, seeder;
   int simple = w->cs.star == STAR_FALSE && !w->cs.kwstar && !w->cs.has_kw &&
-               w->cs.nargs == 0 && !cfg->stats;
+               w->cs.nargs == 0 && !cfg->stats && cfg->output != OUT_ITEM;
   /* this call's own frame: the map (argument 2)'s values at base + U_* */
   w->base = 2;
   for (u = 1; u <= U_COUNT; u++) lua_getiuservalue(L, 2, u);
@@ -395,6 +450,8 @@ static int run_items(lua_State *L) {
       put_result(w, index, fnpos); /* results replace fn and its args */
     }
     if (cfg->stats && stats_end(w)) luaL_error(L, "parmap: not enough memory");
+    if (cfg->output == OUT_ITEM && output_end(w))
+      luaL_error(L, "parmap: not enough memory");
     lua_settop(L, top);
     item_done(w);
     unhold(w);
@@ -471,6 +528,8 @@ static void run_segment(WState *w, const TaskHdr *h) {
         }
         if (stats_end(w)) parmap_child_exit(PARMAP_EXIT_INTERNAL);
       }
+      if (w->cfg->output == OUT_ITEM && output_end(w))
+        parmap_child_exit(PARMAP_EXIT_INTERNAL);
       lua_settop(L, top);
       w->k++;
       item_done(w);

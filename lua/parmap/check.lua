@@ -54,6 +54,8 @@ C.OPTIONS = {
   resilient = true, -- issue 13: the MPI backend outlives an agent's death
   maxmemory = true, -- bytes (or "2G") of RSS past which a worker is replaced
   stats = true, -- per-item wall, CPU time and peak RSS, m:stats()
+  output = true, -- "direct", "lines" or "item": where workers' output goes
+  output_prefix = true, -- "lines": each line's prefix (true: "[%d] ")
 }
 local OPTIONS = C.OPTIONS
 
@@ -466,6 +468,39 @@ function C.map_spec(level, fn, items, opts, extra)
     bad(level, "stats", "boolean", stats)
   end
   spec.stats = stats or nil
+
+  -- output: the workers' stdout and stderr straight to the caller's
+  -- ("direct"), relayed whole lines ("lines"), or held with each item's
+  -- result ("item"); output_prefix: "lines" only, "%d" the worker's number
+  local output = opts.output
+  if output ~= nil and output ~= "direct" and output ~= "lines"
+      and output ~= "item" then
+    bad(level, "output", "'direct', 'lines' or 'item'", output)
+  end
+  spec.output = output
+  local prefix = opts.output_prefix
+  if prefix ~= nil then
+    if output ~= "lines" then
+      error("parmap: option 'output_prefix' needs output = 'lines'", level)
+    end
+    if prefix == true then prefix = "[%d] " end
+    if prefix == false then prefix = nil end
+    if prefix ~= nil then
+      if type(prefix) ~= "string" then
+        bad(level, "output_prefix", "boolean or string", prefix)
+      end
+      local rest = prefix:gsub("%%[d%%]", "")
+      if rest:find("%", 1, true) or #prefix > 63 or prefix:find("\0") then
+        error("parmap: bad option 'output_prefix' (a string of at most 63 "
+          .. "bytes where '%' only comes as '%d' (the worker's number) or "
+          .. "'%%', got " .. format("%q", prefix) .. ")", level)
+      end
+    end
+    spec.output_prefix = prefix
+  end
+  if output == "lines" or output == "item" then
+    spec.output_write = Progress.relay
+  end
   return spec
 end
 

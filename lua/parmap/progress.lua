@@ -250,4 +250,21 @@ function P.print(...)
   end
 end
 
+--- output = "lines" | "item": the engine writes a worker's text (whole
+--- lines) on stream 1 (stdout) or 2 (stderr); with a bar on the
+--- terminal, above it.
+function P.relay(stream, text)
+  local f = stream == 1 and io.stdout or io.stderr
+  local bar = active
+  if bar and bar.open then
+    bar.write("\r\27[K")
+    f:write(text)
+    f:flush()
+    bar:redraw(false)
+  else
+    f:write(text)
+    f:flush()
+  end
+end
+
 return P

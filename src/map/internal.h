@@ -107,6 +107,14 @@ typedef struct Slot {
 
 #define MAP_MAGIC 0x70617261706d6170ull /* "parapmap" */
 
+/* output = "lines" | "item" (output.c): worker entry wi's streams */
+typedef struct OutPipe {
+  int fd[2];        /* stdout, stderr: a pipe's read end (lines) or the
+                       memfd the worker writes (item); -1: none */
+  int ep[2];        /* fd[k] is in the event loop's epoll set */
+  parmap_buf line[2]; /* lines: the partial line of each stream */
+} OutPipe;
+
 typedef struct Map {
   uint64_t magic;
   pid_t owner; /* the process that may stop the workers */
@@ -158,6 +166,10 @@ typedef struct Map {
   struct ItemStat *st;
   lua_Integer st_cap, st_n;
   uint64_t t_start, t_end; /* the map's start, its end (0: not yet) */
+  OutPipe *op;          /* output != "direct": per worker entry */
+  parmap_buf pend[2];   /* whole lines to write to stdout, stderr */
+  int death_out;        /* item: on_death's stack index of what the dead
+                           item wrote (stdout, stderr strings), else 0 */
 } Map;
 
 /* The window (window.c): chunks and their slots, the items pulled from an
@@ -182,6 +194,15 @@ static lua_Integer seg_first_open(Map *m, const Worker *w, int k);
 static int seg_len(const Seg *g);
 static void unbusy(Map *m, Slot *s);
 static Slot *work_slot(lua_State *L, Map *m);
+
+/* Worker output (output.c): the streams of output = "lines" | "item". */
+static int out_prepare(Map *m, int wi, int cfd[2]);
+static void out_child(Map *m, int cfd[2]);
+static void out_read(Map *m, int wi, int k);
+static void out_reaped(lua_State *L, Map *m, int wi);
+static void out_flush(lua_State *L, Map *m);
+static void out_write(lua_State *L, Map *m, int k, const char *p, size_t n);
+static void out_close_all(Map *m);
 
 /* The pool (pool.c): forking, feeding and reaping workers, the transport
    (pump: dispatch, sends, reads, deaths, timeouts), stopping them. */

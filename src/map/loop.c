@@ -212,6 +212,21 @@ static void sync_loop(lua_State *L, Map *m) {
         m->ep_ev[i] = ev;
       }
     }
+    if (m->op && m->cfg.output == OUT_LINES) /* a worker's lines wake it */
+      for (i = 0; i < m->nw; i++) {
+        OutPipe *o = &m->op[i];
+        int k;
+        for (k = 0; k < 2; k++) {
+          struct epoll_event e;
+          if (o->fd[k] < 0 || o->ep[k]) continue;
+          memset(&e, 0, sizeof e);
+          e.events = EPOLLIN;
+          e.data.u32 = UINT32_MAX;
+          if (epoll_ctl(m->ep, EPOLL_CTL_ADD, o->fd[k], &e))
+            luaL_error(L, "parmap: epoll_ctl: %s", strerror(errno));
+          o->ep[k] = 1;
+        }
+      }
   }
   ev_set(m, due_now(m));
   arm(m, wake_ms(m));
@@ -239,6 +254,10 @@ static void unwatch(Map *m, int wi) {
 
 static void loop_close(Map *m) {
   int mine = m->owner == getpid(); /* a forked copy's numbers are not its */
+  if (m->op) {
+    int i;
+    for (i = 0; i < m->nw; i++) m->op[i].ep[0] = m->op[i].ep[1] = 0;
+  }
   if (m->ep >= 0 && mine) {
     parmap_fd_close(m->ep);
     parmap_fd_close(m->evfd);
@@ -344,14 +363,14 @@ static int map_timeout(lua_State *L) {
    (their finish is over when the loop ends): let the idle ones go and reap
    those that left, without waiting; a finish past finish_timeout is
    stopped as in stop. Returns 1 when none is left. */
-static int all_reaped(Map *m) {
+static int all_reaped(lua_State *L, Map *m) {
   int i, left = 0;
   uint64_t now = parmap_now_ns();
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
     if (live(w)) retire(m, w); /* its work is done: it runs finish and goes */
     if (w->pid) {
-      reap_retired(m, i, 0);
+      reap_retired(L, m, i, 0);
       if (w->pid) {
         bound_finish(m, w, now, 0);
         left = 1;
@@ -377,7 +396,7 @@ static int poll_body(lua_State *L) {
     s = ready(m);
     if (s) return emit(L, m, s);
     if (finished(m)) {
-      if (!all_reaped(m)) break;
+      if (!all_reaped(L, m)) break;
       return over(L, m);
     }
     if (pass) break;

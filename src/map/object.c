@@ -23,6 +23,9 @@ static int map_gc(lua_State *L) {
   stop(m, 1);
   release(m);
   loop_release(m);
+  out_close_all(m);
+  free(m->op);
+  m->op = NULL;
   return 0;
 }
 
@@ -92,6 +95,17 @@ static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
   for (k = 1; k <= 5; k++) lua_pushvalue(L, base + k);
   lua_pushinteger(L, attempts);
   fields = n == 6 && lua_istable(L, base + 6);
+  if (fields && m->op) { /* output = "item": what a dead item wrote */
+    int j;
+    for (j = 0; j < 2; j++) {
+      size_t len;
+      const char *p;
+      lua_getfield(L, base + 6, j ? "output_stderr" : "output");
+      p = lua_tolstring(L, -1, &len);
+      if (p) out_write(L, m, j, p, len);
+      lua_pop(L, 1);
+    }
+  }
   if (fields) lua_pushvalue(L, base + 6); /* fields: {signal = s} */
   lua_call(L, fields ? 8 : 7, 1); /* fail(index, kind, err, message, tb,
                         pid, attempts[, fields]): raises, or returns the
@@ -99,6 +113,23 @@ static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
   lua_pushinteger(L, index);
   lua_insert(L, -2);
   return 2;
+}
+
+/* output = "item": the REC_OUT prefix at `at` of item index's record;
+   writes what the item wrote, returns where its next part starts. */
+static MAP_COLD size_t take_output(lua_State *L, Map *m, Slot *s,
+                                   lua_Integer index, size_t at) {
+  uint64_t n[2];
+  if (s->out.len - at < 1 + sizeof n)
+    luaL_error(L, "parmap: corrupt output of item %I", (LUAI_UACINT)index);
+  memcpy(n, s->out.p + at + 1, sizeof n);
+  at += 1 + sizeof n;
+  if (n[0] > s->out.len - at || n[1] > s->out.len - at - n[0])
+    luaL_error(L, "parmap: corrupt output of item %I", (LUAI_UACINT)index);
+  /* a copy: the writer may step Lua, never this map (it is busy) */
+  out_write(L, m, 0, s->out.p + at, (size_t)n[0]);
+  out_write(L, m, 1, s->out.p + at + n[0], (size_t)n[1]);
+  return at + (size_t)(n[0] + n[1]);
 }
 
 /* The loop took the record of s that ends at pos: when it was the slot's
@@ -122,12 +153,17 @@ static MAP_INLINE int emit(lua_State *L, Map *m, Slot *s) {
   int status, n, base;
   lua_Integer lost = 0;
   const char *err = NULL;
-  if (at < s->out.len && s->out.p[at] == (char)REC_STATS) { /* stats */
-    if (s->out.len - at <= 1 + STATS_LEN)
-      return luaL_error(L, "parmap: corrupt result for item %I: no record",
-                        (LUAI_UACINT)index);
-    stats_take(L, m, index, s->out.p + at + 1);
-    at += 1 + STATS_LEN;
+  /* one test on the plain path for both prefixes (REC_OUT > REC_STATS) */
+  if (at < s->out.len && (unsigned char)s->out.p[at] >= REC_STATS) {
+    if (s->out.p[at] == (char)REC_OUT) /* output = "item" */
+      at = take_output(L, m, s, index, at);
+    if (at < s->out.len && s->out.p[at] == (char)REC_STATS) { /* stats */
+      if (s->out.len - at <= 1 + STATS_LEN)
+        return luaL_error(L, "parmap: corrupt result for item %I: no record",
+                          (LUAI_UACINT)index);
+      stats_take(L, m, index, s->out.p + at + 1);
+      at += 1 + STATS_LEN;
+    }
   }
   pos = at + 1;
   if (at >= s->out.len) { /* a frame announced more than it carried */
@@ -367,6 +403,19 @@ static void read_config(lua_State *L, Config *c) {
   c->retries = parmap_countfield(L, 1, "retries", "retries", 0, 0);
   c->maxmemory = parmap_countfield(L, 1, "maxmemory", "maxmemory", 1, 0);
   c->stats = parmap_boolfield(L, 1, "stats", 0);
+  {
+    static const char *const modes[] = {"direct", "lines", "item", NULL};
+    size_t plen = 0;
+    const char *pre;
+    c->output = parmap_optionfield(L, 1, "output", "direct", modes);
+    lua_getfield(L, 1, "output_prefix");
+    pre = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &plen) : "";
+    if (plen >= sizeof c->prefix)
+      luaL_error(L, "parmap: bad option 'output_prefix' (at most %d bytes)",
+                 (int)sizeof c->prefix - 1);
+    memcpy(c->prefix, pre, plen + 1);
+    lua_pop(L, 1);
+  }
   n = parmap_countfield(L, 1, "N", "N", 1, 1);
   if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
   if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;
@@ -397,6 +446,7 @@ static const ParmapField FIELDS[] = {
     {"describe", U_DESC, LUA_TFUNCTION, 0},
     {"init", U_INIT, LUA_TNONE, 0},
     {"finish", U_FINISH, LUA_TNONE, 0},
+    {"output_write", U_OUTPUT, LUA_TNONE, 0}, /* checked in Lua */
     {NULL, 0, 0, 0}};
 
 /* The first dispatch of start, run protected: nothing holds the map yet,
@@ -443,8 +493,16 @@ static int map_start(lua_State *L) {
   m->w = (Worker *)calloc((size_t)m->cfg.N, sizeof *m->w);
   m->slots = (Slot *)calloc((size_t)m->nslots, sizeof *m->slots);
   m->ring = (int *)calloc((size_t)m->nslots, sizeof *m->ring);
-  m->pfd = (struct pollfd *)calloc((size_t)m->cfg.N, sizeof *m->pfd);
-  m->pfd_w = (int *)calloc((size_t)m->cfg.N, sizeof *m->pfd_w);
+  /* a socket a worker, and with output = "lines" its two pipes */
+  m->pfd = (struct pollfd *)calloc((size_t)m->cfg.N * 3, sizeof *m->pfd);
+  m->pfd_w = (int *)calloc((size_t)m->cfg.N * 3, sizeof *m->pfd_w);
+  if (m->cfg.output != OUT_DIRECT) {
+    m->op = (OutPipe *)calloc((size_t)m->cfg.N, sizeof *m->op);
+    if (m->op)
+      for (i = 0; i < m->cfg.N; i++) m->op[i].fd[0] = m->op[i].fd[1] = -1;
+    else
+      nomem(L);
+  }
   m->shm_size = sizeof(Shm) * (size_t)m->cfg.N;
   m->shm = (Shm *)mmap(NULL, m->shm_size, PROT_READ | PROT_WRITE,
                        MAP_SHARED | MAP_ANONYMOUS, -1, 0);

@@ -41,10 +41,20 @@ static int spawn(lua_State *L, Map *m, int wi) {
   Worker *w = &m->w[wi];
   int fd;
   pid_t pid;
+  int cfd[2] = {-1, -1};
   memset(&m->shm[wi], 0, sizeof m->shm[wi]);
+  if (m->op && out_prepare(m, wi, cfd)) return -1;
   pid = parmap_child_spawn(&fd);
+  if (m->op && pid != 0) { /* the child's ends are the child's */
+    int e = errno;
+    close(cfd[0]);
+    close(cfd[1]);
+    if (pid < 0) out_close(m, wi);
+    errno = e;
+  }
   if (pid < 0) return -1;
   if (pid == 0) {
+    if (m->op) out_child(m, cfd);
     parmap_worker_main(L, m->self, &m->cfg, &m->shm[wi], fd, wi + 1, m->nw);
     parmap_child_exit(PARMAP_EXIT_INTERNAL); /* not reached */
   }
@@ -93,13 +103,14 @@ static void say_finish_death(const Map *m, const Worker *w, int r, int st) {
 
 /* Reap retiring worker wi if it is gone (waiting at most ms): its entry is
    then free for a fresh process. */
-static void reap_retired(Map *m, int wi, int ms) {
+static void reap_retired(lua_State *L, Map *m, int wi, int ms) {
   Worker *w = &m->w[wi];
   int st = 0, r = parmap_wait(w->pid, &st, ms);
   if (r == 0) return;
   say_finish_death(m, w, r, st);
   unwatch(m, wi);
   parmap_fd_close(w->fd);
+  if (m->op) out_reaped(L, m, wi);
   memset(w, 0, sizeof *w);
   w->fd = -1;
   m->spawn_wait = 0;
@@ -223,6 +234,7 @@ static void on_death(lua_State *L, Map *m, int wi) {
   char how[160], msg[400];
   int st = 0, r, k;
   int64_t cur;
+  int obase;
   lua_Integer bad = 0;
   pid_t pid = w->pid;
   unwatch(m, wi);
@@ -242,6 +254,19 @@ static void on_death(lua_State *L, Map *m, int wi) {
   m->nlive--;
   /* read once it is gone: what it did last stands */
   cur = __atomic_load_n(&m->shm[wi].cur, __ATOMIC_ACQUIRE);
+  obase = lua_gettop(L);
+  if (m->op && m->cfg.output == OUT_ITEM && cur != 0) {
+    /* what the item wrote goes with its error (the memfds hold it: the
+       worker empties them as each item ends), not to the streams now */
+    luaL_checkstack(L, 4, NULL);
+    out_held(L, m, wi, 0);
+    out_held(L, m, wi, 1);
+    m->death_out = obase + 1;
+    if (ftruncate(m->op[wi].fd[0], 0) || ftruncate(m->op[wi].fd[1], 0)) {
+      /* cannot be: our own memfds; the text is then written twice */
+    }
+  }
+  if (m->op) out_reaped(L, m, wi);
   if (m->cfg.has_init && !__atomic_load_n(&m->shm[wi].inited, __ATOMIC_ACQUIRE)
       && !(r == 1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGINT)) {
     /* it died in init: no item ran, and the next would fare alike */
@@ -290,6 +315,10 @@ static void on_death(lua_State *L, Map *m, int wi) {
                       w->pid, !w->timed_out && r == 1 && WIFSIGNALED(st)
                                   ? WTERMSIG(st) : 0);
     }
+  }
+  if (m->death_out) {
+    lua_settop(L, obase);
+    m->death_out = 0;
   }
   {
     int intr = r == 1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGINT &&
@@ -364,6 +393,10 @@ static void protocol_error(lua_State *L, Worker *w, const char *what) {
    (which raises an error object of kind "init"). */
 static void raise_init(lua_State *L, Map *m, int id, int first) {
   int k;
+  if (m->op) { /* what init wrote goes before its error */
+    out_reaped(L, m, id - 1);
+    out_flush(L, m);
+  }
   stop(m, 1);
   luaL_checkstack(L, 12, NULL);
   lua_getiuservalue(L, m->self, U_FAIL);
@@ -532,7 +565,7 @@ static void check_exits(lua_State *L, Map *m) {
     Worker *w = &m->w[i];
     int st = 0, r;
     if (w->pid > 0 && w->retiring) { /* running finish, or gone */
-      reap_retired(m, i, 0);
+      reap_retired(L, m, i, 0);
       if (w->pid > 0) bound_finish(m, w, now, 0);
       continue;
     }
@@ -550,7 +583,7 @@ static void check_exits(lua_State *L, Map *m) {
 /* A retiring worker's socket is readable: end of file once it exited (it
    owes nothing; stray bytes are dropped). Reap it: its entry, and so its
    number, is then free. */
-static void retiring_readable(Map *m, int wi) {
+static void retiring_readable(lua_State *L, Map *m, int wi) {
   Worker *w = &m->w[wi];
   char sink[512];
   int k;
@@ -562,15 +595,15 @@ static void retiring_readable(Map *m, int wi) {
   /* its files close just before it is a zombie: yield to it a moment
      (a fresh fork for its number waits for this), then sleep in slices */
   for (k = 0; k < 200 && w->pid; k++) {
-    reap_retired(m, wi, 0);
+    reap_retired(L, m, wi, 0);
     if (w->pid) sched_yield();
   }
-  if (w->pid) reap_retired(m, wi, 100);
+  if (w->pid) reap_retired(L, m, wi, 100);
 }
 
 /* One round: hand out work, wait for sockets (or not), move bytes. */
 static void pump(lua_State *L, Map *m, int block) {
-  int i, n = 0, r, timeout, retiring;
+  int i, n = 0, r, timeout, retiring, nsock;
   if (m->owner != getpid()) /* a forked copy: the workers and fds are not
                                ours (the fd numbers may name other files) */
     luaL_error(L, "parmap: a map cannot be stepped from a worker or child "
@@ -588,8 +621,20 @@ static void pump(lua_State *L, Map *m, int block) {
     m->pfd[n].revents = 0;
     m->pfd_w[n++] = i;
   }
+  nsock = n;
+  if (m->op && m->cfg.output == OUT_LINES) /* the workers' lines */
+    for (i = 0; i < m->nw; i++) {
+      int k;
+      for (k = 0; k < 2; k++) {
+        if (m->op[i].fd[k] < 0) continue;
+        m->pfd[n].fd = m->op[i].fd[k];
+        m->pfd[n].events = POLLIN;
+        m->pfd[n].revents = 0;
+        m->pfd_w[n++] = 2 * i + k;
+      }
+    }
   retiring = nretiring(m);
-  if (n == 0 && retiring == 0) { /* fine while records wait to be consumed */
+  if (nsock == 0 && retiring == 0) { /* fine while records wait */
     if (block) luaL_error(L, "parmap: no worker left and none can be started");
     return;
   }
@@ -606,12 +651,14 @@ static void pump(lua_State *L, Map *m, int block) {
     parmap_run_hooks(L); /* a signal: lua.c's Ctrl-C hook runs now */
     return;
   }
-  for (i = 0; i < n; i++) {
+  for (i = nsock; i < n; i++) /* lines first: a death then writes after */
+    if (m->pfd[i].revents) out_read(m, m->pfd_w[i] / 2, m->pfd_w[i] % 2);
+  for (i = 0; i < nsock; i++) {
     Worker *w = &m->w[m->pfd_w[i]];
     int dead = 0;
     if (w->retiring) {
       if (m->pfd[i].revents & (POLLIN | POLLHUP | POLLERR))
-        retiring_readable(m, m->pfd_w[i]);
+        retiring_readable(L, m, m->pfd_w[i]);
       continue;
     }
     if (m->pfd[i].revents & POLLOUT) dead = send_more(m, w) < 0;
@@ -633,6 +680,7 @@ static void pump(lua_State *L, Map *m, int block) {
     }
   }
   retire_idle(m);
+  if (m->op) out_flush(L, m);
 }
 
 /* Stop the map: every worker is let go (it runs finish, or is killed
@@ -677,7 +725,22 @@ static void stop(Map *m, int kill_them) {
       left++;
     }
     if (left == 0) break;
+    if (m->op && m->cfg.output == OUT_LINES) /* a finish may write more
+                                                than a pipe holds */
+      for (i = 0; i < m->nw; i++) {
+        out_read(m, i, 0);
+        out_read(m, i, 1);
+      }
     nanosleep(&ts, NULL);
+  }
+  if (m->op) { /* item: the items a stopped map never yields write
+                   nothing (their records are dropped too) */
+    for (i = 0; i < m->nw; i++)
+      if (m->cfg.output == OUT_LINES || !kill_them)
+        out_reaped(NULL, m, i);
+      else
+        out_close(m, i);
+    out_flush(NULL, m);
   }
   m->nlive = 0;
   release(m); /* nothing reads the slots once stopped */

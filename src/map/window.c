@@ -66,7 +66,7 @@ static void add_failure_sig(lua_State *L, Map *m, Slot *s, lua_Integer index,
   {
     size_t at = s->fail.len;
     s->fail.len += 16;
-    if (sig > 0) {
+    if (sig > 0 || m->death_out) {
       int top = lua_gettop(L);
       const char *what;
       luaL_checkstack(L, 8, NULL);
@@ -77,9 +77,17 @@ static void add_failure_sig(lua_State *L, Map *m, Slot *s, lua_Integer index,
       lua_pushstring(L, message);
       lua_pushliteral(L, "");
       lua_pushinteger(L, (lua_Integer)pid);
-      lua_createtable(L, 0, 1);
-      lua_pushinteger(L, sig);
-      lua_setfield(L, -2, "signal");
+      lua_createtable(L, 0, 3);
+      if (sig > 0) {
+        lua_pushinteger(L, sig);
+        lua_setfield(L, -2, "signal");
+      }
+      if (m->death_out) { /* output = "item": what the item wrote */
+        lua_pushvalue(L, m->death_out);
+        lua_setfield(L, -2, "output");
+        lua_pushvalue(L, m->death_out + 1);
+        lua_setfield(L, -2, "output_stderr");
+      }
       if (parmap_encode(L, top + 1, 6, &s->fail, top - 1, &what) != PARMAP_OK)
         nomem(L);
       lua_settop(L, top);
