@@ -200,3 +200,41 @@ print("next map", parmap.map(function(x) return x end, {4}, {backend = "mpi"})[1
       assert.matches("next map\t4\n", out, 1, true)
     end)
 end)
+
+describe_mpi("the MPI backend with a small buffersize", function()
+  -- an agent's engine took a failure (raise, death, timeout) and pumped
+  -- its workers before the failure's result was queued for rank 0: it
+  -- waited for input while rank 0 waited for that result (buffersize)
+  it("relays a failure before it waits for more items", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local bad = 0
+for _, ordered in ipairs {true, false} do
+  for _, seed in ipairs {false, 5} do
+    for _, chunksize in ipairs {false, 100} do
+      for _, b in ipairs {1, 2} do
+        local k, n, errs = 0, 0, 0
+        for i, r in parmap(function(x)
+              if x % 3 == 2 then error("no " .. x) end
+              if x == 4 then os.exit(3) end
+              return x
+            end,
+            function() k = k + 1; if k <= 6 then return k end end,
+            {buffersize = b, ordered = ordered, backend = "mpi", N = 2,
+             exception = "return", retries = 1, chunksize = chunksize or nil,
+             seed = seed or nil}) do
+          n = n + 1
+          if parmap.iserror(r) then errs = errs + 1
+          elseif r ~= i then bad = bad + 1 end
+        end
+        if n ~= 6 or errs ~= 3 then bad = bad + 1 end
+      end
+    end
+  end
+end
+print("bad", bad)
+]], 3, "timeout 60 " .. MH.BIN)
+    assert.are.equal(0, code, out)
+    assert.matches("bad\t0\n", out, 1, true)
+  end)
+end)
