@@ -238,3 +238,43 @@ print("bad", bad)
     assert.matches("bad\t0\n", out, 1, true)
   end)
 end)
+
+describe_mpi("the MPI backend's error objects", function()
+  it("name the map's index in a death's err, and leave fn's own message alone",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local items = {}
+for i = 1, 20 do items[i] = i end
+local function fn(x)
+  if x == 10 or x == 20 then os.exit(3) end
+  if x == 7 then error("item 1 said no", 0) end
+  return x
+end
+local bad = {}
+for i, r in parmap(fn, items, {backend = "mpi", N = 1, exception = "return"}) do
+  if parmap.iserror(r) then
+    if r.kind == "died" then
+      local want = "while running item " .. i
+      if r.err:sub(-#want) ~= want or r.message ~= r.err then
+        bad[#bad + 1] = i .. ": " .. r.err
+      end
+    elseif r.message ~= "item 1 said no" or r.err ~= "item 1 said no" then
+      bad[#bad + 1] = i .. ": " .. r.message
+    end
+  end
+end
+-- what exception = "proc" raises: the err
+local ok, e = pcall(function()
+  for _ in parmap(fn, {1, 2, 3, 20}, {backend = "mpi", N = 1, exception = "proc",
+    ordered = true}) do end
+end)
+if ok or not tostring(e):find("while running item 4", 1, true) then
+  bad[#bad + 1] = "proc: " .. tostring(e)
+end
+print("bad", table.concat(bad, " | "))
+]], 3, "timeout 60 " .. MH.BIN)
+      assert.are.equal(0, code, out)
+      assert.matches("bad\t\n", out, 1, true)
+    end)
+end)
