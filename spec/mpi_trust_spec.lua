@@ -278,3 +278,50 @@ print("bad", table.concat(bad, " | "))
       assert.matches("bad\t\n", out, 1, true)
     end)
 end)
+
+describe_mpi("the MPI backend's items", function()
+  it("fail one by one when an items table's access raises, as on the fork backend",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local items = setmetatable({}, {__len = function() return 6 end,
+  __index = function(_, k)
+    if k == 2 or k == 5 then error({code = k}) end
+    if k == 4 then return nil end -- a hole: the items go boxed
+    return type(k) == "number" and k * 10 or nil
+  end})
+for _, retries in ipairs {0, 2} do
+  for _, seed in ipairs {false, 3} do
+    local out = {}
+    for _, backend in ipairs {"fork", "mpi"} do
+      local s = {}
+      local ok, e = pcall(function()
+        for i, r in parmap(function(x) return x end, items, {backend = backend,
+            N = 2, exception = "return", retries = retries, seed = seed or nil}) do
+          if parmap.iserror(r) then
+            s[#s + 1] = table.concat({i, r.kind, type(r.err) == "table" and r.err.code or "?",
+              r.message, r.attempts}, ":")
+          else
+            s[#s + 1] = i .. ":" .. tostring(r)
+          end
+        end
+      end)
+      table.sort(s)
+      out[backend] = table.concat(s, " ") .. " end " .. tostring(ok) .. " " .. tostring(e)
+    end
+    print(retries, seed, out.fork == out.mpi and "same" or "differ: " .. out.mpi,
+      out.fork)
+  end
+end
+]], 3, "timeout 60 " .. MH.BIN)
+      assert.are.equal(0, code, out)
+      local n = 0
+      for line in out:gmatch("[^\n]+") do
+        if line:match("^%d\t") then
+          n = n + 1
+          assert.matches("^%d\t%w+\tsame\t1:10 2:error:2:", line)
+        end
+      end
+      assert.are.equal(4, n, out)
+    end)
+end)
