@@ -42,7 +42,7 @@ local KNOWN_OPEN = {
   mpi_total = false,            -- point 15: total is dropped under MPI (progress gets nil)
   -- found by this fuzz, not in issue 17 (repros in the fuzz's report):
   mpi_err_index = false,        -- MPI: a death's or timeout's err (what "proc" raises) names the agent's own item number
-  mpi_shape = true,             -- MPI: a bad star/kwstar item: wrong index, or an item error (retried, returned)
+  mpi_shape = false,            -- MPI: a bad star/kwstar item: wrong index, or an item error (retried, returned)
   mpi_item_error = false,       -- MPI: an items table whose __index raises ends the map with the raw error
   mpi_finish_wait = true,       -- MPI: the loop may end before a recycled worker's finish ran (maxtasks, iterator)
 }

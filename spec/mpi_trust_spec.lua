@@ -325,3 +325,45 @@ end
       assert.are.equal(4, n, out)
     end)
 end)
+
+describe_mpi("the MPI backend's bad shapes", function()
+  it("raise at their turn naming the map's index, with seed too, as on the fork backend",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+for _, o in ipairs {{star = true}, {kwstar = true}} do
+  for _, seed in ipairs {false, 3} do
+    for _, from in ipairs {"table", "iter"} do
+      local out = {}
+      for _, backend in ipairs {"fork", "mpi"} do
+        local items = {{1, 2}, {3}, 5, {6}}
+        if o.kwstar then items = {{1, {a = 1}}, {3, {a = 3}}, 5, {6, {a = 6}}} end
+        local src = items
+        if from == "iter" then
+          local k = 0
+          src = function() k = k + 1; return items[k] end
+        end
+        local s = {}
+        local ok, e = pcall(function()
+          for i, r in parmap(function(a) return a end, src, {backend = backend,
+              N = 2, exception = "return", star = o.star, kwstar = o.kwstar,
+              seed = seed or nil, retries = 1}) do
+            s[#s + 1] = i .. ":" .. (parmap.iserror(r) and "E" or tostring(r))
+          end
+        end)
+        out[backend] = table.concat(s, " ") .. " end " .. tostring(ok) .. " " .. tostring(e)
+      end
+      print("shape", out.fork == out.mpi and "same" or "differ: " .. out.mpi, out.fork)
+    end
+  end
+end
+]], 3, "timeout 60 " .. MH.BIN)
+      assert.are.equal(0, code, out)
+      local n = 0
+      for line in out:gmatch("shape\t[^\n]*") do
+        n = n + 1
+        assert.matches("^shape\tsame\t1:1 2:3 end false parmap: item 3: ", line)
+      end
+      assert.are.equal(8, n, out)
+    end)
+end)

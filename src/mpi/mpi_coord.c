@@ -98,6 +98,11 @@ typedef struct MMap {
      and the map goes on */
   int accessing, access_runs, retries;
   lua_Integer access_at;
+  /* boxed items (nil items, seed) with star = true or kwstar: the agents
+     call fn through a Lua adapter, so an item of the wrong shape fails
+     here, kind "shape", as a fork worker's would (cs: the call table) */
+  int shapecheck;
+  CallSpec cs;
   int segn;      /* items in seg so far */
   size_t segok;  /* seg's length after its last whole item */
   lua_Integer segid;
@@ -272,10 +277,15 @@ static void take_results(lua_State *L, MMap *m, int msgi, int from);
    here (a REC_ERR record from rank 0): idx is the item's value when it
    cannot travel (kind "shape"), else 0 and the error its items table's
    access raised is in M_AERR (kind "error", after retries + 1 runs). */
-static void local_failure(lua_State *L, MMap *m, lua_Integer g, int idx) {
+static void local_failure(lua_State *L, MMap *m, lua_Integer g, int idx,
+                          const char *shape) {
   parmap_buf b = PARMAP_BUF_INIT, rec = PARMAP_BUF_INIT;
   int top = lua_gettop(L), ok;
-  if (idx != 0) {
+  if (shape != NULL) { /* the call adapter's message */
+    lua_pushstring(L, shape);
+    lua_getiuservalue(L, 1, M_SCRATCH); /* top + 2 */
+    parmap_put_error(L, &rec, top + 2, "shape", top + 1, shape, "", 0);
+  } else if (idx != 0) {
     idx = lua_absindex(L, idx);
     lua_getiuservalue(L, 1, M_DESC);
     lua_pushliteral(L, "item");
@@ -327,6 +337,18 @@ static void local_failure(lua_State *L, MMap *m, lua_Integer g, int idx) {
   lua_settop(L, top);
 }
 
+/* An item failed here: a segment is a run of indices, so it ends the
+   segment (returns 1) unless it would be the first (then the segment
+   starts after it). */
+static int seg_cut(MMap *m) {
+  MsgHdr h;
+  if (m->segn > 0) return 1;
+  memcpy(&h, m->seg.p, sizeof h);
+  h.a = m->pulled + 1;
+  memcpy(m->seg.p, &h, sizeof h);
+  return 0;
+}
+
 /* fill(map, k): pull and encode up to k items into the segment m->seg,
    protected (send_segment): m->segn and m->segok say how far it got. An
    item that cannot travel fails at its turn, and ends the segment (a
@@ -342,29 +364,28 @@ static int fill(lua_State *L) {
     if (!(m->segn < k && m->seg.len < SEG_BYTES && !m->closed)) break;
     if ((got = pull(L, m, items)) == 0) break;
     if (got < 0) { /* its items table's access raised */
-      local_failure(L, m, m->pulled, 0);
-      if (m->segn > 0) break;
-      { /* the segment starts after it */
-        MsgHdr h;
-        memcpy(&h, m->seg.p, sizeof h);
-        h.a = m->pulled + 1;
-        memcpy(m->seg.p, &h, sizeof h);
+      local_failure(L, m, m->pulled, 0, NULL);
+      if (seg_cut(m)) break;
+      continue;
+    }
+    if (m->shapecheck) {
+      int it = lua_gettop(L);
+      m->cs.fn = it;
+      if (parmap_push_call(L, &m->cs, it, m->pulled) < 0) {
+        local_failure(L, m, m->pulled, 0, lua_tostring(L, -1));
+        lua_settop(L, it - 1);
+        if (seg_cut(m)) break;
         continue;
       }
+      lua_settop(L, it);
     }
     if (!parmap_encode_scalar(L, -1, &m->seg) &&
         parmap_encode(L, lua_gettop(L), 1, &m->seg, scratch, &what) !=
             PARMAP_OK) {
-      local_failure(L, m, m->pulled, -1);
+      local_failure(L, m, m->pulled, -1, NULL);
       lua_pop(L, 1);
-      if (m->segn > 0) break;
-      { /* the segment starts after it */
-        MsgHdr h;
-        memcpy(&h, m->seg.p, sizeof h);
-        h.a = m->pulled + 1;
-        memcpy(m->seg.p, &h, sizeof h);
-        continue;
-      }
+      if (seg_cut(m)) break;
+      continue;
     }
     lua_pop(L, 1);
     m->segn++;
@@ -1106,6 +1127,11 @@ static int mpi_start(lua_State *L) {
   if (lua_isnumber(L, -1) && lua_tonumber(L, -1) > 0 &&
       (lua_tonumber(L, -1) + 3) * 1e9 < m->bound)
     m->bound = (lua_tonumber(L, -1) + 3) * 1e9;
+  if (parmap_boolfield(L, 3, "box", 0)) {
+    parmap_read_call(L, 1, &m->cs);
+    m->shapecheck = m->cs.star == STAR_TRUE || m->cs.kwstar;
+    m->cs.nargs = m->cs.has_kw = 0; /* only the item's shape is looked at */
+  }
   lua_getfield(L, 3, "retries");
   m->retries = lua_isinteger(L, -1) && lua_tointeger(L, -1) > 0
                    ? (int)lua_tointeger(L, -1) : 0;
