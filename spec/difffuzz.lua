@@ -44,7 +44,7 @@ local KNOWN_OPEN = {
   mpi_err_index = false,        -- MPI: a death's or timeout's err (what "proc" raises) names the agent's own item number
   mpi_shape = false,            -- MPI: a bad star/kwstar item: wrong index, or an item error (retried, returned)
   mpi_item_error = false,       -- MPI: an items table whose __index raises ends the map with the raw error
-  mpi_finish_wait = true,       -- MPI: the loop may end before a recycled worker's finish ran (maxtasks, iterator)
+  mpi_finish_wait = false,      -- MPI: the loop may end before a recycled worker's finish ran (maxtasks, iterator)
 }
 if os.getenv("PARMAP_DFUZZ_ALL") == "1" then
   for k in next, KNOWN_OPEN do KNOWN_OPEN[k] = false end

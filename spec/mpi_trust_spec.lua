@@ -367,3 +367,52 @@ end
       assert.are.equal(8, n, out)
     end)
 end)
+
+describe_mpi("the MPI backend's end of a map", function()
+  it("comes after every worker's finish, recycled ones included", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local log = os.tmpname()
+local function count(what)
+  local n, f = 0, io.open(log)
+  for line in f:lines() do if line == what then n = n + 1 end end
+  f:close()
+  return n
+end
+for _, ordered in ipairs {true, false} do
+  for _, from in ipairs {"table", "iter"} do
+    io.open(log, "w"):close()
+    local items = {1, 2, 3, 4, 5, 6}
+    local src = items
+    if from == "iter" then
+      local k = 0
+      src = function() k = k + 1; return items[k] end
+    end
+    local n = 0
+    for _ in parmap(function(x) return x end, src, {backend = "mpi", N = 2,
+        maxtasks = 1, ordered = ordered,
+        init = function()
+          local f = io.open(log, "a"); f:write("init\n"); f:close()
+        end,
+        finish = function()
+          os.execute("sleep 0.3") -- a slow finish: the loop must wait for it
+          local f = io.open(log, "a"); f:write("finish\n"); f:close()
+        end}) do
+      n = n + 1
+    end
+    print("ends", ordered, from, n, count("init"), count("finish"))
+  end
+end
+os.remove(log)
+]], 3, "timeout 90 " .. MH.BIN)
+    assert.are.equal(0, code, out)
+    local k = 0
+    for n, inits, fins in out:gmatch("ends\t%a+\t%a+\t(%d+)\t(%d+)\t(%d+)") do
+      k = k + 1
+      assert.are.equal("6", n, out)
+      assert.are.equal(inits, fins, out)
+      assert.is_true(tonumber(inits) >= 6, out) -- maxtasks = 1: one per item
+    end
+    assert.are.equal(4, k, out)
+  end)
+end)

@@ -935,6 +935,21 @@ static void pass_ready(MMap *m) {
   else m->fhead++;
 }
 
+/* Every item is delivered: wait for every live agent's DONE, i.e. for its
+   engine's end, its workers' finish included (bounded there by
+   finish_timeout), as the fork engine waits for its workers' before the
+   loop ends. The owed CREDITs get their END here. */
+static void wait_done(lua_State *L, MMap *m) {
+  for (;;) {
+    int r, all = 1;
+    if (m->nowed > 0) pay_owed(L, m);
+    for (r = 1; r < C.size; r++)
+      if (!C.ag[r].dead && !m->as[r].done) all = 0;
+    if (all || m->failrank || m->closed) return;
+    wait_one(L, m);
+  }
+}
+
 /* The next item (the map at 1): pushes its index and values and returns
    their count, or 0 when the map is over (then the items iterator's
    error, if it raised, is raised). */
@@ -949,6 +964,7 @@ static int advance(lua_State *L, MMap *m) {
       return emit(L, m, g);
     }
     if (m->exhausted && m->emitted == m->pulled) {
+      wait_done(L, m);
       if (m->ierr) { /* every item pulled is delivered: now the error */
         stop(L, m);
         lua_getiuservalue(L, 1, M_IERR);
