@@ -368,17 +368,6 @@ static int fill(lua_State *L) {
       if (seg_cut(m)) break;
       continue;
     }
-    if (m->shapecheck) {
-      int it = lua_gettop(L);
-      m->cs.fn = it;
-      if (parmap_push_call(L, &m->cs, it, m->pulled) < 0) {
-        local_failure(L, m, m->pulled, 0, lua_tostring(L, -1));
-        lua_settop(L, it - 1);
-        if (seg_cut(m)) break;
-        continue;
-      }
-      lua_settop(L, it);
-    }
     if (!parmap_encode_scalar(L, -1, &m->seg) &&
         parmap_encode(L, lua_gettop(L), 1, &m->seg, scratch, &what) !=
             PARMAP_OK) {
@@ -386,6 +375,18 @@ static int fill(lua_State *L) {
       lua_pop(L, 1);
       if (seg_cut(m)) break;
       continue;
+    }
+    if (m->shapecheck) { /* after encoding: one that cannot travel says so */
+      int it = lua_gettop(L);
+      m->cs.fn = it;
+      if (parmap_push_call(L, &m->cs, it, m->pulled) < 0) {
+        m->seg.len = m->segok; /* it does not go */
+        local_failure(L, m, m->pulled, 0, lua_tostring(L, -1));
+        lua_settop(L, it - 1);
+        if (seg_cut(m)) break;
+        continue;
+      }
+      lua_settop(L, it);
     }
     lua_pop(L, 1);
     m->segn++;
