@@ -45,6 +45,8 @@ local error, select, setmetatable, type, tostring, pcall, next =
 -- the globals a map's fn reads from rank 0) may replace them
 local io, package, string = io, package, string
 local format = string.format
+local getmetatable = getmetatable
+local function index(t, k) return t[k] end
 
 local M = {}
 M._VERSION = "0.1.0"
@@ -160,8 +162,15 @@ local function mpi_start(level, spec)
   -- ends an iterator) or for seed (which needs the map's index)
   local box = spec.seed ~= nil
   if spec.from_table and not box and not spec.range then -- no nil there
-    for i = 1, spec.total do
-      if items[i] == nil then box = true; break end
+    if getmetatable(items) == nil then
+      for i = 1, spec.total do
+        if items[i] == nil then box = true; break end
+      end
+    else -- an __index that raises fails its item at its turn, not here
+      for i = 1, spec.total do
+        local ok, v = pcall(index, items, i)
+        if ok and v == nil then box = true; break end
+      end
     end
   end
   local o = { N = spec.user_N, star = spec.star, kwstar = spec.kwstar,

@@ -38,13 +38,13 @@ local KNOWN_OPEN = {
   serial_item_error = false,    -- point 4: N = 1 lets an item's own __index error escape
   init_slow_timeout = false,    -- point 5: init time counts against timeout
   star_n_loose = false,         -- point 8: star items' n = 2.0, 1.5, "2", -1 read loosely
-  mpi_buffersize = true,        -- point 14: buffersize is ignored under MPI
+  mpi_buffersize = false,       -- point 14: buffersize is ignored under MPI
   mpi_total = false,            -- point 15: total is dropped under MPI (progress gets nil)
   -- found by this fuzz, not in issue 17 (repros in the fuzz's report):
-  mpi_err_index = true,         -- MPI: a death's or timeout's err (what "proc" raises) names the agent's own item number
-  mpi_shape = true,             -- MPI: a bad star/kwstar item: wrong index, or an item error (retried, returned)
-  mpi_item_error = true,        -- MPI: an items table whose __index raises ends the map with the raw error
-  mpi_finish_wait = true,       -- MPI: the loop may end before a recycled worker's finish ran (maxtasks, iterator)
+  mpi_err_index = false,        -- MPI: a death's or timeout's err (what "proc" raises) names the agent's own item number
+  mpi_shape = false,            -- MPI: a bad star/kwstar item: wrong index, or an item error (retried, returned)
+  mpi_item_error = false,       -- MPI: an items table whose __index raises ends the map with the raw error
+  mpi_finish_wait = false,      -- MPI: the loop may end before a recycled worker's finish ran (maxtasks, iterator)
 }
 if os.getenv("PARMAP_DFUZZ_ALL") == "1" then
   for k in next, KNOWN_OPEN do KNOWN_OPEN[k] = false end

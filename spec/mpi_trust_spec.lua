@@ -200,3 +200,219 @@ print("next map", parmap.map(function(x) return x end, {4}, {backend = "mpi"})[1
       assert.matches("next map\t4\n", out, 1, true)
     end)
 end)
+
+describe_mpi("the MPI backend with a small buffersize", function()
+  -- an agent's engine took a failure (raise, death, timeout) and pumped
+  -- its workers before the failure's result was queued for rank 0: it
+  -- waited for input while rank 0 waited for that result (buffersize)
+  it("relays a failure before it waits for more items", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local bad = 0
+for _, ordered in ipairs {true, false} do
+  for _, seed in ipairs {false, 5} do
+    for _, chunksize in ipairs {false, 100} do
+      for _, b in ipairs {1, 2} do
+        local k, n, errs = 0, 0, 0
+        for i, r in parmap(function(x)
+              if x % 3 == 2 then error("no " .. x) end
+              if x == 4 then os.exit(3) end
+              return x
+            end,
+            function() k = k + 1; if k <= 6 then return k end end,
+            {buffersize = b, ordered = ordered, backend = "mpi", N = 2,
+             exception = "return", retries = 1, chunksize = chunksize or nil,
+             seed = seed or nil}) do
+          n = n + 1
+          if parmap.iserror(r) then errs = errs + 1
+          elseif r ~= i then bad = bad + 1 end
+        end
+        if n ~= 6 or errs ~= 3 then bad = bad + 1 end
+      end
+    end
+  end
+end
+print("bad", bad)
+]], 3, "timeout 60 " .. MH.BIN)
+    assert.are.equal(0, code, out)
+    assert.matches("bad\t0\n", out, 1, true)
+  end)
+end)
+
+describe_mpi("the MPI backend's error objects", function()
+  it("name the map's index in a death's err, and leave fn's own message alone",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local items = {}
+for i = 1, 20 do items[i] = i end
+local function fn(x)
+  if x == 10 or x == 20 then os.exit(3) end
+  if x == 7 then error("item 1 said no", 0) end
+  return x
+end
+local bad = {}
+for i, r in parmap(fn, items, {backend = "mpi", N = 1, exception = "return"}) do
+  if parmap.iserror(r) then
+    if r.kind == "died" then
+      local want = "while running item " .. i
+      if r.err:sub(-#want) ~= want or r.message ~= r.err then
+        bad[#bad + 1] = i .. ": " .. r.err
+      end
+    elseif r.message ~= "item 1 said no" or r.err ~= "item 1 said no" then
+      bad[#bad + 1] = i .. ": " .. r.message
+    end
+  end
+end
+-- what exception = "proc" raises: the err
+local ok, e = pcall(function()
+  for _ in parmap(fn, {1, 2, 3, 20}, {backend = "mpi", N = 1, exception = "proc",
+    ordered = true}) do end
+end)
+if ok or not tostring(e):find("while running item 4", 1, true) then
+  bad[#bad + 1] = "proc: " .. tostring(e)
+end
+print("bad", table.concat(bad, " | "))
+]], 3, "timeout 60 " .. MH.BIN)
+      assert.are.equal(0, code, out)
+      assert.matches("bad\t\n", out, 1, true)
+    end)
+end)
+
+describe_mpi("the MPI backend's items", function()
+  it("fail one by one when an items table's access raises, as on the fork backend",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+local items = setmetatable({}, {__len = function() return 6 end,
+  __index = function(_, k)
+    if k == 2 or k == 5 then error({code = k}) end
+    if k == 4 then return nil end -- a hole: the items go boxed
+    return type(k) == "number" and k * 10 or nil
+  end})
+for _, retries in ipairs {0, 2} do
+  for _, seed in ipairs {false, 3} do
+    local out = {}
+    for _, backend in ipairs {"fork", "mpi"} do
+      local s = {}
+      local ok, e = pcall(function()
+        for i, r in parmap(function(x) return x end, items, {backend = backend,
+            N = 2, exception = "return", retries = retries, seed = seed or nil}) do
+          if parmap.iserror(r) then
+            s[#s + 1] = table.concat({i, r.kind, type(r.err) == "table" and r.err.code or "?",
+              r.message, r.attempts}, ":")
+          else
+            s[#s + 1] = i .. ":" .. tostring(r)
+          end
+        end
+      end)
+      table.sort(s)
+      out[backend] = table.concat(s, " ") .. " end " .. tostring(ok) .. " " .. tostring(e)
+    end
+    print(retries, seed, out.fork == out.mpi and "same" or "differ: " .. out.mpi,
+      out.fork)
+  end
+end
+]], 3, "timeout 60 " .. MH.BIN)
+      assert.are.equal(0, code, out)
+      local n = 0
+      for line in out:gmatch("[^\n]+") do
+        if line:match("^%d\t") then
+          n = n + 1
+          assert.matches("^%d\t%w+\tsame\t1:10 2:error:2:", line)
+        end
+      end
+      assert.are.equal(4, n, out)
+    end)
+end)
+
+describe_mpi("the MPI backend's bad shapes", function()
+  it("raise at their turn naming the map's index, with seed too, as on the fork backend",
+    function()
+      local out, code = mpirun([[
+local parmap = require "parmap"
+for _, o in ipairs {{star = true}, {kwstar = true}} do
+  for _, seed in ipairs {false, 3} do
+    for _, from in ipairs {"table", "iter"} do
+      local out = {}
+      for _, backend in ipairs {"fork", "mpi"} do
+        local items = {{1, 2}, {3}, 5, {6}}
+        if o.kwstar then items = {{1, {a = 1}}, {3, {a = 3}}, 5, {6, {a = 6}}} end
+        local src = items
+        if from == "iter" then
+          local k = 0
+          src = function() k = k + 1; return items[k] end
+        end
+        local s = {}
+        local ok, e = pcall(function()
+          for i, r in parmap(function(a) return a end, src, {backend = backend,
+              N = 2, exception = "return", star = o.star, kwstar = o.kwstar,
+              seed = seed or nil, retries = 1}) do
+            s[#s + 1] = i .. ":" .. (parmap.iserror(r) and "E" or tostring(r))
+          end
+        end)
+        out[backend] = table.concat(s, " ") .. " end " .. tostring(ok) .. " " .. tostring(e)
+      end
+      print("shape", out.fork == out.mpi and "same" or "differ: " .. out.mpi, out.fork)
+    end
+  end
+end
+]], 3, "timeout 60 " .. MH.BIN)
+      assert.are.equal(0, code, out)
+      local n = 0
+      for line in out:gmatch("shape\t[^\n]*") do
+        n = n + 1
+        assert.matches("^shape\tsame\t1:1 2:3 end false parmap: item 3: ", line)
+      end
+      assert.are.equal(8, n, out)
+    end)
+end)
+
+describe_mpi("the MPI backend's end of a map", function()
+  it("comes after every worker's finish, recycled ones included", function()
+    local out, code = mpirun([[
+local parmap = require "parmap"
+local log = os.tmpname()
+local function count(what)
+  local n, f = 0, io.open(log)
+  for line in f:lines() do if line == what then n = n + 1 end end
+  f:close()
+  return n
+end
+for _, ordered in ipairs {true, false} do
+  for _, from in ipairs {"table", "iter"} do
+    io.open(log, "w"):close()
+    local items = {1, 2, 3, 4, 5, 6}
+    local src = items
+    if from == "iter" then
+      local k = 0
+      src = function() k = k + 1; return items[k] end
+    end
+    local n = 0
+    for _ in parmap(function(x) return x end, src, {backend = "mpi", N = 2,
+        maxtasks = 1, ordered = ordered,
+        init = function()
+          local f = io.open(log, "a"); f:write("init\n"); f:close()
+        end,
+        finish = function()
+          os.execute("sleep 0.3") -- a slow finish: the loop must wait for it
+          local f = io.open(log, "a"); f:write("finish\n"); f:close()
+        end}) do
+      n = n + 1
+    end
+    print("ends", ordered, from, n, count("init"), count("finish"))
+  end
+end
+os.remove(log)
+]], 3, "timeout 90 " .. MH.BIN)
+    assert.are.equal(0, code, out)
+    local k = 0
+    for n, inits, fins in out:gmatch("ends\t%a+\t%a+\t(%d+)\t(%d+)\t(%d+)") do
+      k = k + 1
+      assert.are.equal("6", n, out)
+      assert.are.equal(inits, fins, out)
+      assert.is_true(tonumber(inits) >= 6, out) -- maxtasks = 1: one per item
+    end
+    assert.are.equal(4, k, out)
+  end)
+end)

@@ -153,6 +153,8 @@ typedef struct Map {
   const ParmapRawSource *raw; /* items from a C source (the MPI agent) */
   int (*ready)(lua_State *L); /* that source's: would its next item wait? */
   ParmapSink sink;            /* results to a C sink (parmap_map_relay) */
+  int relay_held; /* a failure taken, not yet handed out by the relay: the
+                     agent holds its result (must_not_wait) */
   int (*tick)(lua_State *L);  /* ... and the source's tick */
   void *sink_ud;
   /* an event loop drives it (loop.c): m:fd(), m:poll(); -1 until m:fd() */

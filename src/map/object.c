@@ -192,8 +192,12 @@ static MAP_INLINE int emit(lua_State *L, Map *m, Slot *s) {
     return luaL_error(L, "parmap: corrupt result for item %I: %s",
                       (LUAI_UACINT)index, err);
   }
-  if (status != REC_OK) /* read before the slot may be released */
+  if (status != REC_OK) { /* read before the slot may be released */
     lost = s->ntries > 0 ? tries_of(s, index) : 0;
+    /* took() may pump and pull items: a relay's caller has not queued
+       this result yet, so the engine must not wait for input meanwhile */
+    if (m->sink) m->relay_held = 1;
+  }
   took(L, m, s, pos);
   return status == REC_OK ? n + 1 : failed(L, m, lost, index, base, n);
 }
@@ -348,6 +352,7 @@ int parmap_map_relay(lua_State *L, int idx, ParmapSink sink, void *ud) {
   lua_pushvalue(L, idx);
   m->sink = sink;
   m->sink_ud = ud;
+  m->relay_held = 0; /* the caller has queued the failure it was given */
   m->tick = raw_source ? raw_source->tick : NULL;
   return step(L, m, 1);
 }

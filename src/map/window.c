@@ -260,7 +260,8 @@ static void offs_reserve(lua_State *L, Slot *s, size_t n) {
    chunk, at the workers, or results not taken), since rank 0 may wait for
    their results before it sends more (buffersize). */
 static int must_not_wait(lua_State *L, Map *m, Slot *s) {
-  return m->ready && (s->count > 0 || m->next_index - 1 > m->taken) &&
+  return m->ready &&
+         (s->count > 0 || m->next_index - 1 > m->taken || m->relay_held) &&
          !m->ready(L);
 }
 

@@ -75,7 +75,7 @@ typedef struct PerAgent {
 /* user values */
 enum {
   M_ITEMS = 1, M_PENDING, M_POLICY, M_SCRATCH, M_PROGRESS, M_FAIL,
-  M_DESC, M_SEGS, M_MAPMSG, M_IERR, M_NUV = M_IERR
+  M_DESC, M_SEGS, M_MAPMSG, M_IERR, M_AERR, M_NUV = M_AERR
 };
 
 #define MMAP_MAGIC 0x6d70696d61706d70ull /* "pmapimpm" */
@@ -93,6 +93,16 @@ typedef struct MMap {
   int ierr; /* the items iterator raised: its error (M_IERR) comes after
                the items pulled before it */
   int nowed; /* the agents' owed segments (PerAgent.owed), in all */
+  /* an items table whose access raised for item access_at: the item fails
+     (its error in M_AERR) after retries + 1 accesses, as in a fork worker,
+     and the map goes on */
+  int accessing, access_runs, retries;
+  lua_Integer access_at;
+  /* boxed items (nil items, seed) with star = true or kwstar: the agents
+     call fn through a Lua adapter, so an item of the wrong shape fails
+     here, kind "shape", as a fork worker's would (cs: the call table) */
+  int shapecheck;
+  CallSpec cs;
   int segn;      /* items in seg so far */
   size_t segok;  /* seg's length after its last whole item */
   lua_Integer segid;
@@ -157,7 +167,13 @@ static int full(const MMap *m) {
          m->pulled - m->emitted >= m->buffersize;
 }
 
-/* Push the next item, or return 0 when the input has ended. */
+static int geti(lua_State *L) {
+  lua_gettable(L, 1);
+  return 1;
+}
+
+/* Push the next item, or return 0 when the input has ended; -1 (nothing
+   pushed) when an items table's access raised for it, its retries too. */
 static int pull(lua_State *L, MMap *m, int items) {
   if (m->exhausted) return 0;
   if (m->from_table) {
@@ -165,7 +181,29 @@ static int pull(lua_State *L, MMap *m, int items) {
       m->exhausted = 1;
       return 0;
     }
-    lua_geti(L, items, m->pulled + 1);
+    if (m->pulled + 1 == m->access_at) { /* it raised: the retries */
+      int st = !LUA_OK;
+      while (st != LUA_OK && m->access_runs < m->retries + 1) {
+        lua_pushcfunction(L, geti);
+        lua_pushvalue(L, items);
+        lua_pushinteger(L, m->access_at);
+        if ((st = lua_pcall(L, 2, 1, 0)) != LUA_OK) {
+          if (st == LUA_ERRMEM || parmap_is_interrupt(L, -1)) lua_error(L);
+          lua_setiuservalue(L, 1, M_AERR);
+          m->access_runs++;
+        }
+      }
+      m->access_at = 0;
+      if (st != LUA_OK) { /* it fails; its error is in M_AERR */
+        m->pulled++;
+        if (m->pulled >= m->total) m->exhausted = 1;
+        return -1;
+      }
+    } else {
+      m->accessing = 1; /* an error here is the item's (send_segment) */
+      lua_geti(L, items, m->pulled + 1);
+      m->accessing = 0;
+    }
   } else {
     lua_pushvalue(L, items);
     lua_call(L, 0, 1);
@@ -235,21 +273,54 @@ static void answered(lua_State *L, MMap *m, int r, lua_Integer g) {
 static void take_results(lua_State *L, MMap *m, int msgi, int from);
 #define LOCAL (C.size) /* the "rank" of a result made on rank 0 */
 
-/* Item g (its value at idx) cannot travel: it fails at its turn, as on
-   the fork backend, with a result made here (a REC_ERR record of kind
-   "shape", from rank 0). */
-static void local_failure(lua_State *L, MMap *m, lua_Integer g, int idx) {
+/* Item g fails at its turn, as on the fork backend, with a result made
+   here (a REC_ERR record from rank 0): idx is the item's value when it
+   cannot travel (kind "shape"), else 0 and the error its items table's
+   access raised is in M_AERR (kind "error", after retries + 1 runs). */
+static void local_failure(lua_State *L, MMap *m, lua_Integer g, int idx,
+                          const char *shape) {
   parmap_buf b = PARMAP_BUF_INIT, rec = PARMAP_BUF_INIT;
   int top = lua_gettop(L), ok;
-  idx = lua_absindex(L, idx);
-  lua_getiuservalue(L, 1, M_DESC);
-  lua_pushliteral(L, "item");
-  lua_pushinteger(L, g);
-  lua_pushvalue(L, idx);
-  lua_call(L, 3, 1); /* top + 1: the message */
-  lua_getiuservalue(L, 1, M_SCRATCH); /* top + 2 */
-  parmap_put_error(L, &rec, top + 2, "shape", top + 1, lua_tostring(L, top + 1),
-                   "", 0);
+  if (shape != NULL) { /* the call adapter's message */
+    lua_pushstring(L, shape);
+    lua_getiuservalue(L, 1, M_SCRATCH); /* top + 2 */
+    parmap_put_error(L, &rec, top + 2, "shape", top + 1, shape, "", 0);
+  } else if (idx != 0) {
+    idx = lua_absindex(L, idx);
+    lua_getiuservalue(L, 1, M_DESC);
+    lua_pushliteral(L, "item");
+    lua_pushinteger(L, g);
+    lua_pushvalue(L, idx);
+    lua_call(L, 3, 1); /* top + 1: the message */
+    lua_getiuservalue(L, 1, M_SCRATCH); /* top + 2 */
+    parmap_put_error(L, &rec, top + 2, "shape", top + 1,
+                     lua_tostring(L, top + 1), "", 0);
+  } else { /* kind err message traceback pid attempts, as a worker's */
+    const char *what = NULL;
+    lua_getiuservalue(L, 1, M_SCRATCH); /* top + 1 */
+    lua_pushliteral(L, "error");
+    lua_getiuservalue(L, 1, M_AERR);
+    if (lua_type(L, -1) == LUA_TSTRING || lua_type(L, -1) == LUA_TNUMBER ||
+        luaL_getmetafield(L, -1, "__tostring") != LUA_TNIL) {
+      if (lua_type(L, -1) == LUA_TFUNCTION) lua_pop(L, 1);
+      luaL_tolstring(L, top + 3, NULL);
+    } else {
+      lua_pushfstring(L, "(error object is a %s value)",
+                      luaL_typename(L, top + 3));
+    }
+    lua_pushliteral(L, "");
+    lua_pushinteger(L, (lua_Integer)getpid());
+    lua_pushinteger(L, m->access_runs);
+    if (parmap_buf_reserve(&rec, 1)) nomem(L);
+    rec.p[rec.len++] = (char)REC_ERR;
+    if (parmap_encode(L, top + 2, 6, &rec, top + 1, &what) != PARMAP_OK) {
+      lua_pushvalue(L, top + 4); /* err cannot travel: its message does */
+      lua_replace(L, top + 3);
+      rec.len = 1;
+      if (parmap_encode(L, top + 2, 6, &rec, top + 1, &what) != PARMAP_OK)
+        nomem(L);
+    }
+  }
   ok = mpi_begin(&b, m->id, 1, 0, 0) == 0 &&
        parmap_put_varint(&b, (unsigned long long)g) == 0 &&
        parmap_put_varint(&b, rec.len) == 0 &&
@@ -266,6 +337,18 @@ static void local_failure(lua_State *L, MMap *m, lua_Integer g, int idx) {
   lua_settop(L, top);
 }
 
+/* An item failed here: a segment is a run of indices, so it ends the
+   segment (returns 1) unless it would be the first (then the segment
+   starts after it). */
+static int seg_cut(MMap *m) {
+  MsgHdr h;
+  if (m->segn > 0) return 1;
+  memcpy(&h, m->seg.p, sizeof h);
+  h.a = m->pulled + 1;
+  memcpy(m->seg.p, &h, sizeof h);
+  return 0;
+}
+
 /* fill(map, k): pull and encode up to k items into the segment m->seg,
    protected (send_segment): m->segn and m->segok say how far it got. An
    item that cannot travel fails at its turn, and ends the segment (a
@@ -275,22 +358,35 @@ static int fill(lua_State *L) {
   int k = (int)lua_tointeger(L, 2), items = 3, scratch = 4;
   lua_getiuservalue(L, 1, M_ITEMS);
   lua_getiuservalue(L, 1, M_SCRATCH);
-  while (m->segn < k && m->seg.len < SEG_BYTES && !m->closed &&
-         pull(L, m, items)) {
+  for (;;) {
     const char *what = NULL;
+    int got;
+    if (!(m->segn < k && m->seg.len < SEG_BYTES && !m->closed)) break;
+    if ((got = pull(L, m, items)) == 0) break;
+    if (got < 0) { /* its items table's access raised */
+      local_failure(L, m, m->pulled, 0, NULL);
+      if (seg_cut(m)) break;
+      continue;
+    }
     if (!parmap_encode_scalar(L, -1, &m->seg) &&
         parmap_encode(L, lua_gettop(L), 1, &m->seg, scratch, &what) !=
             PARMAP_OK) {
-      local_failure(L, m, m->pulled, -1);
+      local_failure(L, m, m->pulled, -1, NULL);
       lua_pop(L, 1);
-      if (m->segn > 0) break;
-      { /* the segment starts after it */
-        MsgHdr h;
-        memcpy(&h, m->seg.p, sizeof h);
-        h.a = m->pulled + 1;
-        memcpy(m->seg.p, &h, sizeof h);
+      if (seg_cut(m)) break;
+      continue;
+    }
+    if (m->shapecheck) { /* after encoding: one that cannot travel says so */
+      int it = lua_gettop(L);
+      m->cs.fn = it;
+      if (parmap_push_call(L, &m->cs, it, m->pulled) < 0) {
+        m->seg.len = m->segok; /* it does not go */
+        local_failure(L, m, m->pulled, 0, lua_tostring(L, -1));
+        lua_settop(L, it - 1);
+        if (seg_cut(m)) break;
         continue;
       }
+      lua_settop(L, it);
     }
     lua_pop(L, 1);
     m->segn++;
@@ -303,7 +399,7 @@ static int fill(lua_State *L) {
    The map userdata is at index 1. An error of the items iterator ends the
    input: the items pulled before it run, and it is raised after them. */
 static void send_segment(lua_State *L, MMap *m, int r) {
-  int status, top = lua_gettop(L);
+  int status, top = lua_gettop(L), k;
   if (m->as[r].ended) return;
   if (full(m)) { /* sent once the loop takes items (pay_owed) */
     m->as[r].owed++;
@@ -315,8 +411,23 @@ static void send_segment(lua_State *L, MMap *m, int r) {
   m->segok = m->seg.len;
   lua_pushcfunction(L, fill);
   lua_pushvalue(L, 1);
-  lua_pushinteger(L, seg_size(m, r));
+  lua_pushinteger(L, k = seg_size(m, r));
   status = lua_pcall(L, 2, 0, 0);
+  while (status != LUA_OK && m->accessing && status != LUA_ERRMEM &&
+         !parmap_is_interrupt(L, -1)) {
+    /* an items table's access raised: the item's error (retried in pull),
+       and the segment goes on */
+    m->accessing = 0;
+    lua_setiuservalue(L, 1, M_AERR);
+    m->access_at = m->pulled + 1;
+    m->access_runs = 1;
+    m->seg.len = m->segok;
+    lua_pushcfunction(L, fill);
+    lua_pushvalue(L, 1);
+    lua_pushinteger(L, k);
+    status = lua_pcall(L, 2, 0, 0);
+  }
+  m->accessing = 0;
   if (status != LUA_OK) {
     if (status == LUA_ERRMEM || parmap_is_interrupt(L, -1))
       lua_error(L); /* out of memory, or Ctrl-C: at once (the map stops) */
@@ -825,6 +936,21 @@ static void pass_ready(MMap *m) {
   else m->fhead++;
 }
 
+/* Every item is delivered: wait for every live agent's DONE, i.e. for its
+   engine's end, its workers' finish included (bounded there by
+   finish_timeout), as the fork engine waits for its workers' before the
+   loop ends. The owed CREDITs get their END here. */
+static void wait_done(lua_State *L, MMap *m) {
+  for (;;) {
+    int r, all = 1;
+    if (m->nowed > 0) pay_owed(L, m);
+    for (r = 1; r < C.size; r++)
+      if (!C.ag[r].dead && !m->as[r].done) all = 0;
+    if (all || m->failrank || m->closed) return;
+    wait_one(L, m);
+  }
+}
+
 /* The next item (the map at 1): pushes its index and values and returns
    their count, or 0 when the map is over (then the items iterator's
    error, if it raised, is raised). */
@@ -843,6 +969,7 @@ static int advance(lua_State *L, MMap *m) {
       return emit(L, m, g);
     }
     if (m->exhausted && m->emitted == m->pulled) {
+      wait_done(L, m);
       if (m->ierr) { /* every item pulled is delivered: now the error */
         stop(L, m);
         lua_getiuservalue(L, 1, M_IERR);
@@ -1021,6 +1148,14 @@ static int mpi_start(lua_State *L) {
   if (lua_isnumber(L, -1) && lua_tonumber(L, -1) > 0 &&
       (lua_tonumber(L, -1) + 3) * 1e9 < m->bound)
     m->bound = (lua_tonumber(L, -1) + 3) * 1e9;
+  if (parmap_boolfield(L, 3, "box", 0)) {
+    parmap_read_call(L, 1, &m->cs);
+    m->shapecheck = m->cs.star == STAR_TRUE || m->cs.kwstar;
+    m->cs.nargs = m->cs.has_kw = 0; /* only the item's shape is looked at */
+  }
+  lua_getfield(L, 3, "retries");
+  m->retries = lua_isinteger(L, -1) && lua_tointeger(L, -1) > 0
+                   ? (int)lua_tointeger(L, -1) : 0;
   lua_getfield(L, 3, "N");
   {
     lua_Integer n = lua_tointeger(L, -1); /* 0: each agent's CPUs */
