@@ -39,6 +39,8 @@ enum {
   U_SCRATCH,  /* the codec's scratch table */
   U_INIT,     /* init(id), run once in each worker before its items, or nil */
   U_FINISH,   /* finish(id), run in a worker that ends normally, or nil */
+  U_RETRY,    /* retry_check(index, kind, err, message, tb, pid, attempts,
+                 fields) -> again[, message] (errors.lua), or nil */
   U_IERR,     /* the error the items iterator raised (parent side only) */
   U_COUNT = U_IERR
 };
@@ -65,6 +67,9 @@ typedef struct Config {
   double init_timeout;   /* seconds init may run, 0: none */
   double finish_timeout; /* seconds finish may run, 0: none */
   int stats;            /* each record comes after a REC_STATS prefix */
+  int has_retry_if;     /* retry_if: U_RETRY decides which failures rerun */
+  double retry_delay, retry_delay_max; /* seconds before the 2nd run
+                            (doubling per run), its cap; 0: none, no cap */
 } Config;
 
 /* Frame headers. Both ends are the same machine: native byte order. */
