@@ -260,6 +260,36 @@ describe("retry_if on deaths and timeouts (decided in the caller)", function()
   end)
 end)
 
+describe("retry_delay in a worker with a timeout", function()
+  before_each(setup)
+  after_each(teardown)
+
+  it("the wait is not the run's time: a wait past timeout does not time the item out", function()
+    local r = parmap.map(function(x)
+      if bump(x) == 1 then ended(x); error("flaky") end
+      return x
+    end, { 1, 2 }, { N = 2, retries = 1, timeout = 0.5, retry_delay = 1.5,
+      exception = "return" })
+    assert.equal(1, r[1]) -- not kind "timeout"
+    local s, e = starts(1), ends(1)
+    assert.is_true(s[2] - e[1] >= 1.5)
+  end)
+
+  it("a death while it waits counts the run that failed before it", function()
+    local r = parmap.map(function(x)
+      bump(x)
+      error("flaky")
+    end, { 1 }, { N = 2, retries = 1, retry_delay = 30, exception = "return",
+      retry_if = function() -- in the worker, just before its wait
+        os.execute("(sleep 0.3; kill -KILL " .. core.pid() .. ") &")
+        return true
+      end })
+    assert.equal("died", r[1].kind)
+    assert.equal(2, r[1].attempts) -- the failed run and the one the death cut
+    assert.equal(1, #starts(1))
+  end)
+end)
+
 describe("retry_delay's doubling and retry_delay_max", function()
   before_each(setup)
   after_each(teardown)

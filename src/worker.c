@@ -263,6 +263,8 @@ static int retry_again(WState *w, int64_t index, int e) {
                             (lua_Integer)w->tries);
   if (d == 0) return 1;
   until = parmap_now_ns() + d;
+  /* a death while it waits costs the item the runs that failed so far */
+  __atomic_store_n(&w->shm->fails, w->tries, __ATOMIC_RELEASE);
   if (w->cfg->timeout > 0)
     __atomic_store_n(&w->shm->start, until, __ATOMIC_RELEASE);
   while (parmap_sleep_until(until) < 0) {
