@@ -280,8 +280,10 @@ describe("retry_delay in a worker with a timeout", function()
       bump(x)
       error("flaky")
     end, { 1 }, { N = 2, retries = 1, retry_delay = 30, exception = "return",
-      retry_if = function() -- in the worker, just before its wait
-        os.execute("(sleep 0.3; kill -KILL " .. core.pid() .. ") &")
+      retry_if = function(e) -- in the worker, just before its wait
+        if e.kind == "error" and parmap.worker() then
+          os.execute("(sleep 0.3; kill -KILL " .. core.pid() .. ") &")
+        end
         return true
       end })
     assert.equal("died", r[1].kind)
