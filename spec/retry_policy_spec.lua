@@ -275,6 +275,20 @@ describe("retry_delay in a worker with a timeout", function()
     assert.is_true(s[2] - e[1] >= 1.5)
   end)
 
+  it("the segment's earlier results reach the loop while an item waits", function()
+    local got = {}
+    for i in parmap(function(x)
+      if x == 3 and bump(x) == 1 then ended(x); error("flaky") end
+      return x
+    end, { 1, 2, 3, 4 }, { N = 1, timeout = 60, chunksize = 4, retries = 1,
+      retry_delay = 3 }) do
+      got[i] = parmap.now()
+    end
+    local s = starts(3)
+    assert.equal(2, #s)
+    assert.is_true(got[1] < s[2] and got[2] < s[2], "1 and 2 came after the wait")
+  end)
+
   it("a death while it waits counts the run that failed before it", function()
     local r = parmap.map(function(x)
       bump(x)

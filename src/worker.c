@@ -496,12 +496,16 @@ static void run_segment(WState *w, const TaskHdr *h) {
           w->tries_k = w->k;
           w->tries = 0;
         }
-        if ((lua_Integer)++w->tries <= w->cfg->retries &&
-            retry_again(w, h->from + (int64_t)w->k, lua_gettop(L) - 2)) {
-          lua_settop(L, top);
-          w->pos = w->mark_pos; /* its item is decoded again */
+        if ((lua_Integer)++w->tries <= w->cfg->retries) {
+          /* unheld: while retry_if runs and the wait lasts, the flusher
+             sends the segment's earlier results */
           unhold(w);
-          continue;
+          if (retry_again(w, h->from + (int64_t)w->k, lua_gettop(L) - 2)) {
+            lua_settop(L, top);
+            w->pos = w->mark_pos; /* its item is decoded again */
+            continue;
+          }
+          hold(w);
         }
       }
       put_failure(w, lua_gettop(L) - 2);
