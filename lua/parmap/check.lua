@@ -11,7 +11,7 @@ Errors.own()
 
 local error, type, tostring, tonumber, setmetatable, getmetatable, next =
   error, type, tostring, tonumber, setmetatable, getmetatable, next
-local tointeger, floor = math.tointeger, math.floor
+local tointeger, floor, huge = math.tointeger, math.floor, math.huge
 local format = string.format
 
 local C = {}
@@ -419,7 +419,7 @@ function C.map_spec(level, fn, items, opts, extra)
       if type(t) ~= "number" or not (t > 0) then
         bad(level, name, "positive number of seconds", t)
       end
-      spec[name] = t < math.huge and t or (name == "finish_timeout" and 2e9
+      spec[name] = t < huge and t or (name == "finish_timeout" and 2e9
         or nil)
     end
   end
