@@ -160,7 +160,7 @@ local function mpi_start(level, spec)
   if not ok then error("parmap: " .. tostring(rec), level + 1) end
   -- items go boxed with their index when a table has nil items (nil
   -- ends an iterator) or for seed (which needs the map's index)
-  local box = spec.seed ~= nil
+  local box = spec.seed ~= nil or spec.retry_if ~= nil -- retry_if: e.index
   if spec.from_table and not box and not spec.range then -- no nil there
     if getmetatable(items) == nil then
       for i = 1, spec.total do
@@ -179,27 +179,28 @@ local function mpi_start(level, spec)
     seed = spec.seed, maxtasks = spec.maxtasks, retries = spec.retries,
     maxmemory = spec.maxmemory,
     buffersize = spec.buffersize, init_timeout = spec.init_timeout,
-    finish_timeout = spec.finish_timeout,
+    finish_timeout = spec.finish_timeout, retry_delay = spec.retry_delay,
+    retry_delay_max = spec.retry_delay_max,
     chunksize = spec.chunksize }
   local hooks = {}
-  for _, name in next, { "init", "finish" } do -- they travel as fn does
+  for _, name in next, { "init", "finish", "retry_if" } do -- they travel as fn does
     local h = spec[name]
     if h ~= nil then
       if type(h) ~= "function" then
         local h0 = h
         h = function(...) return h0(...) end
       end
-      -- alone first, so that a refusal names init or finish
+      -- alone first, so that a refusal names init, finish or retry_if
       local ok2, r2 = pcall(core.dumpfn, h, name)
       if not ok2 then error("parmap: " .. tostring(r2), level + 1) end
       hooks[name] = h
     end
   end
-  if hooks.init or hooks.finish then
+  if hooks.init or hooks.finish or hooks.retry_if then
     -- then with fn in one record: an upvalue that init sets and fn reads
     -- (a connection) stays one variable on the agents, as in a worker
-    local init, finish = hooks.init, hooks.finish
-    rec = core.dumpfn(function() return f0, init, finish end)
+    local init, finish, retry_if = hooks.init, hooks.finish, hooks.retry_if
+    rec = core.dumpfn(function() return f0, init, finish, retry_if end)
     o.bundle = true
   end
   local m, what = mpi.start(spec, rec, o)

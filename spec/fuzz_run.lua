@@ -135,7 +135,8 @@ for _, e in ipairs(POOL) do
 end
 local NUMERIC = { N = true, chunksize = true, total = true, timeout = true,
   n_chunks = true, n_eval = true, n_min = true, seed = true, buffersize = true,
-  maxtasks = true, retries = true }
+  maxtasks = true, retries = true, init_timeout = true, finish_timeout = true,
+  maxmemory = true, retry_delay = true, retry_delay_max = true }
 
 -- Good values of each option (the draws mix these with any()).
 local function iter(n)
@@ -166,15 +167,28 @@ local GOOD = {
   init = { { "fn", function() end } },
   finish = { { "fn", function() end } },
   backend = { { '"auto"', "auto" }, { '"fork"', "fork" } },
+  init_timeout = { { "30", 30 }, { "inf", math.huge } },
+  finish_timeout = { { "30", 30 }, { "inf", math.huge }, { "1e-300", 1e-300 } },
+  maxmemory = { { '"2G"', "2G" }, { "2^30", 1 << 30 }, { '" 512 MiB "', " 512 MiB " },
+    { '"1.5k"', "1.5k" } },
+  stats = { { "true", true }, { "false", false } },
+  retry_if = { { "died only", function(e) return e.kind == "died" end },
+    { "never", function() return false end },
+    { "raises", function() error("retry_if raised") end } },
+  retry_delay = { { "0", 0 }, { "0.01", 0.01 } },
+  retry_delay_max = { { "0", 0 }, { "0.01", 0.01 }, { "30", 30 } },
 }
 local MAP_OPTIONS = { "N", "star", "kwstar", "args", "kwargs", "chunksize",
   "ordered", "progress", "total", "exception", "timeout", "seed", "buffersize",
-  "maxtasks", "retries", "init", "finish", "backend" }
+  "maxtasks", "retries", "init", "finish", "backend", "init_timeout",
+  "finish_timeout", "maxmemory", "stats", "retry_if", "retry_delay",
+  "retry_delay_max" }
 local RP_OPTIONS = { "args", "kwargs", "exception" }
 local PE_OPTIONS = { "n_chunks", "n_eval", "n_min", "N", "ordered",
   "exception", "timeout", "args", "kwargs", "chunksize" }
 local TYPOS = { "n", "progres", "Chunksize", "chunk_size", "nn", "time_out",
-  "arg", "n_chunk", "neval", "exceptions", "" }
+  "arg", "n_chunk", "neval", "exceptions", "", "retry_dely", "retryif",
+  "max_memory", "stat" }
 
 local function pick(list) return list[random(#list)] end
 
@@ -210,6 +224,13 @@ local function items_value()
     return iter(n)(), format("iterator(%d)", n)
   elseif r < 0.65 then -- only a loop that breaks may take it as it is
     return function() return 1 end, "forever"
+  elseif r < 0.72 then -- a range: a table with __len, nothing stored
+    local a, b, step = random(-2, 2), random(-2, 4), pick { 1, 2, -1 }
+    local n = 0
+    for _ in function(_, x) x = x + step; if (step > 0 and x <= b) or (step < 0 and x >= b) then return x end end, nil, a - step do
+      n = n + 1
+    end
+    return parmap.range(a, b, step), format("range(%d, %d, %d) (%d)", a, b, step, n)
   end
   return any()
 end
@@ -263,8 +284,24 @@ local function bad_option(k, v)
     return not (i and i >= 0) and "'total'" or nil
   elseif k == "exception" then
     return not (v == "raise" or v == "return" or v == "proc") and "'exception'" or nil
-  elseif k == "timeout" then
-    return not (type(v) == "number" and v > 0) and "'timeout'" or nil
+  elseif k == "timeout" or k == "init_timeout" or k == "finish_timeout" then
+    return not (type(v) == "number" and v > 0) and ("'" .. k .. "'") or nil
+  elseif k == "maxmemory" then
+    local n = i
+    if type(v) == "string" then -- a size: digits, a unit K M G T, iB or B
+      local num, unit = v:match("^%s*(%d+%.?%d*)%s*([kKmMgGtT]?)[iI]?[bB]?%s*$")
+      local mul = num and ({ [""] = 1, K = 1 << 10, M = 1 << 20, G = 1 << 30,
+        T = 1 << 40 })[unit:upper()]
+      n = mul and math.tointeger(math.floor(tonumber(num) * mul)) or nil
+    end
+    return not (n and n >= 1) and "'maxmemory'" or nil
+  elseif k == "stats" then
+    return type(v) ~= "boolean" and "'stats'" or nil
+  elseif k == "retry_if" then
+    return not callable(v) and "'retry_if'" or nil
+  elseif k == "retry_delay" or k == "retry_delay_max" then
+    return not (type(v) == "number" and v >= 0 and v <= 86400) and ("'" .. k .. "'")
+      or nil
   elseif k == "n_chunks" or k == "n_eval" then
     return not (i and i >= 1) and ("'" .. k .. "'") or nil
   elseif k == "n_min" then
@@ -413,6 +450,13 @@ local function draw_opts(known, extra_names)
   return opts, names
 end
 
+-- opts.star (or another key) as the checks read it, nil for no table
+local function o_star(opts, key)
+  if type(opts) ~= "table" then return nil end
+  local ok, v = pcall(function() return opts[key or "star"] end)
+  return ok and v or nil
+end
+
 local function run_map(k, seed, entry)
   local fn, fn_name = cheap, "fn"
   if random() < 0.1 then fn, fn_name = any() end
@@ -426,6 +470,8 @@ local function run_map(k, seed, entry)
   if items == ipairs_aux or items == next
     or (nextra > 0 and it == "function" and type(opts) == "table") then
     bad[#bad + 1] = "'items'"
+  elseif items_name:match("^range") and (o_star(opts) == true or o_star(opts, "kwstar") == true) then
+    bad[#bad + 1] = "'items'" -- a range's items are numbers: no tables to spread
   elseif it == "table" then
     count = seq_len(items)
     if not count then
@@ -444,9 +490,19 @@ local function run_map(k, seed, entry)
   end
   local o = type(opts) == "table" and opts or {}
   local N = int(o.N) or core.ncpu()
+  -- N = 1 with a seed, an init_timeout or stats runs in a worker process
   local forking = N > 1 or (type(o.timeout) == "number" and o.timeout < math.huge)
-    or (int(o.seed) ~= nil) -- N = 1 with a seed runs in a worker process
+    or (int(o.seed) ~= nil) or o.stats == true
+    or (type(o.init_timeout) == "number" and o.init_timeout < math.huge)
+  -- under parmap-mpi stats is refused (it needs the fork backend)
+  if MPI and o.stats == true and o.backend ~= "fork" then bad[#bad + 1] = "'stats'" end
   if #bad == 0 then
+    -- a failing item waits retry_delay between its runs, doubling: a
+    -- drawn 30 s would make the batch crawl; the wait itself is the spec's
+    if type(o.retry_delay) == "number" and o.retry_delay > 0.02 then
+      o.retry_delay = 0.02
+      onames[#onames + 1] = { "retry_delay", "0.02 (was more)" }
+    end
     -- a valid map must end: unending or huge inputs only where the loop
     -- takes a few results and breaks; forks within the budget
     if count and count ~= math.huge and known_bug("length", count) then

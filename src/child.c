@@ -189,6 +189,50 @@ void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
   put_error(L, b, scratch, kind, err_idx, message, traceback, pid, -1);
 }
 
+void parmap_put_error_after(lua_State *L, parmap_buf *b, int scratch,
+                            const char *kind, int err_idx,
+                            const char *message, const char *traceback,
+                            pid_t pid, lua_Integer prior) {
+  put_error(L, b, scratch, kind, err_idx, message, traceback, pid, prior);
+}
+
+/* ------------------------------------------------------------ retries */
+
+uint64_t parmap_retry_delay_ns(double base, double max, lua_Integer failed) {
+  double d = base;
+  lua_Integer k;
+  if (!(base > 0)) return 0;
+  if (!(max > 0) || max > 86400.0) max = 86400.0; /* the options' bound */
+  for (k = 1; k < failed && d < max; k++) d *= 2;
+  if (d > max) d = max;
+  return (uint64_t)(d * 1e9);
+}
+
+int parmap_retry_decide(lua_State *L, int fn, lua_Integer index, int rec,
+                        pid_t pid, lua_Integer attempts, int fields) {
+  int top = lua_gettop(L), k, again;
+  luaL_checkstack(L, 12, NULL);
+  lua_pushvalue(L, fn);
+  lua_pushinteger(L, index);
+  for (k = 0; k < 4; k++) lua_pushvalue(L, rec + k);
+  lua_pushinteger(L, (lua_Integer)pid);
+  lua_pushinteger(L, attempts);
+  if (fields) lua_pushvalue(L, fields); else lua_pushnil(L);
+  /* retry_check catches the predicate's errors; this pcall only memory's */
+  if (lua_pcall(L, 8, 2, 0) != LUA_OK) {
+    lua_settop(L, top);
+    return 0;
+  }
+  again = lua_toboolean(L, -2);
+  if (!again && lua_type(L, -1) == LUA_TSTRING) {
+    lua_pushvalue(L, -1);
+    lua_replace(L, rec + 2);
+    lua_replace(L, rec + 1);
+  }
+  lua_settop(L, top);
+  return again;
+}
+
 /* ------------------------------------------------------------ random */
 
 static uint64_t mix64(uint64_t z) { /* splitmix64's finalizer */

@@ -75,6 +75,12 @@ int parmap_unbox(lua_State *L, int idx);
 void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
                       const char *kind, int err_idx, const char *message,
                       const char *traceback, pid_t pid);
+/* The same with a sixth value when prior >= 0: the runs of the item that
+   failed before this one (its attempts less one). */
+void parmap_put_error_after(lua_State *L, parmap_buf *b, int scratch,
+                            const char *kind, int err_idx,
+                            const char *message, const char *traceback,
+                            pid_t pid, lua_Integer prior);
 
 /* Append the result record of the values from `first` to the top (item
    `index`; 0 for a ReturnProcess): REC_OK and their codec record, or,
@@ -82,6 +88,21 @@ void parmap_put_error(lua_State *L, parmap_buf *b, int scratch,
    (from describe, at absolute index desc) says where it sits. */
 void parmap_put_result(lua_State *L, parmap_buf *b, int first, int scratch,
                        int desc, lua_Integer index, pid_t pid);
+/* retry_delay: the wait before the run that follows `failed` failed runs
+   (1: before the 2nd): base doubled per run after the 2nd, at most max
+   (seconds; max 0: no cap but the option's bound). In ns. */
+uint64_t parmap_retry_delay_ns(double base, double max, lua_Integer failed);
+
+/* retry_if: call the spec's retry_check (at absolute index fn) on a
+   failure whose kind, err, message, traceback are at absolute index rec
+   (four values), of item `index` after `attempts` runs; fields: absolute
+   index of the error object's extra fields, or 0. Returns 1: run it
+   again; 0: not, and then, when the predicate raised, its message that
+   names retry_if replaces err and message (rec + 1, rec + 2). Never
+   raises but for memory. */
+int parmap_retry_decide(lua_State *L, int fn, lua_Integer index, int rec,
+                        pid_t pid, lua_Integer attempts, int fields);
+
 /* The same for a run that had `prior` runs before it (a worker's retries
    of the item): a "value" error record then carries that count as a sixth
    value, for the error's attempts. */

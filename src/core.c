@@ -116,6 +116,7 @@ static int core_caller(lua_State *L) {
 typedef struct Stepper {
   CallSpec cs;
   lua_Integer retries;
+  double retry_delay, retry_delay_max; /* seconds; 0: none, no cap */
   int from_table;
 } Stepper;
 
@@ -138,13 +139,43 @@ static int step_done(lua_State *L, lua_Integer index, int first) {
   return lua_gettop(L) - first + 1;
 }
 
+/* A serial run of item `index` failed (err, message, traceback at 4..6)
+   after `runs` runs, with runs left: does retry_if (upvalue 8) let it run
+   again? If so, wait retry_delay first (this process has nothing else to
+   do). When retry_if raised, its message replaces err and message. */
+static int retry_again(lua_State *L, const Stepper *st, lua_Integer index,
+                       lua_Integer runs) {
+  uint64_t until;
+  if (!lua_isnil(L, lua_upvalueindex(8))) {
+    int rec = lua_gettop(L) + 1, again;
+    luaL_checkstack(L, 6, NULL);
+    lua_pushliteral(L, "error");
+    lua_pushvalue(L, 4);
+    lua_pushvalue(L, 5);
+    lua_pushvalue(L, 6);
+    again = parmap_retry_decide(L, lua_upvalueindex(8), index, rec,
+                                getpid(), runs, 0);
+    lua_copy(L, rec + 1, 4);
+    lua_copy(L, rec + 2, 5);
+    lua_settop(L, rec - 1);
+    if (!again) return 0;
+  }
+  until = parmap_retry_delay_ns(st->retry_delay, st->retry_delay_max, runs);
+  if (until == 0) return 1;
+  until += parmap_now_ns();
+  while (parmap_sleep_until(until) < 0)
+    parmap_run_hooks(L); /* Ctrl-C: lua.c's hook raises here */
+  return 1;
+}
+
 /* step(item, index, protect), a closure of core.stepper: the serial
    loop's values for one item, as a worker and the parent make them: its
    index and fn's results, or its index and what the map's failure handler
    made of its failure (retried first while runs are left, when fn or the
    item raised); `item` is the items table for table input. Unprotected
    (exception = "proc" without retries) errors propagate untouched.
-   Upvalues: the Stepper, fn, args, kwargs, fail, progress, total. */
+   Upvalues: the Stepper, fn, args, kwargs, fail, progress, total,
+   retry_check. */
 static int core_step(lua_State *L) {
   const Stepper *st = (const Stepper *)lua_touserdata(L, lua_upvalueindex(1));
   lua_Integer index = luaL_checkinteger(L, 2), runs = 1;
@@ -176,8 +207,8 @@ static int core_step(lua_State *L) {
       return step_done(L, index, lua_gettop(L));
     }
     parmap_unbox(L, 4); /* err, message, traceback at 4..6 */
-    if (runs <= st->retries) { /* fn or the item raised: again */
-      runs++;
+    if (runs <= st->retries && retry_again(L, st, index, runs)) {
+      runs++; /* fn or the item raised: again */
       lua_settop(L, 3);
       continue;
     }
@@ -202,12 +233,15 @@ static int core_stepper(lua_State *L) {
   st = (Stepper *)lua_newuserdatauv(L, sizeof *st, 0);
   parmap_read_call(L, 1, &st->cs);
   st->retries = parmap_countfield(L, 1, "retries", "retries", 0, 0);
+  st->retry_delay = parmap_numfield(L, 1, "retry_delay", 0);
+  st->retry_delay_max = parmap_numfield(L, 1, "retry_delay_max", 0);
   st->from_table = parmap_boolfield(L, 1, "from_table", 0);
   parmap_push_callvalues(L, 1, "fn", st->cs.nargs);
   parmap_pushfield(L, 1, "fail", LUA_TFUNCTION, 0);
   parmap_pushfield(L, 1, "progress", LUA_TNONE, 1);
   parmap_pushfield(L, 1, "total", LUA_TNUMBER, 1);
-  lua_pushcclosure(L, core_step, 7);
+  parmap_pushfield(L, 1, "retry_check", LUA_TFUNCTION, 1);
+  lua_pushcclosure(L, core_step, 8);
   return 1;
 }
 

@@ -40,6 +40,8 @@ enum {
   U_INIT,     /* init(id), run once in each worker before its items, or nil */
   U_FINISH,   /* finish(id), run in a worker that ends normally, or nil */
   U_OUTPUT,   /* output = "lines" | "item": write(stream, text), or nil */
+  U_RETRY,    /* retry_check(index, kind, err, message, tb, pid, attempts,
+                 fields) -> again[, message] (errors.lua), or nil */
   U_IERR,     /* the error the items iterator raised (parent side only) */
   U_COUNT = U_IERR
 };
@@ -68,6 +70,9 @@ typedef struct Config {
   int stats;            /* each record comes after a REC_STATS prefix */
   int output;           /* OUT_DIRECT, OUT_LINES, OUT_ITEM */
   char prefix[64];      /* lines: each line's prefix, "%d" the worker */
+  int has_retry_if;     /* retry_if: U_RETRY decides which failures rerun */
+  double retry_delay, retry_delay_max; /* seconds before the 2nd run
+                            (doubling per run), its cap; 0: none, no cap */
 } Config;
 enum { OUT_DIRECT = 0, OUT_LINES = 1, OUT_ITEM = 2 };
 

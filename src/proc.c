@@ -240,6 +240,16 @@ int parmap_wait(pid_t pid, int *status, int timeout_ms) {
   }
 }
 
+int parmap_sleep_until(uint64_t deadline) {
+  uint64_t now = parmap_now_ns();
+  struct timespec ts;
+  if (now >= deadline) return 0;
+  ts.tv_sec = (time_t)((deadline - now) / 1000000000u);
+  ts.tv_nsec = (long)((deadline - now) % 1000000000u);
+  if (nanosleep(&ts, NULL) == 0) return 0;
+  return parmap_now_ns() >= deadline ? 0 : -1;
+}
+
 void parmap_status_text(int status, char *out, size_t n) {
   if (WIFEXITED(status))
     snprintf(out, n, "exited with status %d", WEXITSTATUS(status));

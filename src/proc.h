@@ -56,6 +56,9 @@ int parmap_wait(pid_t pid, int *status, int timeout_ms);
 void parmap_status_text(int status, char *out, size_t n);
 
 uint64_t parmap_now_ns(void);
+/* Sleep until the monotonic `deadline` (ns): 0 then, -1 when a signal cut
+   it short (the caller runs its hooks and sleeps again). */
+int parmap_sleep_until(uint64_t deadline);
 int parmap_ncpu(void);
 
 #endif

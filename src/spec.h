@@ -26,6 +26,20 @@ static inline int parmap_boolfield(lua_State *L, int t, const char *k,
   return v;
 }
 
+/* Field k of the table at t: nil gives d, else a number from 0 to 86400
+   (retry_delay, retry_delay_max: check.lua bounds them so). */
+static inline double parmap_numfield(lua_State *L, int t, const char *k,
+                                     double d) {
+  int type = lua_getfield(L, t, k);
+  lua_Number v = lua_tonumber(L, -1);
+  if (type == LUA_TNIL) v = d;
+  else if (type != LUA_TNUMBER || !(v >= 0) || v > 86400)
+    return luaL_error(L, "parmap: bad option '%s' (number of seconds from 0 "
+                      "to 86400 expected, got %s)", k, luaL_tolstring(L, -1, NULL));
+  lua_pop(L, 1);
+  return (double)v;
+}
+
 /* Field k of the table at t: nil gives the index of d in lst, else one of
    the strings of lst (NULL-terminated); returns its index. */
 static inline int parmap_optionfield(lua_State *L, int t, const char *k,

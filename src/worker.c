@@ -226,12 +226,51 @@ static void put_result(WState *w, lua_Integer index, int first) {
                           w->tries_k == w->k ? (lua_Integer)w->tries : 0);
 }
 
-static void put_failure(WState *w, int box) {
+/* fn raised: err, message, traceback at e. With retries the record says
+   how many runs failed before (retry_if may have stopped them early). */
+static void put_failure(WState *w, int e) {
   lua_State *L = w->L;
-  parmap_unbox(L, box);
-  parmap_put_error(L, &w->out, w->oscratch, "error", box,
-                   lua_tostring(L, box + 1), lua_tostring(L, box + 2),
-                   w->pid);
+  parmap_put_error_after(L, &w->out, w->oscratch, "error", e,
+                         lua_tostring(L, e + 1), lua_tostring(L, e + 2),
+                         w->pid,
+                         w->cfg->retries > 0 ? (lua_Integer)w->tries - 1 : -1);
+}
+
+/* fn raised in item `index` (err, message, traceback at e), which has runs
+   left: does retry_if let it run again (its message, when it raised,
+   replaces err and message at e)? Then sleep retry_delay here: the
+   segment's later items wait, the other workers do not (see README,
+   "Retries"). The timeout clock sees a start in the future meanwhile,
+   which it does not count (the run's own start comes after). */
+static int retry_again(WState *w, int64_t index, int e) {
+  lua_State *L = w->L;
+  uint64_t d, until;
+  if (w->cfg->has_retry_if) {
+    int fn = lua_gettop(L) + 1, rec = fn + 1, again;
+    luaL_checkstack(L, 6, NULL);
+    lua_getiuservalue(L, w->map, U_RETRY);
+    lua_pushliteral(L, "error");
+    lua_pushvalue(L, e);
+    lua_pushvalue(L, e + 1);
+    lua_pushvalue(L, e + 2);
+    again = parmap_retry_decide(L, fn, (lua_Integer)index,
+                                rec, w->pid, (lua_Integer)w->tries, 0);
+    lua_copy(L, rec + 1, e);
+    lua_copy(L, rec + 2, e + 1);
+    lua_settop(L, fn - 1);
+    if (!again) return 0;
+  }
+  d = parmap_retry_delay_ns(w->cfg->retry_delay, w->cfg->retry_delay_max,
+                            (lua_Integer)w->tries);
+  if (d == 0) return 1;
+  until = parmap_now_ns() + d;
+  /* a death while it waits costs the item the runs that failed so far */
+  __atomic_store_n(&w->shm->fails, w->tries, __ATOMIC_RELEASE);
+  if (w->cfg->timeout > 0)
+    __atomic_store_n(&w->shm->start, until, __ATOMIC_RELEASE);
+  while (parmap_sleep_until(until) < 0) {
+  }
+  return 1;
 }
 
 /* ---------------------------------------------------------------- stats */
@@ -508,19 +547,25 @@ static void run_segment(WState *w, const TaskHdr *h) {
       else
         hold(w); /* fn raised: what out holds is whole */
       clear_table(L, w->oscratch);
-      if (w->cfg->retries > 0) { /* runs left? then again, here and now */
+      parmap_unbox(L, lua_gettop(L)); /* err, message, traceback */
+      if (w->cfg->retries > 0) { /* runs left? then again, here */
         if (w->tries_k != w->k) {
           w->tries_k = w->k;
           w->tries = 0;
         }
         if ((lua_Integer)++w->tries <= w->cfg->retries) {
-          lua_settop(L, top);
-          w->pos = w->mark_pos; /* its item is decoded again */
+          /* unheld: while retry_if runs and the wait lasts, the flusher
+             sends the segment's earlier results */
           unhold(w);
-          continue;
+          if (retry_again(w, h->from + (int64_t)w->k, lua_gettop(L) - 2)) {
+            lua_settop(L, top);
+            w->pos = w->mark_pos; /* its item is decoded again */
+            continue;
+          }
+          hold(w);
         }
       }
-      put_failure(w, lua_gettop(L));
+      put_failure(w, lua_gettop(L) - 2);
       if (w->cfg->stats) { /* the last run's cost, as for a result */
         if (w->st_item != h->from + (int64_t)w->k) { /* raised before fn */
           w->st_wall = parmap_now_ns();

@@ -56,6 +56,9 @@ C.OPTIONS = {
   stats = true, -- per-item wall, CPU time and peak RSS, m:stats()
   output = true, -- "direct", "lines" or "item": where workers' output goes
   output_prefix = true, -- "lines": each line's prefix (true: "[%d] ")
+  retry_if = true, -- retry_if(e): does this failure get the run retries allows?
+  retry_delay = true, -- seconds before the 2nd run, doubling per run
+  retry_delay_max = true, -- the cap of that doubling (default 30 s)
 }
 local OPTIONS = C.OPTIONS
 
@@ -69,6 +72,9 @@ C.MAX_ARGS = 100000
 -- retries: an fn that always raises would otherwise run for ever (the
 -- fuzz drew retries = 2^40 with one)
 C.MAX_RETRIES = 10000
+-- retry_delay, retry_delay_max: a day at most (a sleep's nanoseconds then
+-- fit any integer type on the way)
+C.MAX_RETRY_DELAY = 86400
 local MAX_ARGS = C.MAX_ARGS
 
 function C.callable(f)
@@ -449,6 +455,21 @@ function C.map_spec(level, fn, items, opts, extra)
       bad(level, "retries", "non-negative integer", retries)
     elseif spec.retries > C.MAX_RETRIES then
       bad(level, "retries", "integer from 0 to " .. C.MAX_RETRIES, retries)
+    end
+  end
+  -- which failures get the runs retries allows, and after how long
+  local retry_if = opts.retry_if
+  if retry_if ~= nil then
+    if not callable(retry_if) then bad(level, "retry_if", "function", retry_if) end
+    spec.retry_if, spec.retry_check = retry_if, Errors.retry_check(retry_if)
+  end
+  for _, name in next, { "retry_delay", "retry_delay_max" } do
+    local t = opts[name]
+    if t ~= nil then
+      if type(t) ~= "number" or not (t >= 0) or t > C.MAX_RETRY_DELAY then
+        bad(level, name, "number of seconds from 0 to " .. C.MAX_RETRY_DELAY, t)
+      end
+      spec[name] = t > 0 and t or nil
     end
   end
 

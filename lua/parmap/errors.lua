@@ -4,8 +4,8 @@
 
 local core = require "parmap.core"
 
-local type, select, tostring, setmetatable, getmetatable, next, error =
-  type, select, tostring, setmetatable, getmetatable, next, error
+local type, select, tostring, setmetatable, getmetatable, next, error, pcall =
+  type, select, tostring, setmetatable, getmetatable, next, error, pcall
 local math_type = math.type
 local format, concat = string.format, table.concat
 
@@ -121,6 +121,24 @@ function E.handler(exception, oom)
       if err == message then e.err = e.message end
     end
     return apply(exception, true, e)
+  end
+end
+
+-- The retry_if option as the engines call it, in a worker, the parent or
+-- the serial loop: (index, kind, err, message, traceback, pid, attempts[,
+-- fields]) -> whether the item runs again, and when pred raised (or
+-- yielded: it runs under a C call) the item's new message, which names
+-- retry_if. pred gets the error object the policy would get.
+function E.retry_check(pred)
+  return function(index, kind, err, message, traceback, pid, attempts, fields)
+    local e = make_error(index, kind, err, message, traceback, pid, attempts)
+    if fields ~= nil then
+      for k, v in next, fields do e[k] = v end
+    end
+    local ok, r = pcall(pred, e)
+    if ok then return not not r end
+    return false, format("parmap: option 'retry_if' raised (so the item ran no "
+      .. "more): %s; the item's failure: %s", tostring(r), tostring(message))
   end
 end
 

@@ -62,6 +62,7 @@ typedef struct Seg {
    had one are listed) */
 typedef struct Tries {
   lua_Integer index, n;
+  uint64_t due; /* retry_delay: not handed out before (monotonic ns) */
 } Tries;
 
 typedef struct Worker {

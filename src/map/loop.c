@@ -148,13 +148,15 @@ static int map_stats(lua_State *L) {
 /* ms until the engine wants a step without any socket being ready
    (timeouts, the waitpid check, reaping at the end), or -1: never. */
 static int wake_ms(Map *m) {
-  int i, any = 0, t;
+  int i, any = 0, t, h;
   if (m->state != M_RUNNING || m->w == NULL) return -1;
   if (m->reaping) return REAP_MS;
   for (i = 0; i < m->nw && !any; i++) any = m->w[i].pid > 0;
-  if (!any) return -1;
+  h = held_ms(m); /* retry_delay: an item waits its time */
+  if (!any) return h;
   t = check_timeouts(m, 0);
-  return t < 0 || t > EXIT_CHECK_MS ? EXIT_CHECK_MS : t;
+  if (t < 0 || t > EXIT_CHECK_MS) t = EXIT_CHECK_MS;
+  return h >= 0 && h < t ? h : t;
 }
 
 /* Something for m:poll() without I/O: records to take, or the end. */

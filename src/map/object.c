@@ -82,8 +82,10 @@ static int failed(lua_State *L, Map *m, lua_Integer lost, lua_Integer index,
      those lost before); a death or timeout ended each one counted; a
      result that cannot travel ends it at once */
   kind = lua_tostring(L, base + 1);
-  if (strcmp(kind, "error") == 0)
-    attempts = m->cfg.retries + 1;
+  if (strcmp(kind, "error") == 0) /* retry_if may have stopped it early:
+                                      then the worker counted its runs */
+    attempts = n == 6 && lua_isinteger(L, base + 6)
+                   ? lua_tointeger(L, base + 6) + 1 : m->cfg.retries + 1;
   else if (strcmp(kind, "died") == 0 || strcmp(kind, "timeout") == 0)
     attempts = lost;
   else /* a sixth value: the runs its worker saw fail before this one */
@@ -421,6 +423,10 @@ static void read_config(lua_State *L, Config *c) {
     memcpy(c->prefix, pre, plen + 1);
     lua_pop(L, 1);
   }
+  c->has_retry_if = lua_getfield(L, 1, "retry_check") == LUA_TFUNCTION;
+  lua_pop(L, 1);
+  c->retry_delay = parmap_numfield(L, 1, "retry_delay", 0);
+  c->retry_delay_max = parmap_numfield(L, 1, "retry_delay_max", 0);
   n = parmap_countfield(L, 1, "N", "N", 1, 1);
   if (n > PARMAP_MAX_WORKERS) n = PARMAP_MAX_WORKERS;
   if (c->from_table && n > c->total) n = c->total > 0 ? c->total : 1;
@@ -452,6 +458,7 @@ static const ParmapField FIELDS[] = {
     {"init", U_INIT, LUA_TNONE, 0},
     {"finish", U_FINISH, LUA_TNONE, 0},
     {"output_write", U_OUTPUT, LUA_TNONE, 0}, /* checked in Lua */
+    {"retry_check", U_RETRY, LUA_TFUNCTION, 1},
     {NULL, 0, 0, 0}};
 
 /* The first dispatch of start, run protected: nothing holds the map yet,

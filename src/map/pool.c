@@ -229,6 +229,37 @@ static void dispatch(lua_State *L, Map *m) {
 
 /* ---------------------------------------------------------------- deaths */
 
+/* A death or timeout cost item `index` of s its n-th run, and retries
+   allows more; its message is on top. Does retry_if let it run again
+   (when the predicate raised, its message replaces the one on top)? If
+   so, it is held back from hand-out for retry_delay. */
+static int retry_later(lua_State *L, Map *m, Slot *s, lua_Integer index,
+                       lua_Integer n, const char *kind, pid_t pid, int sig) {
+  uint64_t d;
+  if (m->cfg.has_retry_if) {
+    int top = lua_gettop(L), again;
+    luaL_checkstack(L, 8, NULL);
+    lua_getiuservalue(L, m->self, U_RETRY); /* top + 1 */
+    lua_pushstring(L, kind);                /* the record: top + 2.. */
+    lua_pushvalue(L, top);
+    lua_pushvalue(L, top);
+    lua_pushliteral(L, "");
+    if (sig > 0) {
+      lua_createtable(L, 0, 1);
+      lua_pushinteger(L, sig);
+      lua_setfield(L, -2, "signal");
+    }
+    again = parmap_retry_decide(L, top + 1, index, top + 2, pid, n,
+                                sig > 0 ? top + 6 : 0);
+    lua_copy(L, top + 4, top);
+    lua_settop(L, top);
+    if (!again) return 0;
+  }
+  d = parmap_retry_delay_ns(m->cfg.retry_delay, m->cfg.retry_delay_max, n);
+  if (d > 0) set_due(s, index, parmap_now_ns() + d);
+  return 1;
+}
+
 static void on_death(lua_State *L, Map *m, int wi) {
   Worker *w = &m->w[wi];
   char how[160], msg[400];
@@ -299,10 +330,11 @@ static void on_death(lua_State *L, Map *m, int wi) {
     unbusy(m, s);
     /* retries: the item goes back with the others, for a fresh worker;
        the runs it failed in this worker before (fn raised) count too */
-    if (bad >= open && bad < w->q[k].to &&
-        add_try(L, s, bad, bad == cur ? (lua_Integer)__atomic_load_n(
-                    &m->shm[wi].fails, __ATOMIC_ACQUIRE) : 0) >
-            m->cfg.retries) {
+    if (bad >= open && bad < w->q[k].to) {
+      lua_Integer n = add_try(L, s, bad, bad == cur ? (lua_Integer)
+                      __atomic_load_n(&m->shm[wi].fails, __ATOMIC_ACQUIRE) : 0);
+      int sig = !w->timed_out && r == 1 && WIFSIGNALED(st) ? WTERMSIG(st) : 0;
+      const char *kind = w->timed_out ? "timeout" : "died";
       if (w->timed_out)
         snprintf(msg, sizeof msg,
                  "item %lld timed out after %g s (worker %d was killed)",
@@ -311,9 +343,11 @@ static void on_death(lua_State *L, Map *m, int wi) {
         snprintf(msg, sizeof msg, "worker %d %s while running item %lld",
                  (int)w->pid, how, (long long)bad);
       lua_pushstring(L, msg);
-      add_failure_sig(L, m, s, bad, w->timed_out ? "timeout" : "died", msg,
-                      w->pid, !w->timed_out && r == 1 && WIFSIGNALED(st)
-                                  ? WTERMSIG(st) : 0);
+      if (n > m->cfg.retries || !retry_later(L, m, s, bad, n, kind, w->pid,
+                                             sig))
+        add_failure_sig(L, m, s, bad, kind, lua_tostring(L, -1), w->pid, sig);
+      else
+        lua_pop(L, 1);
     }
   }
   if (m->death_out) {
@@ -603,7 +637,7 @@ static void retiring_readable(lua_State *L, Map *m, int wi) {
 
 /* One round: hand out work, wait for sockets (or not), move bytes. */
 static void pump(lua_State *L, Map *m, int block) {
-  int i, n = 0, r, timeout, retiring, nsock;
+  int i, n = 0, r, timeout, retiring, nsock, held;
   if (m->owner != getpid()) /* a forked copy: the workers and fds are not
                                ours (the fd numbers may name other files) */
     luaL_error(L, "parmap: a map cannot be stepped from a worker or child "
@@ -613,6 +647,8 @@ static void pump(lua_State *L, Map *m, int block) {
   if (m->close_req) return; /* closed from a callback: step stops it */
   timeout = block ? check_timeouts(m, 0) : 0;
   if (block && (timeout < 0 || timeout > EXIT_CHECK_MS)) timeout = EXIT_CHECK_MS;
+  held = block ? held_ms(m) : -1; /* retry_delay: an item waits its time */
+  if (held >= 0 && held < timeout) timeout = held;
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];
     if (w->fd < 0) continue;
@@ -634,11 +670,16 @@ static void pump(lua_State *L, Map *m, int block) {
       }
     }
   retiring = nretiring(m);
+  if (nsock == 0 && retiring == 0 && held >= 0) { /* a fork follows its time */
+    poll(NULL, 0, timeout);
+    parmap_run_hooks(L);
+    return;
+  }
   if (nsock == 0 && retiring == 0) { /* fine while records wait */
     if (block) luaL_error(L, "parmap: no worker left and none can be started");
     return;
   }
-  if (block && retiring == 0) { /* waiting with nothing out would hang */
+  if (block && retiring == 0 && held < 0) { /* nothing out would hang */
     int out = 0;
     for (i = 0; i < m->nw; i++) out += m->w[i].qn;
     if (out == 0) luaL_error(L, "parmap: internal error: the map stalled");

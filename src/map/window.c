@@ -170,8 +170,45 @@ static lua_Integer add_try(lua_State *L, Slot *s, lua_Integer index,
     s->tries_cap = cap;
   }
   s->tries[s->ntries].index = index;
+  s->tries[s->ntries].due = 0;
   s->tries[s->ntries].n = (failed > 0 ? failed : 0) + 1;
   return s->tries[s->ntries++].n;
+}
+
+/* retry_delay: item `index` of s (listed) is not handed out before due. */
+static void set_due(Slot *s, lua_Integer index, uint64_t due) {
+  int i;
+  for (i = 0; i < s->ntries; i++)
+    if (s->tries[i].index == index) s->tries[i].due = due;
+}
+
+/* retry_delay: ns until the item s hands out next may go, 0 when it may
+   now (the slot's later items wait behind it: a slot hands out in order). */
+static uint64_t held_ns(const Slot *s, uint64_t now) {
+  int i;
+  for (i = 0; i < s->ntries; i++)
+    if (s->tries[i].index == s->next)
+      return s->tries[i].due > now ? s->tries[i].due - now : 0;
+  return 0;
+}
+
+/* retry_delay: ms until the first item held back is due (at least 1), -1
+   when none is held. */
+static int held_ms(const Map *m) {
+  uint64_t now, best = 0;
+  int i;
+  if (m->cfg.retry_delay <= 0 || m->slots == NULL) return -1;
+  now = parmap_now_ns();
+  for (i = 0; i < m->nslots; i++) {
+    const Slot *s = &m->slots[i];
+    uint64_t d;
+    if (!s->used || s->ntries == 0 || s->next >= s->start + s->count) continue;
+    d = held_ns(s, now);
+    if (d > 0 && (best == 0 || d < best)) best = d;
+  }
+  if (best == 0) return -1;
+  best = best / 1000000u + 1;
+  return best > 1000000000u ? 1000000000 : (int)best;
 }
 
 /* A segment starting at g->from: an item that lost runs is handed out
@@ -415,11 +452,18 @@ static Slot *new_chunk(lua_State *L, Map *m) {
 static Slot *work_slot(lua_State *L, Map *m) {
   for (;;) {
     int i;
+    uint64_t now = 0;
     for (i = 0; i < m->nslots; i++) {
       Slot *s = &m->slots[i];
       while (s->used && !s->busy && s->next < s->start + s->count) {
         size_t at = 0;
-        if (next_failure(s, s->next, &at) != s->next) return s;
+        if (next_failure(s, s->next, &at) != s->next) {
+          if (s->ntries > 0 && m->cfg.retry_delay > 0) { /* held back? */
+            if (now == 0) now = parmap_now_ns();
+            if (held_ns(s, now) > 0) break;
+          }
+          return s;
+        }
         take_failure(L, m, s, at);
       }
     }
