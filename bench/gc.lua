@@ -47,7 +47,7 @@ local TICK = 100 -- USER_HZ on Linux
 local function usage()
   local s = stat()
   return { cpu = (s[14] + s[15]) / TICK, ccpu = (s[16] + s[17]) / TICK,
-           flt = s[10], cflt = s[11] }
+           sys = s[15] / TICK, csys = s[17] / TICK, flt = s[10], cflt = s[11] }
 end
 
 local function hwm_mb()
@@ -168,7 +168,7 @@ elseif case == "lines" then
     for _, r in parmap.parmap(fn, items, { N = N }) do s = s + r end
     local u1, t1 = usage(), clock()
     return { label = label, sum = s, wall = t1 - t0, cpu = u1.cpu - u0.cpu,
-             ccpu = u1.ccpu - u0.ccpu, flt = u1.flt - u0.flt, cflt = u1.cflt - u0.cflt }
+             ccpu = u1.ccpu - u0.ccpu, sys = u1.sys - u0.sys + u1.csys - u0.csys, flt = u1.flt - u0.flt, cflt = u1.cflt - u0.cflt }
   end
   local serial
   do
@@ -185,8 +185,8 @@ elseif case == "lines" then
   rows[#rows + 1] = run("table", t)
   for _, r in ipairs(rows) do
     io.write(fmt("lines    %-20s N=%d wall %5.2f s  cpu %5.2f s = caller %5.2f + workers %5.2f"
-      .. " (%.2fx serial)  faults caller %7d workers %7d\n",
-      r.label, N, r.wall, r.cpu + r.ccpu, r.cpu, r.ccpu, (r.cpu + r.ccpu) / serial, r.flt, r.cflt))
+      .. " (%.2fx serial; system %4.2f s)  faults caller %7d workers %7d\n",
+      r.label, N, r.wall, r.cpu + r.ccpu, r.cpu, r.ccpu, (r.cpu + r.ccpu) / serial, r.sys, r.flt, r.cflt))
   end
   os.remove(path)
 else
