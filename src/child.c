@@ -390,6 +390,24 @@ static int gc_young_only(lua_State *L) {
 #endif
 }
 
+/* In the caller, before a fork: 5.4's generational mode falls back to full
+   collections while the heap grows (lua5.4 runs in that mode, so a script
+   that just built a big table is there), and leaves the objects young: each
+   child would then mark, so copy, the whole heap. Re-entering the mode ends
+   the fallback with one full collection in the caller's own pages, after
+   which the objects are old. LUA_GCINC is the probe: a no-op in incremental
+   mode; in the fallback it says "generational" and, the collector being in
+   its incremental state already, only clears the fallback's count. Run once
+   a fallback: the objects are old from then on. */
+#define GC_SETTLE ((int)8 << 10) /* KiB: below this a child's copy is cheap */
+
+void parmap_child_gc_settle(lua_State *L) {
+  if (lua_gc(L, LUA_GCISRUNNING, 0) != 1 || lua_gc(L, LUA_GCCOUNT, 0) < GC_SETTLE)
+    return;
+  if (!lua_checkstack(L, 1) || gc_young_only(L)) return;
+  if (lua_gc(L, LUA_GCINC, 0, 0, 0) == LUA_GCGEN) lua_gc(L, LUA_GCGEN, 0, 0);
+}
+
 void parmap_child_gc_defer(lua_State *L) {
   void *ud;
   lua_Alloc f;

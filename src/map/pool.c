@@ -42,6 +42,7 @@ static int spawn(lua_State *L, Map *m, int wi) {
   int fd;
   pid_t pid;
   memset(&m->shm[wi], 0, sizeof m->shm[wi]);
+  parmap_child_gc_settle(L);
   pid = parmap_child_spawn(&fd);
   if (pid < 0) return -1;
   if (pid == 0) {
