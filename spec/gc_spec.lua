@@ -172,6 +172,90 @@ describe("a worker's collector", function()
   end)
 end)
 
+describe("a worker of a generational caller", function()
+  it("collects its garbage without copying the inherited heap", function()
+    if SANITIZED then return end -- another allocator: other pages
+    -- ~45 MB of lines (11,000 pages) made old by entering generational mode
+    -- after they are built; each worker makes ~100 MB of garbage. A young
+    -- collection never writes an old object: the workers fault in their
+    -- own garbage's pages only. A full cycle marks every line, copying
+    -- each worker's whole inherited heap.
+    local out = run [[
+      local t = {}
+      local y = string.rep("y", 91)
+      -- one block a line, no garbage between: no free holes in its pages
+      -- (a worker reusing one would copy that page)
+      for i = 1, 300000 do t[i] = string.format("%09d%s", i, y) end
+      collectgarbage("incremental")
+      collectgarbage("generational")
+      local function cminflt()
+        local f = assert(io.open("/proc/self/stat"))
+        local s = f:read("a")
+        f:close()
+        local rest, k = s:match("%) (.*)$"), 2
+        for v in rest:gmatch("%S+") do
+          k = k + 1
+          if k == 11 then return tonumber(v) end
+        end
+      end
+      local heap = collectgarbage("count") // 4
+      local f0 = cminflt()
+      local n = 0
+      for _, r in parmap.parmap(function(s)
+        local g = {}
+        for i = 1, 8 do g[i] = { i } end
+        return #s + #g
+      end, t, { N = 2 }) do n = n + r end
+      io.write("FAULTS ", cminflt() - f0, " PAGES ", heap, " SUM ", n, "\n")
+    ]]
+    local f, pages, sum = out:match("FAULTS (%d+) PAGES (%d+) SUM (%d+)")
+    assert.truthy(f, out)
+    assert.equal(300000 * 108, tonumber(sum), out)
+    -- without: ~2 faults per inherited page per worker (40,000)
+    assert.is_true(tonumber(f) < tonumber(pages) // 2, out)
+  end)
+end)
+
+describe("a worker of a caller whose generational mode fell back", function()
+  it("inherits old objects: the caller settles the mode before forking", function()
+    if SANITIZED then return end
+    -- lua5.4's generational mode, falling back to full collections while
+    -- the table grows, leaves its lines young; parmap ends the fallback in
+    -- the caller, else each worker's collections copy the whole heap
+    local out = run [[
+      collectgarbage("generational")
+      local t, y = {}, string.rep("y", 91)
+      for i = 1, 300000 do t[i] = string.format("%09d%s", i, y) end
+      local function cminflt()
+        local f = assert(io.open("/proc/self/stat"))
+        local s = f:read("a")
+        f:close()
+        local rest, k = s:match("%) (.*)$"), 2
+        for v in rest:gmatch("%S+") do
+          k = k + 1
+          if k == 11 then return tonumber(v) end
+        end
+      end
+      local heap = collectgarbage("count") // 4
+      local f0 = cminflt()
+      local r = parmap.map(function(s)
+        local g = {}
+        for i = 1, 8 do g[i] = { i } end
+        return #s + #g
+      end, t, { N = 2 })
+      local p = parmap.ReturnProcess(function()
+        for _ = 1, 300000 do local g = {} for i = 1, 8 do g[i] = { i } end end
+        return #t
+      end):start()
+      io.write("FAULTS ", cminflt() - f0, " PAGES ", heap, " N ", #r, " ", p:join(), "\n")
+    ]]
+    local f, pages = out:match("FAULTS (%d+) PAGES (%d+) N 300000 300000")
+    assert.truthy(f, out)
+    -- without: ~2 faults per inherited page per child (60,000)
+    assert.is_true(tonumber(f) < tonumber(pages) // 2, out)
+  end)
+end)
+
 describe("a ReturnProcess child's collector", function()
   it("runs inside its call, also when the target sets its own hook", function()
     local out = run [[

@@ -380,6 +380,7 @@ void parmap_child_disarm(void) { guard_armed = 0; }
    thread, and a check between a worker's segments none inside a long item. */
 
 #define GC_FLOOR ((ptrdiff_t)1 << 20) /* restart once own garbage passes this... */
+#define GC_YOUNG ((ptrdiff_t)1 << 20) /* a young collection per this much, at most */
 
 static lua_State *gc_L;        /* the state (any thread: lua_gc needs G only) */
 static lua_Alloc gc_f;         /* the wrapped allocator */
@@ -412,6 +413,45 @@ static void gc_pin(void) {
     dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
 }
 
+/* Generational mode with the inherited objects old: a young collection
+   never touches (so never copies) them. The mode has no query in the API,
+   and switching to learn it would run a full collection: read the age bits
+   (the low 3 of the mark byte, after the next pointer and the type tag) of
+   the registry, old once the mode is in force. Ages stay 0 in incremental
+   mode and while 5.4's generational mode falls back to full collections
+   after a heap's growth. A wrong guess costs speed, never correctness. */
+static int gc_young_only(lua_State *L) {
+#if LUA_VERSION_NUM == 504
+  const unsigned char *h;
+  lua_pushvalue(L, LUA_REGISTRYINDEX);
+  h = (const unsigned char *)lua_topointer(L, -1);
+  lua_pop(L, 1);
+  return h != NULL && h[sizeof(void *)] == LUA_TTABLE &&
+         (h[sizeof(void *) + 1] & 7) != 0;
+#else
+  (void)L;
+  return 0;
+#endif
+}
+
+/* In the caller, before a fork: 5.4's generational mode falls back to full
+   collections while the heap grows (lua5.4 runs in that mode, so a script
+   that just built a big table is there), and leaves the objects young: each
+   child would then mark, so copy, the whole heap. Re-entering the mode ends
+   the fallback with one full collection in the caller's own pages, after
+   which the objects are old. LUA_GCINC is the probe: a no-op in incremental
+   mode; in the fallback it says "generational" and, the collector being in
+   its incremental state already, only clears the fallback's count. Run once
+   a fallback: the objects are old from then on. */
+#define GC_SETTLE ((int)8 << 10) /* KiB: below this a child's copy is cheap */
+
+void parmap_child_gc_settle(lua_State *L) {
+  if (lua_gc(L, LUA_GCISRUNNING, 0) != 1 || lua_gc(L, LUA_GCCOUNT, 0) < GC_SETTLE)
+    return;
+  if (!lua_checkstack(L, 1) || gc_young_only(L)) return;
+  if (lua_gc(L, LUA_GCINC, 0, 0, 0) == LUA_GCGEN) lua_gc(L, LUA_GCGEN, 0, 0);
+}
+
 void parmap_child_gc_defer(lua_State *L) {
   void *ud;
   lua_Alloc f;
@@ -431,6 +471,15 @@ void parmap_child_gc_defer(lua_State *L) {
   gc_L = L;
   gc_grown = 0;
   gc_limit = base > GC_FLOOR ? base : GC_FLOOR;
+  if (lua_checkstack(L, 1) && gc_young_only(L)) {
+    /* young collections cost nothing of the inherited heap: keep the
+       garbage within ~GC_YOUNG (a minor multiplier of 20% of a big heap
+       is that many fresh pages per collection); LUA_GCGEN in generational
+       mode only sets the parameter */
+    ptrdiff_t minor = GC_YOUNG * 100 / (base > 1 ? base : 1);
+    gc_limit = GC_FLOOR;
+    if (minor < 20) lua_gc(L, LUA_GCGEN, minor > 0 ? (int)minor : 1, 0);
+  }
   gc_deferred = 1;
 }
 

@@ -60,6 +60,9 @@ int parmap_worker_id(int *n);
    allocation (the child's allocator is wrapped), so inside a long call too.
    A collector the caller had stopped stays stopped. */
 void parmap_child_gc_defer(lua_State *L);
+/* In the caller before a fork: end generational mode's fallback to full
+   collections, so the children inherit old objects. */
+void parmap_child_gc_settle(lua_State *L);
 
 /* ------------------------------------------------------------ records */
 

@@ -346,6 +346,7 @@ static int p_start(lua_State *L) {
     return luaL_error(L, "parmap: ReturnProcess: already started");
   lua_settop(L, 1);
   parmap_run_hooks(L); /* a pending Ctrl-C raises here, not in the child */
+  parmap_child_gc_settle(L);
   pid = parmap_child_spawn(&fd);
   if (pid < 0)
     return luaL_error(L, "parmap: ReturnProcess: cannot fork: %s",

@@ -43,6 +43,7 @@ static int spawn(lua_State *L, Map *m, int wi) {
   pid_t pid;
   int cfd[2] = {-1, -1};
   memset(&m->shm[wi], 0, sizeof m->shm[wi]);
+  parmap_child_gc_settle(L);
   if (m->op && out_prepare(m, wi, cfd)) return -1;
   pid = parmap_child_spawn(&fd);
   if (m->op && pid != 0) { /* the child's ends are the child's */
