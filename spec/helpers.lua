@@ -73,6 +73,16 @@ function H.run_lua(src, env)
   return out, code
 end
 
+-- A fresh empty directory (under /tmp), and its removal.
+function H.tmpdir()
+  local path = os.tmpname()
+  os.remove(path)
+  assert(os.execute("mkdir " .. path))
+  return path
+end
+
+function H.rmdir(dir) os.execute("rm -rf " .. dir) end
+
 function H.range(n)
   local t = {}
   for i = 1, n do t[i] = i end
