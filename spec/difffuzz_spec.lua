@@ -13,12 +13,8 @@ local MPI_CASES = 500
 
 local seed = require("difffuzz").seed()
 
-local BIN = os.getenv("PARMAP_MPI_BIN") or "build/parmap-mpi"
-local MPIRUN = os.getenv("MPIRUN") or "mpirun"
-local FLAGS = os.getenv("MPIRUN_FLAGS")
-  or "--allow-run-as-root --oversubscribe --bind-to none"
-local have_mpi = os.getenv("PARMAP_MPI_BIN") and io.open(BIN, "r")
-if have_mpi then have_mpi:close() end
+local M = require "mpi_helpers"
+local BIN, MPIRUN, FLAGS, have_mpi = M.BIN, M.MPIRUN, M.FLAGS, M.have
 
 local function slurp(path)
   local f = io.open(path)
@@ -85,17 +81,6 @@ describe("the differential fuzz", function()
     local out, how, code, err, path = batch(cmd, 1, MPI_CASES)
     verdict(out, how, code, err, 1, MPI_CASES)
     -- no process of the job is left (the agents' workers die with them)
-    local left
-    for _ = 1, 100 do
-      left = 0
-      local p = io.popen("env -u LD_PRELOAD ps -eo args")
-      for line in p:lines() do
-        if line:find(path, 1, true) then left = left + 1 end
-      end
-      p:close()
-      if left == 0 then break end
-      os.execute("sleep 0.1")
-    end
-    assert.are.equal(0, left)
+    M.assert_none_left(path)
   end)
 end)

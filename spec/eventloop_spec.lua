@@ -37,11 +37,7 @@ local function drive(m, each, budget, quiet)
   end
 end
 
-local function range(n)
-  local t = {}
-  for i = 1, n do t[i] = i end
-  return t
-end
+local range = require("helpers").range
 
 describe("parmap.start and m:poll() from plain poll(2)", function()
   it("delivers every item once, in order, driven by the fd alone", function()

@@ -61,16 +61,27 @@ function H.script(src)
   return path
 end
 
--- Run a Lua script (source text) in a new lua5.4; returns its output
--- (stdout and stderr together) and its exit status.
-function H.run_lua(src)
+-- Run a Lua script (source text) in a new lua5.4, after the environment
+-- assignments env (a string, optional); returns its output (stdout and
+-- stderr together) and its exit status.
+function H.run_lua(src, env)
   local path = H.script(src)
-  local p = io.popen(H.lua_cmd(path) .. " 2>&1")
+  local p = io.popen((env and env .. " " or "") .. H.lua_cmd(path) .. " 2>&1")
   local out = p:read("a")
   local _, _, code = p:close()
   os.remove(path)
   return out, code
 end
+
+-- A fresh empty directory (under /tmp), and its removal.
+function H.tmpdir()
+  local path = os.tmpname()
+  os.remove(path)
+  assert(os.execute("mkdir " .. path))
+  return path
+end
+
+function H.rmdir(dir) os.execute("rm -rf " .. dir) end
 
 function H.range(n)
   local t = {}

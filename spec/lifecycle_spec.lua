@@ -8,13 +8,7 @@ local H = require "helpers"
 local F = require "faults_helpers"
 local T = F.T
 
-local function tmpdir()
-  local d = os.tmpname()
-  os.remove(d)
-  assert(os.execute("mkdir " .. d))
-  return d
-end
-local function rmdir(d) os.execute("rm -rf " .. d) end
+local tmpdir, rmdir = H.tmpdir, H.rmdir
 
 -- Count one more run of item x in dir; returns the count (this one included).
 local function bump(dir, x)

@@ -5,6 +5,7 @@ local parmap = require "parmap"
 local core = require "parmap.core"
 local Check = require "parmap.check"
 local H = require "helpers"
+local M = require "mpi_helpers"
 
 local function rss()
   local f = assert(io.open("/proc/self/statm"))
@@ -16,12 +17,7 @@ end
 -- Run src in a fresh lua5.4 with the environment env (a string of
 -- assignments); returns its output.
 local function run_env(env, src)
-  local path = H.script(src)
-  local p = io.popen(env .. " " .. H.lua_cmd(path) .. " 2>&1")
-  local out = p:read("a")
-  p:close()
-  os.remove(path)
-  return out
+  return (H.run_lua(src, env))
 end
 
 describe("the maxmemory option", function()
@@ -138,24 +134,15 @@ describe("a worker the OOM killer took", function()
   end)
 
   it("under parmap-mpi: the agent's error object keeps signal and oom", function()
-    local bin = os.getenv("PARMAP_MPI_BIN")
-    local have = bin and io.open(bin, "r")
-    if not have then
+    if not M.have then
       pending("PARMAP_MPI_BIN not set (make test, make check-mpi)")
       return
     end
-    have:close()
     local f = assert(io.open(root .. "/sys/fs/cgroup/job/memory.events", "w"))
     f:write("oom_kill 0\n") -- the script bumps it to 1
     f:close()
-    local path = H.script(script(true, "KILL"))
-    local p = io.popen(string.format("env -u LD_PRELOAD PARMAP_CGROUP_ROOT=%q timeout 120 %s %s -x PARMAP_CGROUP_ROOT -n 2 %s %q 2>&1",
-      root, os.getenv("MPIRUN") or "mpirun",
-      os.getenv("MPIRUN_FLAGS") or "--allow-run-as-root --oversubscribe --bind-to none",
-      bin, path))
-    local out = p:read("a")
-    p:close()
-    os.remove(path)
+    local out = M.mpirun(script(true, "KILL"), 2, nil,
+      string.format("PARMAP_CGROUP_ROOT=%q", root), "-x PARMAP_CGROUP_ROOT")
     assert.matches("^3\tdied\t9\ttrue\tworker %d+ killed by signal 9 %(Killed, by the kernel's OOM killer%) while running item 3\n$", out)
   end)
 

@@ -501,12 +501,7 @@ parmap.map(function(x) return x end, {1, 2, 3, 4})
   -- mpirun. MPICH's mpirun (hydra) ends the job even with
   -- -disable-auto-cleanup; srun keeps it with --mpi=pmi2 (MPICH) and
   -- --kill-on-bad-exit=0, never with --mpi=pmix (its plugin kills the step).
-  local vp = io.popen(MPIRUN .. " --version 2>&1")
-  local openmpi = vp:read("a"):find("Open MPI", 1, true) ~= nil
-  vp:close()
-  local keep = os.getenv("MPIRUN_RESILIENT_FLAGS")
-  if keep == "" then keep = nil end
-  keep = keep or (openmpi and "--enable-recovery")
+  local keep = MH.resilient_flags()
   -- srun exits with the status of its worst task: 137 for the killed one
   local srun = MPIRUN:match("srun$") ~= nil
   local it_resilient = keep and it or pending

@@ -49,6 +49,18 @@ function M.assert_none_left(path)
   assert.are.equal(0, left)
 end
 
+-- The launcher's flags that keep the job alive after a rank's death:
+-- MPIRUN_RESILIENT_FLAGS, by default --enable-recovery with Open MPI's
+-- mpirun; false when there are none.
+function M.resilient_flags()
+  local vp = io.popen(M.MPIRUN .. " --version 2>&1")
+  local openmpi = vp:read("a"):find("Open MPI", 1, true) ~= nil
+  vp:close()
+  local keep = os.getenv("MPIRUN_RESILIENT_FLAGS")
+  if keep == "" then keep = nil end
+  return keep or (openmpi and "--enable-recovery")
+end
+
 -- describe_mpi = M.describer(describe, pending) in a spec file (busted's
 -- describe and pending live in the spec's environment): describe, or a
 -- pending block without parmap-mpi

@@ -6,14 +6,9 @@
 -- Each spec would hang without its fix: the bound of `timeout` (status
 -- 124) tells a hang from an end.
 local H = require "helpers"
+local M = require "mpi_helpers"
 
-local BIN = os.getenv("PARMAP_MPI_BIN") or "build/parmap-mpi"
-local MPIRUN = os.getenv("MPIRUN") or "mpirun"
-local FLAGS = os.getenv("MPIRUN_FLAGS")
-  or "--allow-run-as-root --oversubscribe --bind-to none"
-
-local have = os.getenv("PARMAP_MPI_BIN") and io.open(BIN, "r")
-if have then have:close() end
+local BIN, MPIRUN, FLAGS = M.BIN, M.MPIRUN, M.FLAGS
 
 -- Run src under mpirun (3 ranks); returns output, exit status, the
 -- script's path (removed) and the seconds it took.
@@ -28,27 +23,9 @@ local function mpirun(src, env, flags)
   return out, code, path, os.time() - t0
 end
 
--- No process whose command line names the script is left (polled 10 s).
-local function assert_none_left(path)
-  local left
-  for _ = 1, 100 do
-    left = 0
-    local p = io.popen("env -u LD_PRELOAD ps -eo args")
-    for line in p:lines() do
-      if line:find(path, 1, true) then left = left + 1 end
-    end
-    p:close()
-    if left == 0 then break end
-    os.execute("sleep 0.1")
-  end
-  assert.are.equal(0, left)
-end
+local assert_none_left = M.assert_none_left
 
-local describe_mpi = have and describe or function(name, body)
-  describe(name, function()
-    pending("the MPI specs run under make test and make check-mpi")
-  end)
-end
+local describe_mpi = M.describer(describe, pending)
 
 -- The items of rank 1 from item 3 on stop their agent (SIGSTOP: its
 -- heartbeat thread too); the worker's parent is the agent. Only rank 1's:
@@ -130,12 +107,7 @@ print("finished")
     assert_none_left(path)
   end)
 
-  local vp = io.popen(MPIRUN .. " --version 2>&1")
-  local openmpi = vp:read("a"):find("Open MPI", 1, true) ~= nil
-  vp:close()
-  local keep = os.getenv("MPIRUN_RESILIENT_FLAGS")
-  if keep == "" then keep = nil end
-  keep = keep or (openmpi and "--enable-recovery")
+  local keep = M.resilient_flags()
   local it_resilient = keep and it or pending
 
   it_resilient("resilient = true goes on without a quiet agent, and the job "

@@ -5,6 +5,7 @@
 local parmap = require "parmap"
 local core = require "parmap.core"
 local H = require "helpers"
+local M = require "mpi_helpers"
 
 local function mkdirs(path) assert(os.execute("mkdir -p '" .. path .. "'")) end
 local function write(path, text)
@@ -106,31 +107,24 @@ describe("parmap.ncpu and cgroup CPU quotas", function()
 
   it("is the default N of a map (PARMAP_CGROUP_ROOT)", function()
     local r = v2({ ["/a/b"] = "100000 100000" })
-    local path = H.script([[
+    local out = H.run_lua([[
       local parmap = require "parmap"
       local ns = {}
       for _, n in parmap(function() local _, n = parmap.worker(); return n end,
           {1, 2, 3, 4, 5, 6, 7, 8}, { timeout = 60 }) do ns[n] = true end
       io.write("ncpu ", parmap.ncpu(), "\n")
       for n in pairs(ns) do io.write("workers ", n, "\n") end
-    ]])
-    local p = io.popen("PARMAP_CGROUP_ROOT='" .. r .. "' " .. H.lua_cmd(path) .. " 2>&1")
-    local out = p:read("a")
-    p:close()
-    os.remove(path)
+    ]], "PARMAP_CGROUP_ROOT='" .. r .. "'")
     assert.equal("ncpu 1\nworkers 1\n", out)
   end)
 
   it("under parmap-mpi: each agent reports (and runs) its quota's CPUs", function()
-    local bin = os.getenv("PARMAP_MPI_BIN")
-    local have = bin and io.open(bin, "r")
-    if not have then
+    if not M.have then
       pending("PARMAP_MPI_BIN not set (make test, make check-mpi)")
       return
     end
-    have:close()
     local r = v2({ ["/a/b"] = "100000 100000" })
-    local path = H.script([[
+    local src = [[
       local mpi = package.loaded["parmap.mpi"]
       local parmap = require "parmap"
       local ids = {}
@@ -141,14 +135,9 @@ describe("parmap.ncpu and cgroup CPU quotas", function()
       io.write("agents")
       for rank = 1, 2 do io.write(" ", mpi.hosts()[rank].ncpu) end
       io.write(" workers ", n, "\n")
-    ]])
-    local p = io.popen(string.format("env -u LD_PRELOAD PARMAP_CGROUP_ROOT=%q timeout 120 %s %s -x PARMAP_CGROUP_ROOT -n 3 %s %q 2>&1",
-      r, os.getenv("MPIRUN") or "mpirun",
-      os.getenv("MPIRUN_FLAGS") or "--allow-run-as-root --oversubscribe --bind-to none",
-      bin, path))
-    local out = p:read("a")
-    p:close()
-    os.remove(path)
+    ]]
+    local out = M.mpirun(src, 3, nil, string.format("PARMAP_CGROUP_ROOT=%q", r),
+      "-x PARMAP_CGROUP_ROOT")
     assert.equal("agents 1 1 workers 2\n", out)
   end)
 end)

@@ -3,6 +3,7 @@
 -- option works with it.
 local parmap = require "parmap"
 local H = require "helpers"
+local M = require "mpi_helpers"
 
 -- The values `for x = a, b, s` gives, as a list.
 local function for_values(a, b, s)
@@ -181,14 +182,11 @@ describe("parmap.range", function()
   -- under parmap-mpi the coordinator reads the range as a table (rank 0
   -- sends each item, a varint: agents have no copy of it)
   it("works under parmap-mpi", function()
-    local bin = os.getenv("PARMAP_MPI_BIN")
-    local have = bin and io.open(bin, "r")
-    if not have then
+    if not M.have then
       pending("PARMAP_MPI_BIN not set (make test, make check-mpi)")
       return
     end
-    have:close()
-    local path = H.script([[
+    local src = [[
       local parmap = require "parmap"
       local got, n = parmap.map(function(x) return x * 2 end, parmap.range(1000))
       local ok = n == 1000
@@ -197,14 +195,8 @@ describe("parmap.range", function()
       local k = 0
       for x = 0, 1, 0.1 do k = k + 1; ok = ok and f[k] == x end
       print("mpi", ok and k == 11 and #f == 11)
-    ]])
-    local p = io.popen(string.format("env -u LD_PRELOAD timeout 120 %s %s -n 3 %s %q 2>&1",
-      os.getenv("MPIRUN") or "mpirun",
-      os.getenv("MPIRUN_FLAGS") or "--allow-run-as-root --oversubscribe --bind-to none",
-      bin, path))
-    local out = p:read("a")
-    p:close()
-    os.remove(path)
+    ]]
+    local out = M.mpirun(src, 3)
     assert.equal("mpi\ttrue\n", out)
   end)
 end)

@@ -10,11 +10,7 @@ local function spin(s)
   while os.clock() - t < s do end
 end
 
-local function range(n)
-  local t = {}
-  for i = 1, n do t[i] = i end
-  return t
-end
+local range = require("helpers").range
 
 describe("stats = true", function()
   it("records wall and CPU time per item; the slowest first; totals", function()

@@ -6,13 +6,8 @@ local H = require "helpers"
 local F = require "faults_helpers"
 local T = F.T
 
--- A fresh empty directory; files(dir) lists {name = contents}.
-local function tmpdir()
-  local path = os.tmpname()
-  os.remove(path)
-  assert(os.execute("mkdir " .. path))
-  return path
-end
+-- A fresh empty directory (H.tmpdir); files(dir) lists {name = contents}.
+local tmpdir = H.tmpdir
 
 local function files(dir)
   local out, n = {}, 0
@@ -27,7 +22,7 @@ local function files(dir)
   return out, n
 end
 
-local function rmdir(dir) os.execute("rm -rf " .. dir) end
+local rmdir = H.rmdir
 
 local function write(path, s)
   local f = assert(io.open(path, "w"))
