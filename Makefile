@@ -141,7 +141,7 @@ check-gc: test-deps
 	@LUA_INIT='collectgarbage("generational")' PARMAP_BUILD=$(BUILD) \
 	  bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 
-# --- faults (issue 5) ---
+# --- faults ---
 # The fault specs' test-only C module (spec/testhelper.c), found through
 # LUA_CPATH=$(BUILD)/?.so; never installed. `make fuzz` runs the codec's
 # libFuzzer target for FUZZ_TIME seconds on spec/corpus (new inputs go to
@@ -176,9 +176,9 @@ fuzz: deps $(FUZZ_BIN)
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 $(FUZZ_BIN) \
 	  -max_total_time=$(FUZZ_TIME) -timeout=10 -rss_limit_mb=4096 \
 	  -artifact_prefix=$(BUILD)/fuzz-crash- $(BUILD)/fuzz-corpus spec/corpus
-# --- end faults (issue 5) ---
+# --- end faults ---
 
-# --- packaging and C hosts (issue 4) ---
+# --- packaging and C hosts ---
 # examples/host.c, a C program that embeds Lua, linked against
 # $(BUILD)/libparmap.a as any host would; spec/host_spec.lua runs it, and
 # `make test` builds it. `make print-core-src` lists the C module's sources
@@ -194,9 +194,9 @@ $(HOST_BIN): examples/host.c src/parmap.h $(BUILD)/libparmap.a
 	  examples/host.c $(BUILD)/libparmap.a $(HOST_LIBS)
 print-core-src:
 	@echo $(CORE_SRC)
-# --- end packaging and C hosts (issue 4) ---
+# --- end packaging and C hosts ---
 
-# --- bench (issue 6) ---
+# --- bench ---
 # `make bench` runs bench/run.lua: each case in a fresh lua5.4 process,
 # medians of several runs, one table and one BENCH line per case (plus
 # Python's multiprocessing.Pool.imap as a peer when python3 is present).
@@ -209,9 +209,9 @@ bench: all
 	@if command -v $(MPICC) >/dev/null 2>&1 && command -v $(MPIRUN) >/dev/null 2>&1; then \
 	  echo; echo "MPI backend (make bench-mpi):"; $(MAKE) --no-print-directory bench-mpi; \
 	else echo "(no MPI here: the MPI rows need openmpi-bin libopenmpi-dev)"; fi
-# --- end bench (issue 6) ---
+# --- end bench ---
 
-# --- mpi (issue 13) ---
+# --- mpi ---
 # `make mpi` builds $(BUILD)/parmap-mpi (the MPI launcher, node agents and
 # the coordinator of rank 0) with $(MPICC), e.g. `make mpi
 # MPICC=mpicc.mpich BUILD=build-mpich` for MPICH. `make check-mpi` runs
@@ -269,7 +269,7 @@ $(FNENC_FUZZ): spec/fuzz_fnenc.c src/fnenc.c src/fnenc.h src/codec.c src/buf.c |
 	  spec/fuzz_fnenc.c src/fnenc.c src/codec.c src/buf.c $(LUA_LIBS) -lm
 fuzz-fnenc: $(FNENC_FUZZ)
 	$(FNENC_FUZZ) $(FNENC_ITERS)
-# --- end mpi (issue 13) ---
+# --- end mpi ---
 
 install: all
 	install -d $(DESTDIR)$(LUA_SHARE) $(DESTDIR)$(LUA_LIB)/parmap \

@@ -1,5 +1,5 @@
 -- bench/mpi.lua: the MPI backend against the fork backend on the same
--- machine (issue 13). Run by `make bench-mpi` under
+-- machine. Run by `make bench-mpi` under
 --   mpirun -n $(MPI_BENCH_RANKS) parmap-mpi bench/mpi.lua
 -- (default 2 ranks: rank 0 and one agent, which uses every core as the
 -- fork backend does), and by bench/cluster.sh across the simulated hosts

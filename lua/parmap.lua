@@ -8,7 +8,7 @@
 local core = ...
 if type(core) ~= "table" then core = require "parmap.core" end
 
--- No accidental SPMD (issue 13): in an MPI job of several processes that
+-- No accidental SPMD: in an MPI job of several processes that
 -- parmap-mpi did not start, every rank would run the whole script.
 do
   local function n(var) return tonumber(os.getenv(var) or "") or 0 end
@@ -143,7 +143,7 @@ end
 
 ---------------------------------------------------------------- the API
 
--- issue 13: a map on the MPI backend. fn (and init, finish) travel by
+-- A map on the MPI backend. fn (and init, finish) travel by
 -- value to the node agents (src/fnenc.c); the agents run the call table.
 local function mpi_start(level, spec)
   local mpi, fn, items = package.loaded["parmap.mpi"], spec.fn, spec.items

@@ -1,4 +1,4 @@
--- The MPI backend (issue 13): scripts run under
+-- The MPI backend: scripts run under
 --   timeout 120 mpirun <MPIRUN_FLAGS> -n 3 build/parmap-mpi script.lua
 -- Not part of `make test`: `make check-mpi` runs this file (it needs
 -- `make mpi`, i.e. an MPI installation). Each script checks itself and

@@ -1,4 +1,4 @@
--- Closures by value (issue 13, the MPI backend): parmap.core.dumpfn(f)
+-- Closures by value (the MPI backend): parmap.core.dumpfn(f)
 -- turns a function into bytes, parmap.core.loadfn(s) turns them back into
 -- a function in ANOTHER, fresh Lua state (a remote rank inherits nothing).
 -- Every round trip here runs the sender and the receiver in two separate

@@ -364,7 +364,7 @@ PARMAP_API int luaopen_parmap_core(lua_State *L) {
   luaL_newlib(L, funcs);
   parmap_map_register(L);
   parmap_process_register(L);
-  parmap_fnenc_register(L); /* closures by value (issue 13) */
+  parmap_fnenc_register(L); /* closures by value */
   parmap_range_register(L);
   return 1;
 }

@@ -1,5 +1,5 @@
 /*
-** fnenc.c: closures by value (issue 13; see fnenc.h).
+** fnenc.c: closures by value (see fnenc.h).
 **
 ** A record:
 **   "PMFN" 1                          magic and version

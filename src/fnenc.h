@@ -1,5 +1,5 @@
 /*
-** fnenc.h: closures by value (issue 13). Turns a Lua function into bytes
+** fnenc.h: closures by value. Turns a Lua function into bytes
 ** that a FRESH Lua state (another MPI rank, which inherited nothing) turns
 ** back into a function that behaves the same: its bytecode (not stripped),
 ** every upvalue recursively (shared upvalues stay shared, recursion and

@@ -1,5 +1,5 @@
 /*
-** mpi_main.c: parmap-mpi, the launcher of the MPI backend (issue 13).
+** mpi_main.c: parmap-mpi, the launcher of the MPI backend.
 **
 **   mpirun -n K parmap-mpi script.lua args...
 **

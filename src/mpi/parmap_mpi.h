@@ -1,5 +1,5 @@
 /*
-** parmap_mpi.h: parmap's MPI backend (issue 13), built only into build/parmap-mpi.
+** parmap_mpi.h: parmap's MPI backend, built only into build/parmap-mpi.
 **
 ** Rank 0 runs the script; every other rank is a node agent that runs
 ** parmap's fork engine on its node's cores. All traffic is between rank 0
