@@ -40,7 +40,7 @@ LUA_SHARE := $(PREFIX)/share/lua/$(LUA_VERSION)
 LUA_LIB   := $(PREFIX)/lib/lua/$(LUA_VERSION)
 
 CORE_SRC := src/buf.c src/codec.c src/proc.c src/child.c src/call.c src/worker.c src/map.c \
-            src/process.c src/core.c src/fnenc.c src/range.c
+            src/process.c src/core.c src/fnenc.c src/range.c src/journal.c
 CORE_OBJ := $(CORE_SRC:src/%.c=$(BUILD)/%.o)
 HEADERS  := $(wildcard src/*.h)
 # The front's private modules (lua/parmap/*.lua): compiled into

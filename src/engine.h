@@ -40,7 +40,8 @@ enum {
   U_INIT,     /* init(id), run once in each worker before its items, or nil */
   U_FINISH,   /* finish(id), run in a worker that ends normally, or nil */
   U_IERR,     /* the error the items iterator raised (parent side only) */
-  U_COUNT = U_IERR
+  U_JOURNAL,  /* the journal (src/journal.c), or nil (parent side only) */
+  U_COUNT = U_JOURNAL
 };
 
 typedef struct Config {

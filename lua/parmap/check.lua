@@ -53,6 +53,7 @@ C.OPTIONS = {
   resilient = true, -- issue 13: the MPI backend outlives an agent's death
   maxmemory = true, -- bytes (or "2G") of RSS past which a worker is replaced
   stats = true, -- per-item wall, CPU time and peak RSS, m:stats()
+  journal = true, -- a file of finished items' results: a rerun resumes
 }
 local OPTIONS = C.OPTIONS
 
@@ -465,6 +466,11 @@ function C.map_spec(level, fn, items, opts, extra)
     bad(level, "stats", "boolean", stats)
   end
   spec.stats = stats or nil
+  local journal = opts.journal
+  if journal ~= nil and (type(journal) ~= "string" or journal == "") then
+    bad(level, "journal", "file name (a non-empty string)", journal)
+  end
+  spec.journal_path = journal
   return spec
 end
 
