@@ -104,6 +104,17 @@ lua_Integer parmap_journal_next(const ParmapJournal *j, lua_Integer from) {
   return lo < j->ne ? j->e[lo].index : 0;
 }
 
+lua_Integer parmap_journal_count(const ParmapJournal *j) {
+  return j->total >= 0 ? j->total : j->count;
+}
+
+int parmap_journal_more(lua_State *L, const ParmapJournal *j) {
+  return luaL_error(L, "parmap: journal '%s' was written for a map of %I "
+                    "items, and this map's items go on past them (a "
+                    "different map: use another journal)", j->path,
+                    (LUAI_UACINT)parmap_journal_count(j));
+}
+
 const char *parmap_journal_get(const ParmapJournal *j, lua_Integer index,
                                size_t *len) {
   size_t lo = 0, hi = j->ne;

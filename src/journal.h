@@ -17,6 +17,11 @@ typedef struct ParmapJournal ParmapJournal;
 ParmapJournal *parmap_journal_check(lua_State *L, int idx);
 /* The first index >= from that the journal holds, or 0. */
 lua_Integer parmap_journal_next(const ParmapJournal *j, lua_Integer from);
+/* The item count the journal knows (its header's, or the one a completed
+   run recorded), or -1. */
+lua_Integer parmap_journal_count(const ParmapJournal *j);
+/* Raise: the items iterator gave more items than the journal's count. */
+int parmap_journal_more(lua_State *L, const ParmapJournal *j);
 /* The REC_OK record of item `index` as the journal holds it, or NULL. */
 const char *parmap_journal_get(const ParmapJournal *j, lua_Integer index,
                                size_t *len);

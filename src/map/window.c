@@ -364,7 +364,18 @@ static MAP_COLD int replay(lua_State *L, Map *m, Slot *s, lua_Integer *size) {
   lua_Integer first = m->next_index, nj = parmap_journal_next(m->jr, first),
               run = 0, k;
   if (nj != first) {
+    lua_Integer known = parmap_journal_count(m->jr);
     if (nj > 0 && nj - first < *size) *size = nj - first;
+    if (known >= 0 && !m->cfg.from_table && first + *size - 1 > known) {
+      /* not past the count: an item there is another map's */
+      *size = known - first + 1;
+      if (*size <= 0) {
+        pull_items(L, m, s, 1);
+        if (s->count > 0) parmap_journal_more(L, m->jr);
+        s->in.len = 0;
+        return 1; /* no item: the input is over */
+      }
+    }
     return 0;
   }
   while (run < *size && parmap_journal_next(m->jr, first + run) == first + run)

@@ -25,6 +25,7 @@
 #include "child.h"
 #include "codec.h"
 #include "engine.h"
+#include "journal.h"
 #include "parmap_mpi.h"
 #include "proc.h"
 #include "spec.h"
@@ -75,7 +76,7 @@ typedef struct PerAgent {
 /* user values */
 enum {
   M_ITEMS = 1, M_PENDING, M_POLICY, M_SCRATCH, M_PROGRESS, M_FAIL,
-  M_DESC, M_SEGS, M_MAPMSG, M_IERR, M_NUV = M_IERR
+  M_DESC, M_SEGS, M_MAPMSG, M_IERR, M_JOURNAL, M_NUV = M_JOURNAL
 };
 
 #define MMAP_MAGIC 0x6d70696d61706d70ull /* "pmapimpm" */
@@ -115,6 +116,8 @@ typedef struct MMap {
   const char **mptr; /* message k's bytes (its string in M_PENDING) */
   uint32_t nmsg, mcap;
   uint64_t t0;
+  ParmapJournal *jr; /* option journal (M_JOURNAL), or NULL */
+  lua_Integer jrun;  /* fill: items it gave their journaled results */
   PerAgent *as;
   parmap_buf seg;
 } MMap;
@@ -266,6 +269,48 @@ static void local_failure(lua_State *L, MMap *m, lua_Integer g, int idx) {
   lua_settop(L, top);
 }
 
+/* The journal (option journal): the run of up to k items from the next
+   one that it holds are pulled (an iterator's too, to keep the indices)
+   and given their recorded results here, as one batch from rank 0; the
+   segment then starts after them. A segment stops before such an item. */
+static void replay(lua_State *L, MMap *m, int k, int items) {
+  parmap_buf b = PARMAP_BUF_INIT;
+  lua_Integer n = 0;
+  int ok = mpi_begin(&b, m->id, 1, 0, 0) == 0;
+  while (ok && n < k && !m->closed &&
+         parmap_journal_next(m->jr, m->pulled + 1) == m->pulled + 1 &&
+         pull(L, m, items)) {
+    size_t len;
+    const char *p = parmap_journal_get(m->jr, m->pulled, &len);
+    lua_pop(L, 1);
+    ok = parmap_put_varint(&b, (unsigned long long)m->pulled) == 0 &&
+         parmap_put_varint(&b, len) == 0 && parmap_buf_reserve(&b, len) == 0;
+    if (ok) {
+      memcpy(b.p + b.len, p, len);
+      b.len += len;
+      n++;
+    }
+  }
+  if (ok && n > 0) {
+    MsgHdr h;
+    memcpy(&h, b.p, sizeof h);
+    h.count = (uint32_t)n;
+    memcpy(b.p, &h, sizeof h);
+    lua_pushlstring(L, b.p, b.len);
+  }
+  parmap_buf_free(&b);
+  if (!ok) nomem(L);
+  m->jrun = n;
+  if (n > 0) {
+    MsgHdr h;
+    take_results(L, m, lua_gettop(L), LOCAL);
+    lua_pop(L, 1);
+    memcpy(&h, m->seg.p, sizeof h); /* the segment starts after them */
+    h.a = m->pulled + 1;
+    memcpy(m->seg.p, &h, sizeof h);
+  }
+}
+
 /* fill(map, k): pull and encode up to k items into the segment m->seg,
    protected (send_segment): m->segn and m->segok say how far it got. An
    item that cannot travel fails at its turn, and ends the segment (a
@@ -275,9 +320,21 @@ static int fill(lua_State *L) {
   int k = (int)lua_tointeger(L, 2), items = 3, scratch = 4;
   lua_getiuservalue(L, 1, M_ITEMS);
   lua_getiuservalue(L, 1, M_SCRATCH);
+  m->jrun = 0;
+  if (m->jr && !m->exhausted &&
+      parmap_journal_next(m->jr, m->pulled + 1) == m->pulled + 1) {
+    replay(L, m, k, items);
+    return 0;
+  }
   while (m->segn < k && m->seg.len < SEG_BYTES && !m->closed &&
+         (!m->jr || m->segn == 0 ||
+          parmap_journal_next(m->jr, m->pulled + 1) != m->pulled + 1) &&
          pull(L, m, items)) {
     const char *what = NULL;
+    if (m->jr && !m->from_table && parmap_journal_count(m->jr) >= 0 &&
+        m->pulled > parmap_journal_count(m->jr))
+      parmap_journal_more(L, m->jr); /* an item past the count: raised
+                                        after the items before it */
     if (!parmap_encode_scalar(L, -1, &m->seg) &&
         parmap_encode(L, lua_gettop(L), 1, &m->seg, scratch, &what) !=
             PARMAP_OK) {
@@ -305,6 +362,7 @@ static int fill(lua_State *L) {
 static void send_segment(lua_State *L, MMap *m, int r) {
   int status, top = lua_gettop(L);
   if (m->as[r].ended) return;
+again:
   if (full(m)) { /* sent once the loop takes items (pay_owed) */
     m->as[r].owed++;
     m->nowed++;
@@ -324,6 +382,8 @@ static void send_segment(lua_State *L, MMap *m, int r) {
     m->exhausted = m->ierr = 1;
     lua_setiuservalue(L, 1, M_IERR);
   }
+  /* journaled items only: the agent's credit still wants a segment */
+  if (m->segn == 0 && m->jrun > 0 && !m->exhausted && !m->closed) goto again;
   if (m->segn > 0) {
     MsgHdr h;
     memcpy(&h, m->seg.p, sizeof h);
@@ -448,12 +508,15 @@ static void take_results(lua_State *L, MMap *m, int msgi, int from) {
     m->mref[k]++;
     m->received++;
     if (from != LOCAL) m->as[from].got++;
+    if (m->jr && from != LOCAL && b[pos - len] == (char)REC_OK)
+      parmap_journal_append(L, m->jr, (lua_Integer)g, b + pos - len, len);
     if (!m->ordered && fifo_push(m, (lua_Integer)g)) nomem(L);
   }
   lua_getiuservalue(L, 1, M_PENDING);
   lua_pushvalue(L, msgi);
   lua_rawseti(L, -2, k);
   lua_pop(L, 1);
+  if (m->jr && from != LOCAL) parmap_journal_commit(L, m->jr); /* one write */
 }
 
 static void handle(lua_State *L, MMap *m, parmap_buf *b, int msgi, int tag,
@@ -638,6 +701,7 @@ static void stop(lua_State *L, MMap *m) {
   if (m->closed) return;
   m->closed = 1;
   C.nopen--;
+  if (m->jr) parmap_journal_close(m->jr);
   if (m->finished || C.quit) return;
   /* no wait for the agents' DONE: an agent sees ABORT only between two
      results, which may be long; what they still send for this map is
@@ -844,6 +908,8 @@ static int advance(lua_State *L, MMap *m) {
         lua_getiuservalue(L, 1, M_IERR);
         return lua_error(L);
       }
+      /* the journal learns (or checks) the count */
+      if (m->jr) parmap_journal_end(L, m->jr, m->pulled);
       m->finished = 1;
       stop(L, m);
       call_progress(L, m, 1);
@@ -989,6 +1055,9 @@ static int mpi_start(lua_State *L) {
   m->id = ++C.nextmap;
   lua_getfield(L, 1, "items");
   lua_setiuservalue(L, 4, M_ITEMS);
+  lua_getfield(L, 1, "journal");
+  m->jr = parmap_journal_check(L, -1);
+  lua_setiuservalue(L, 4, M_JOURNAL);
   lua_newtable(L);
   lua_setiuservalue(L, 4, M_PENDING);
   parmap_pushfield(L, 1, "fail", LUA_TFUNCTION, 0);
