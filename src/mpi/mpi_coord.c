@@ -332,9 +332,11 @@ static int fill(lua_State *L) {
          pull(L, m, items)) {
     const char *what = NULL;
     if (m->jr && !m->from_table && parmap_journal_count(m->jr) >= 0 &&
-        m->pulled > parmap_journal_count(m->jr))
-      parmap_journal_more(L, m->jr); /* an item past the count: raised
-                                        after the items before it */
+        m->pulled > parmap_journal_count(m->jr)) {
+      m->pulled--; /* not an item of the map: the error comes after the
+                      items before it */
+      parmap_journal_more(L, m->jr);
+    }
     if (!parmap_encode_scalar(L, -1, &m->seg) &&
         parmap_encode(L, lua_gettop(L), 1, &m->seg, scratch, &what) !=
             PARMAP_OK) {
