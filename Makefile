@@ -243,7 +243,7 @@ check-mpi: test-deps
 	@$(MAKE) --no-print-directory WERROR=-Werror all testhelper mpi
 	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" \
 	  MPIRUN_RESILIENT_FLAGS="$(MPIRUN_RESILIENT_FLAGS)" \
-	  PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_trust_spec.lua spec/mpi_liveness_spec.lua" \
+	  PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_trust_spec.lua spec/mpi_liveness_spec.lua spec/mpi_journal_spec.lua" \
 	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 # `make check-cluster` (root): .ci/cluster.sh makes 3 hosts in namespaces
 # (node1..3 on a bridge of their own, 10.77.0.0/24), runs the MPI specs
