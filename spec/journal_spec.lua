@@ -305,6 +305,24 @@ describe("option journal", function()
     os.remove(j); os.remove(log)
   end)
 
+  it("an iterator that raises among journaled items: those come first",
+    function()
+      local j, log = fresh()
+      parmap.map(fn, iter(10), { N = 2, journal = j })
+      local k, seen = 0, 0
+      local ok, err = pcall(function()
+        for _ in parmap(fn, function()
+          k = k + 1
+          if k == 6 then error("boom") end
+          return k
+        end, { N = 2, journal = j }) do seen = seen + 1 end
+      end)
+      assert.is_false(ok)
+      assert.matches("boom", err)
+      assert.are.equal(5, seen)
+      os.remove(j); os.remove(log)
+    end)
+
   it("works with parmap.start, parmap.range and a stepped map", function()
     local j, log = fresh()
     local m = parmap.start(fn, parmap.range(8), { N = 2, journal = j })

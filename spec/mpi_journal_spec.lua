@@ -65,6 +65,15 @@ ok, err = pcall(parmap.map, fn, { 1, 2, 3, 4, 5, 6 }, { journal = J })
 print("count", ok, err)
 ok, err = pcall(parmap.map, fn, iter(7), { journal = J })
 print("past", ok, err)
+-- an iterator that raises among journaled items: those before it come,
+-- then its error (nothing waits for items that never got a result)
+local function bad(n) local k = 0
+  return function() k = k + 1; if k == n then error("boom") end return k end end
+local seen = 0
+ok, err = pcall(function()
+  for _ in parmap(fn, bad(4), { journal = J }) do seen = seen + 1 end
+end)
+print("raised", seen, ok, err)
 os.remove(J); os.remove(LOG)
 ]], j, log), 3)
     assert.are.equal(0, code, out)
@@ -75,5 +84,6 @@ os.remove(J); os.remove(LOG)
     assert.matches("fn\tfalse\t[^\n]*was written by a different fn", out)
     assert.matches("count\tfalse\t[^\n]*map of 5 items, this one has 6", out)
     assert.matches("past\tfalse\t[^\n]*go on past them", out)
+    assert.matches("raised\t3\tfalse\t[^\n]*boom", out)
   end)
 end)

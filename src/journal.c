@@ -87,6 +87,7 @@ static void drop(ParmapJournal *j) {
   parmap_buf_free(&j->pend);
   j->path = j->data = NULL;
   j->e = NULL;
+  j->ne = 0;
 }
 
 ParmapJournal *parmap_journal_check(lua_State *L, int idx) {

@@ -118,6 +118,8 @@ typedef struct MMap {
   uint64_t t0;
   ParmapJournal *jr; /* option journal (M_JOURNAL), or NULL */
   lua_Integer jrun;  /* fill: items it gave their journaled results */
+  parmap_buf jb;     /* replay's batch (kept: the iterator may raise) */
+  lua_Integer jpend; /* items in jb, not yet delivered */
   PerAgent *as;
   parmap_buf seg;
 } MMap;
@@ -273,38 +275,41 @@ static void local_failure(lua_State *L, MMap *m, lua_Integer g, int idx) {
    one that it holds are pulled (an iterator's too, to keep the indices)
    and given their recorded results here, as one batch from rank 0; the
    segment then starts after them. A segment stops before such an item. */
+/* Deliver the journaled items replay has batched (m->jpend of them). */
+static void replay_flush(lua_State *L, MMap *m) {
+  MsgHdr h;
+  if (m->jpend == 0) return;
+  memcpy(&h, m->jb.p, sizeof h);
+  h.count = (uint32_t)m->jpend;
+  memcpy(m->jb.p, &h, sizeof h);
+  m->jpend = 0;
+  lua_pushlstring(L, m->jb.p, m->jb.len);
+  take_results(L, m, lua_gettop(L), LOCAL);
+  lua_pop(L, 1);
+}
+
 static void replay(lua_State *L, MMap *m, int k, int items) {
-  parmap_buf b = PARMAP_BUF_INIT;
-  lua_Integer n = 0;
-  int ok = mpi_begin(&b, m->id, 1, 0, 0) == 0;
-  while (ok && n < k && !m->closed &&
+  parmap_buf *jb = &m->jb;
+  if (mpi_begin(jb, m->id, 1, 0, 0)) nomem(L);
+  while (m->jpend < k && !m->closed &&
          parmap_journal_next(m->jr, m->pulled + 1) == m->pulled + 1 &&
-         pull(L, m, items)) {
+         pull(L, m, items)) { /* when it raises: send_segment flushes */
     size_t len;
     const char *p = parmap_journal_get(m->jr, m->pulled, &len);
     lua_pop(L, 1);
-    ok = parmap_put_varint(&b, (unsigned long long)m->pulled) == 0 &&
-         parmap_put_varint(&b, len) == 0 && parmap_buf_reserve(&b, len) == 0;
-    if (ok) {
-      memcpy(b.p + b.len, p, len);
-      b.len += len;
-      n++;
+    if (parmap_put_varint(jb, (unsigned long long)m->pulled) ||
+        parmap_put_varint(jb, len) || parmap_buf_reserve(jb, len)) {
+      m->pulled--; /* not delivered: the map stops */
+      nomem(L);
     }
+    memcpy(jb->p + jb->len, p, len);
+    jb->len += len;
+    m->jpend++;
   }
-  if (ok && n > 0) {
+  m->jrun = m->jpend;
+  if (m->jpend > 0) {
     MsgHdr h;
-    memcpy(&h, b.p, sizeof h);
-    h.count = (uint32_t)n;
-    memcpy(b.p, &h, sizeof h);
-    lua_pushlstring(L, b.p, b.len);
-  }
-  parmap_buf_free(&b);
-  if (!ok) nomem(L);
-  m->jrun = n;
-  if (n > 0) {
-    MsgHdr h;
-    take_results(L, m, lua_gettop(L), LOCAL);
-    lua_pop(L, 1);
+    replay_flush(L, m);
     memcpy(&h, m->seg.p, sizeof h); /* the segment starts after them */
     h.a = m->pulled + 1;
     memcpy(m->seg.p, &h, sizeof h);
@@ -381,6 +386,7 @@ again:
     if (status == LUA_ERRMEM || parmap_is_interrupt(L, -1))
       lua_error(L); /* out of memory, or Ctrl-C: at once (the map stops) */
     m->seg.len = m->segok; /* drop a half-encoded item */
+    replay_flush(L, m); /* journaled items pulled before it */
     m->exhausted = m->ierr = 1;
     lua_setiuservalue(L, 1, M_IERR);
   }
@@ -722,6 +728,7 @@ static int map_gc(lua_State *L) {
   MMap *m = (MMap *)luaL_checkudata(L, 1, MAP_META);
   if (!m->closed && !C.quit) stop(L, m);
   parmap_buf_free(&m->seg);
+  parmap_buf_free(&m->jb);
   if (m->as != NULL) {
     int r;
     for (r = 0; r < C.size; r++) free(m->as[r].sent);
