@@ -40,7 +40,7 @@ LUA_SHARE := $(PREFIX)/share/lua/$(LUA_VERSION)
 LUA_LIB   := $(PREFIX)/lib/lua/$(LUA_VERSION)
 
 CORE_SRC := src/buf.c src/codec.c src/proc.c src/child.c src/call.c src/worker.c src/map.c \
-            src/process.c src/core.c src/fnenc.c src/range.c
+            src/process.c src/core.c src/fnenc.c src/range.c src/journal.c
 CORE_OBJ := $(CORE_SRC:src/%.c=$(BUILD)/%.o)
 HEADERS  := $(wildcard src/*.h)
 # The front's private modules (lua/parmap/*.lua): compiled into
@@ -243,7 +243,7 @@ check-mpi: test-deps
 	@$(MAKE) --no-print-directory WERROR=-Werror all testhelper mpi
 	@PARMAP_MPI_BIN=$(MPI_BIN) MPIRUN=$(MPIRUN) MPIRUN_FLAGS="$(MPIRUN_FLAGS)" \
 	  MPIRUN_RESILIENT_FLAGS="$(MPIRUN_RESILIENT_FLAGS)" \
-	  PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_trust_spec.lua spec/mpi_liveness_spec.lua spec/mpi_retry_spec.lua" \
+	  PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_trust_spec.lua spec/mpi_liveness_spec.lua spec/mpi_retry_spec.lua spec/mpi_journal_spec.lua" \
 	  PARMAP_BUILD=$(BUILD) bash spec/run.sh $(BUSTED) $(BUSTED_FLAGS)
 # `make check-cluster` (root): .ci/cluster.sh makes 3 hosts in namespaces
 # (node1..3 on a bridge of their own, 10.77.0.0/24), runs the MPI specs

@@ -149,7 +149,7 @@ check() {
   PARMAP_CLUSTER="$here/cluster.sh" PARMAP_MPI_BIN="$repo/build/parmap-mpi" \
     MPIRUN="$here/cluster.sh mpirun" MPIRUN_FLAGS="--allow-run-as-root --bind-to none" \
     PARMAP_SPEC_SHARED="$STATE/shared" CI="${CI:-1}" \
-    PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_trust_spec.lua spec/mpi_liveness_spec.lua spec/mpi_retry_spec.lua spec/cluster_spec.lua" \
+    PARMAP_SPECS="spec/mpi_backend_spec.lua spec/mpi_trust_spec.lua spec/mpi_liveness_spec.lua spec/mpi_retry_spec.lua spec/mpi_journal_spec.lua spec/cluster_spec.lua" \
     setsid bash spec/run.sh "${BUSTED:-busted}" ${BUSTED_FLAGS:-} &
   runner=$!
   wait "$runner"

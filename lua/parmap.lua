@@ -225,10 +225,57 @@ local function mpi_start(level, spec)
   return mpi.next, m, nil, m
 end
 
+-- What names fn in its journal: its bytecode without debug information
+-- (so an edit of a comment keeps it); a C function by its module's name;
+-- a callable table or userdata by its __call.
+local function fingerprint(fn, seen)
+  if type(fn) == "function" then
+    local ok, dump = pcall(string.dump, fn, true)
+    if ok then return "lua " .. dump end
+    local names = {}
+    for mname, mod in next, package.loaded do
+      if type(mod) == "table" then
+        for k, v in next, mod do
+          if v == fn and type(k) == "string" then
+            names[#names + 1] = tostring(mname) .. "." .. k
+          end
+        end
+      end
+    end
+    if #names == 0 then
+      return nil, "fn is a C function that no loaded module holds"
+    end
+    table.sort(names) -- the same name whatever the table order
+    return "C " .. names[1]
+  end
+  local mt = getmetatable(fn)
+  local call = type(mt) == "table" and rawget(mt, "__call")
+  if call ~= nil and not seen then
+    local fp, why = fingerprint(call, true)
+    if fp then return "call " .. fp end
+    return nil, why
+  end
+  return nil, "fn is a " .. type(fn) .. " without a Lua __call"
+end
+
+-- option journal: the file opened (locked, checked against fn and the
+-- item count, a torn end cut off) before the map starts.
+local function open_journal(level, spec)
+  local fp, why = fingerprint(spec.fn)
+  if not fp then
+    error("parmap: bad option 'journal' (a journal needs to know fn again in "
+      .. "a later run: " .. why .. ")", level + 1)
+  end
+  local ok, j = pcall(core.journal, spec.journal_path, fp, spec.total or -1)
+  if not ok then error(tostring(j), level + 1) end
+  spec.journal = j
+end
+
 -- level: where the entry point's caller is, seen from the entry point (2
 -- for a plain function). extra: how many arguments came after opts.
 local function start(level, fn, items, opts, extra)
   local spec = Check.map_spec(level + 1, fn, items, opts, extra)
+  if spec.journal_path then open_journal(level + 1, spec) end
   local f, s, c, closer
   local mpi = spec.backend ~= "fork" and package.loaded["parmap.mpi"]
   if spec.backend == "mpi" and not mpi then
@@ -246,12 +293,12 @@ local function start(level, fn, items, opts, extra)
         .. "write to mpirun's streams", level + 1)
     end
     f, s, c, closer = mpi_start(level + 1, spec)
-  -- timeout, init_timeout, seed, stats, output: with N = 1 too, the items
-  -- run in one worker process (a loop cannot stop itself; seeding must not
-  -- touch the caller's stream; stats measure a worker; output is a
-  -- worker's streams)
+  -- timeout, init_timeout, seed, stats, output, journal: with N = 1 too,
+  -- the items run in one worker process (a loop cannot stop itself; seeding
+  -- must not touch the caller's stream; stats measure a worker; output is
+  -- a worker's streams; the journal keeps a worker's result records)
   elseif spec.N == 1 and not spec.timeout and not spec.seed
-      and not spec.init_timeout and not spec.stats
+      and not spec.init_timeout and not spec.stats and not spec.journal
       and (spec.output or "direct") == "direct" then
     f, s, c, closer = serial(spec)
   else
@@ -285,6 +332,7 @@ function M.start(fn, items, opts, ...)
     error("parmap.start: the map object needs the fork backend "
       .. "(backend = 'fork' or 'auto')", 2)
   end
+  if spec.journal_path then open_journal(2, spec) end
   local m = core.start(spec)
   return m
 end

@@ -42,7 +42,7 @@ build = {
          sources = {
             "src/buf.c", "src/codec.c", "src/proc.c", "src/child.c", "src/call.c",
             "src/worker.c",
-            "src/map.c", "src/process.c", "src/core.c", "src/fnenc.c", "src/range.c",
+            "src/map.c", "src/process.c", "src/core.c", "src/fnenc.c", "src/range.c", "src/journal.c",
          },
       },
    },

@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "journal.h"
 #include "child.h"
 #include "engine.h"
 #include "fnenc.h"
@@ -366,5 +367,6 @@ PARMAP_API int luaopen_parmap_core(lua_State *L) {
   parmap_process_register(L);
   parmap_fnenc_register(L); /* closures by value */
   parmap_range_register(L);
+  parmap_journal_register(L);
   return 1;
 }

@@ -43,7 +43,8 @@ enum {
   U_RETRY,    /* retry_check(index, kind, err, message, tb, pid, attempts,
                  fields) -> again[, message] (errors.lua), or nil */
   U_IERR,     /* the error the items iterator raised (parent side only) */
-  U_COUNT = U_IERR
+  U_JOURNAL,  /* the journal (src/journal.c), or nil (parent side only) */
+  U_COUNT = U_JOURNAL
 };
 
 typedef struct Config {

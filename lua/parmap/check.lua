@@ -59,6 +59,7 @@ C.OPTIONS = {
   retry_if = true, -- retry_if(e): does this failure get the run retries allows?
   retry_delay = true, -- seconds before the 2nd run, doubling per run
   retry_delay_max = true, -- the cap of that doubling (default 30 s)
+  journal = true, -- a file of finished items' results: a rerun resumes
 }
 local OPTIONS = C.OPTIONS
 
@@ -522,6 +523,11 @@ function C.map_spec(level, fn, items, opts, extra)
   if output == "lines" or output == "item" then
     spec.output_write = Progress.relay
   end
+  local journal = opts.journal
+  if journal ~= nil and (type(journal) ~= "string" or journal == "") then
+    bad(level, "journal", "file name (a non-empty string)", journal)
+  end
+  spec.journal_path = journal
   return spec
 end
 

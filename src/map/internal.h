@@ -26,6 +26,7 @@
 #include "../child.h"
 #include "../codec.h"
 #include "../engine.h"
+#include "../journal.h"
 #include "../map.h"
 #include "../proc.h"
 #include "../range.h"
@@ -166,6 +167,7 @@ typedef struct Map {
   int *ep_fd;     /* per worker entry: the fd registered, -1 none */
   unsigned *ep_ev; /* ... and its events */
   /* stats = true (loop.c): per item, by index - 1; kept after the stop */
+  ParmapJournal *jr; /* option journal: NULL without (U_JOURNAL) */
   struct ItemStat *st;
   lua_Integer st_cap, st_n;
   uint64_t t_start, t_end; /* the map's start, its end (0: not yet) */

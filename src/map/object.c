@@ -210,6 +210,8 @@ static int over(lua_State *L, Map *m) {
   if (m->cfg.stats && !m->t_end) m->t_end = parmap_now_ns();
   if (!m->ierr) progress(L, m, 1);
   if (m->close_req) return 0;
+  /* every item delivered: the journal learns (or checks) the count */
+  if (m->jr && !m->ierr) parmap_journal_end(L, m->jr, m->next_index - 1);
   stop(m, 0);
   if (m->ierr) { /* every item pulled is delivered: now the error */
     m->ierr = 2;   /* and the map counts as stopped, not as over */
@@ -500,6 +502,9 @@ static int map_start(lua_State *L) {
     m->ready = raw_source->ready;
   lua_setiuservalue(L, ud, U_ITEMS);
   parmap_setfields(L, 1, ud, "fn", m->cfg.nargs, CALL_UV, FIELDS, U_SCRATCH);
+  lua_getfield(L, 1, "journal");
+  m->jr = parmap_journal_check(L, -1);
+  lua_setiuservalue(L, ud, U_JOURNAL);
   m->nw = m->cfg.N;
   m->nslots = m->cfg.N * WINDOW_PER_WORKER;
   m->w = (Worker *)calloc((size_t)m->cfg.N, sizeof *m->w);

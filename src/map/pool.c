@@ -512,6 +512,9 @@ static int recv_more(lua_State *L, Map *m, Worker *w) {
     }
     if (w->rhdr.flags & FLAG_INIT)
       init_error(L, m, w, s->out.p + s->out.len, (size_t)w->rhdr.bodylen);
+    else if (m->jr && w->rhdr.nitems > 0)
+      journal_frame(L, m, s->start + s->recv, s->out.p + s->out.len,
+                    (size_t)w->rhdr.bodylen, w->rhdr.nitems);
     s->out.len += (size_t)w->rhdr.bodylen;
     s->recv += w->rhdr.nitems;
     if (w->rhdr.nitems > 0) {
@@ -734,6 +737,7 @@ static void stop(Map *m, int kill_them) {
   if (m->state == M_CLOSED) return;
   if (m->state != M_DONE) m->state = M_CLOSED; /* an ended map stays so */
   if (m->owner != getpid()) return; /* a worker's copy: not its children */
+  if (m->jr) parmap_journal_close(m->jr);
   if (m->w == NULL) return;
   for (i = 0; i < m->nw; i++) {
     Worker *w = &m->w[i];

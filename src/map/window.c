@@ -401,6 +401,71 @@ static void raw_items(lua_State *L, Map *m, Slot *s, lua_Integer size) {
   if (m->close_req) m->exhausted = 1;
 }
 
+/* The journal (option journal): a chunk starting at an item it holds is
+   the run of such items, given their recorded results and never handed
+   out (an iterator's items are still pulled, to keep the indices); any
+   other chunk stops before the next such item. Returns 1 for a replayed
+   chunk. */
+static MAP_COLD int replay(lua_State *L, Map *m, Slot *s, lua_Integer *size) {
+  lua_Integer first = m->next_index, nj = parmap_journal_next(m->jr, first),
+              run = 0, k;
+  if (nj != first) {
+    lua_Integer known = parmap_journal_count(m->jr);
+    if (nj > 0 && nj - first < *size) *size = nj - first;
+    if (known >= 0 && !m->cfg.from_table && first + *size - 1 > known) {
+      /* not past the count: an item there is another map's */
+      *size = known - first + 1;
+      if (*size <= 0) {
+        pull_items(L, m, s, 1);
+        if (s->count > 0) parmap_journal_more(L, m->jr);
+        s->in.len = 0;
+        return 1; /* no item: the input is over */
+      }
+    }
+    return 0;
+  }
+  while (run < *size && parmap_journal_next(m->jr, first + run) == first + run)
+    run++;
+  if (m->cfg.from_table) {
+    lua_Integer rem = m->cfg.total - first + 1;
+    s->count = run < rem ? run : rem;
+    if (s->count >= rem) m->exhausted = 1;
+  } else {
+    pull_items(L, m, s, run); /* fewer if the iterator ends first */
+    s->in.len = s->fail.len = 0;
+  }
+  for (k = 0; k < s->count; k++) {
+    size_t len;
+    const char *p = parmap_journal_get(m->jr, first + k, &len);
+    reserve(L, &s->out, len);
+    memcpy(s->out.p + s->out.len, p, len);
+    s->out.len += len;
+  }
+  s->recv = s->count;
+  s->next = s->start + s->count;
+  m->done += s->count;
+  return 1;
+}
+
+/* Items of a frame that just arrived (n records from item `index` at p):
+   the REC_OK ones go to the journal, in one write. */
+static MAP_COLD void journal_frame(lua_State *L, Map *m, lua_Integer index,
+                                   const char *p, size_t n, uint64_t count) {
+  size_t at = 0;
+  uint64_t k;
+  for (k = 0; k < count; k++) {
+    size_t pos;
+    if (at < n && p[at] == (char)REC_STATS) at += 1 + STATS_LEN;
+    if (at >= n) break; /* corrupt: emit says so at its turn */
+    pos = at + 1;
+    if (parmap_skip(p, n, &pos)) break;
+    if (p[at] == (char)REC_OK)
+      parmap_journal_append(L, m->jr, index + (lua_Integer)k, p + at, pos - at);
+    at = pos;
+  }
+  parmap_journal_commit(L, m->jr);
+}
+
 /* Make the next chunk, or return NULL when there is no room or no input. */
 static Slot *new_chunk(lua_State *L, Map *m) {
   Slot *s;
@@ -430,7 +495,9 @@ static Slot *new_chunk(lua_State *L, Map *m) {
   s->recv = s->consumed = 0;
   s->next = s->start;
   s->busy = 0;
-  if (m->cfg.from_table) {
+  if (m->jr && replay(L, m, s, &size)) {
+    /* items the journal holds: their records, none to run */
+  } else if (m->cfg.from_table) {
     lua_Integer rem = m->cfg.total - m->next_index + 1;
     s->count = size < rem ? size : rem;
     if (s->count >= rem) m->exhausted = 1;

@@ -25,6 +25,7 @@
 #include "child.h"
 #include "codec.h"
 #include "engine.h"
+#include "journal.h"
 #include "parmap_mpi.h"
 #include "proc.h"
 #include "spec.h"
@@ -75,7 +76,7 @@ typedef struct PerAgent {
 /* user values */
 enum {
   M_ITEMS = 1, M_PENDING, M_POLICY, M_SCRATCH, M_PROGRESS, M_FAIL,
-  M_DESC, M_SEGS, M_MAPMSG, M_IERR, M_AERR, M_NUV = M_AERR
+  M_DESC, M_SEGS, M_MAPMSG, M_IERR, M_AERR, M_JOURNAL, M_NUV = M_JOURNAL
 };
 
 #define MMAP_MAGIC 0x6d70696d61706d70ull /* "pmapimpm" */
@@ -125,6 +126,10 @@ typedef struct MMap {
   const char **mptr; /* message k's bytes (its string in M_PENDING) */
   uint32_t nmsg, mcap;
   uint64_t t0;
+  ParmapJournal *jr; /* option journal (M_JOURNAL), or NULL */
+  lua_Integer jrun;  /* fill: items it gave their journaled results */
+  parmap_buf jb;     /* replay's batch (kept: the iterator may raise) */
+  lua_Integer jpend; /* items in jb, not yet delivered */
   PerAgent *as;
   parmap_buf seg;
 } MMap;
@@ -349,6 +354,54 @@ static int seg_cut(MMap *m) {
   return 0;
 }
 
+/* The journal (option journal): the run of up to k items from the next
+   one that it holds are pulled (an iterator's too, to keep the indices)
+   and given their recorded results here, as one batch from rank 0; the
+   segment then starts after them. A segment stops before such an item. */
+/* Deliver the journaled items replay has batched (m->jpend of them). */
+static void replay_flush(lua_State *L, MMap *m) {
+  MsgHdr h;
+  if (m->jpend == 0) return;
+  memcpy(&h, m->jb.p, sizeof h);
+  h.count = (uint32_t)m->jpend;
+  memcpy(m->jb.p, &h, sizeof h);
+  m->jpend = 0;
+  lua_pushlstring(L, m->jb.p, m->jb.len);
+  take_results(L, m, lua_gettop(L), LOCAL);
+  lua_pop(L, 1);
+}
+
+static void replay(lua_State *L, MMap *m, int k, int items) {
+  parmap_buf *jb = &m->jb;
+  if (mpi_begin(jb, m->id, 1, 0, 0)) nomem(L);
+  while (m->jpend < k && !m->closed &&
+         parmap_journal_next(m->jr, m->pulled + 1) == m->pulled + 1) {
+    size_t len;
+    const char *p;
+    int got = pull(L, m, items); /* when it raises: send_segment flushes */
+    if (got == 0) break;
+    if (got > 0) lua_pop(L, 1); /* (< 0: its access raised; its result is
+                                   recorded all the same) */
+    p = parmap_journal_get(m->jr, m->pulled, &len);
+    if (parmap_put_varint(jb, (unsigned long long)m->pulled) ||
+        parmap_put_varint(jb, len) || parmap_buf_reserve(jb, len)) {
+      m->pulled--; /* not delivered: the map stops */
+      nomem(L);
+    }
+    memcpy(jb->p + jb->len, p, len);
+    jb->len += len;
+    m->jpend++;
+  }
+  m->jrun = m->jpend;
+  if (m->jpend > 0) {
+    MsgHdr h;
+    replay_flush(L, m);
+    memcpy(&h, m->seg.p, sizeof h); /* the segment starts after them */
+    h.a = m->pulled + 1;
+    memcpy(m->seg.p, &h, sizeof h);
+  }
+}
+
 /* fill(map, k): pull and encode up to k items into the segment m->seg,
    protected (send_segment): m->segn and m->segok say how far it got. An
    item that cannot travel fails at its turn, and ends the segment (a
@@ -358,11 +411,26 @@ static int fill(lua_State *L) {
   int k = (int)lua_tointeger(L, 2), items = 3, scratch = 4;
   lua_getiuservalue(L, 1, M_ITEMS);
   lua_getiuservalue(L, 1, M_SCRATCH);
+  m->jrun = 0;
+  if (m->jr && !m->exhausted &&
+      parmap_journal_next(m->jr, m->pulled + 1) == m->pulled + 1) {
+    replay(L, m, k, items);
+    return 0;
+  }
   for (;;) {
     const char *what = NULL;
     int got;
     if (!(m->segn < k && m->seg.len < SEG_BYTES && !m->closed)) break;
+    if (m->jr && m->segn > 0 &&
+        parmap_journal_next(m->jr, m->pulled + 1) == m->pulled + 1)
+      break; /* the segment stops before a journaled item */
     if ((got = pull(L, m, items)) == 0) break;
+    if (m->jr && !m->from_table && parmap_journal_count(m->jr) >= 0 &&
+        m->pulled > parmap_journal_count(m->jr)) {
+      m->pulled--; /* not an item of the map: the error comes after the
+                      items before it */
+      parmap_journal_more(L, m->jr);
+    }
     if (got < 0) { /* its items table's access raised */
       local_failure(L, m, m->pulled, 0, NULL);
       if (seg_cut(m)) break;
@@ -401,6 +469,7 @@ static int fill(lua_State *L) {
 static void send_segment(lua_State *L, MMap *m, int r) {
   int status, top = lua_gettop(L), k;
   if (m->as[r].ended) return;
+again:
   if (full(m)) { /* sent once the loop takes items (pay_owed) */
     m->as[r].owed++;
     m->nowed++;
@@ -432,9 +501,12 @@ static void send_segment(lua_State *L, MMap *m, int r) {
     if (status == LUA_ERRMEM || parmap_is_interrupt(L, -1))
       lua_error(L); /* out of memory, or Ctrl-C: at once (the map stops) */
     m->seg.len = m->segok; /* drop a half-encoded item */
+    replay_flush(L, m); /* journaled items pulled before it */
     m->exhausted = m->ierr = 1;
     lua_setiuservalue(L, 1, M_IERR);
   }
+  /* journaled items only: the agent's credit still wants a segment */
+  if (m->segn == 0 && m->jrun > 0 && !m->exhausted && !m->closed) goto again;
   if (m->segn > 0) {
     MsgHdr h;
     memcpy(&h, m->seg.p, sizeof h);
@@ -559,12 +631,15 @@ static void take_results(lua_State *L, MMap *m, int msgi, int from) {
     m->mref[k]++;
     m->received++;
     if (from != LOCAL) m->as[from].got++;
+    if (m->jr && from != LOCAL && b[pos - len] == (char)REC_OK)
+      parmap_journal_append(L, m->jr, (lua_Integer)g, b + pos - len, len);
     if (!m->ordered && fifo_push(m, (lua_Integer)g)) nomem(L);
   }
   lua_getiuservalue(L, 1, M_PENDING);
   lua_pushvalue(L, msgi);
   lua_rawseti(L, -2, k);
   lua_pop(L, 1);
+  if (m->jr && from != LOCAL) parmap_journal_commit(L, m->jr); /* one write */
 }
 
 static void handle(lua_State *L, MMap *m, parmap_buf *b, int msgi, int tag,
@@ -749,6 +824,7 @@ static void stop(lua_State *L, MMap *m) {
   if (m->closed) return;
   m->closed = 1;
   C.nopen--;
+  if (m->jr) parmap_journal_close(m->jr);
   if (m->finished || C.quit) return;
   /* no wait for the agents' DONE: an agent sees ABORT only between two
      results, which may be long; what they still send for this map is
@@ -767,6 +843,7 @@ static int map_gc(lua_State *L) {
   MMap *m = (MMap *)luaL_checkudata(L, 1, MAP_META);
   if (!m->closed && !C.quit) stop(L, m);
   parmap_buf_free(&m->seg);
+  parmap_buf_free(&m->jb);
   if (m->as != NULL) {
     int r;
     for (r = 0; r < C.size; r++) free(m->as[r].sent);
@@ -975,6 +1052,8 @@ static int advance(lua_State *L, MMap *m) {
         lua_getiuservalue(L, 1, M_IERR);
         return lua_error(L);
       }
+      /* the journal learns (or checks) the count */
+      if (m->jr) parmap_journal_end(L, m->jr, m->pulled);
       m->finished = 1;
       stop(L, m);
       call_progress(L, m, 1);
@@ -1120,6 +1199,9 @@ static int mpi_start(lua_State *L) {
   m->id = ++C.nextmap;
   lua_getfield(L, 1, "items");
   lua_setiuservalue(L, 4, M_ITEMS);
+  lua_getfield(L, 1, "journal");
+  m->jr = parmap_journal_check(L, -1);
+  lua_setiuservalue(L, 4, M_JOURNAL);
   lua_newtable(L);
   lua_setiuservalue(L, 4, M_PENDING);
   parmap_pushfield(L, 1, "fail", LUA_TFUNCTION, 0);
