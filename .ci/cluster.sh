@@ -71,10 +71,19 @@ up() {
     rm -f "$STATE/$h.pid"
     # the host: its own hostname, /tmp and /etc/hosts, kept by a sleep
     # (in a subshell: no job of this shell, whose end down reports)
+    # A checkout under /tmp (a CI clone may be one) stays visible there:
+    # bound aside before the private /tmp hides it, then bound back.
+    local keep=: back=:
+    case "$repo/" in /tmp/*)
+      mkdir -p "$STATE/repo-$h"
+      keep="mount --bind '$repo' '$STATE/repo-$h'"
+      back="mkdir -p '$repo' && mount --bind '$STATE/repo-$h' '$repo'" ;;
+    esac
     (setsid ip netns exec $ns unshare --uts --mount --ipc --propagation private \
-      sh -c "hostname $h && mount -t tmpfs -o size=512m tmpfs /tmp &&
-             mount --bind '$STATE/hosts' /etc/hosts && echo \$\$ > '$STATE/$h.pid' &&
-             exec sleep infinity" </dev/null >/dev/null 2>&1 &)
+      sh -c "hostname $h && $keep && mount -t tmpfs -o size=512m tmpfs /tmp &&
+             $back && mount --bind '$STATE/hosts' /etc/hosts &&
+             echo \$\$ > '$STATE/$h.pid' && exec sleep infinity" \
+      </dev/null >/dev/null 2>&1 &)
   done
   for h in $HOSTS; do
     for _ in $(seq 100); do [ -s "$STATE/$h.pid" ] && break; sleep 0.1; done

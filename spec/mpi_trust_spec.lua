@@ -4,6 +4,7 @@
 -- outlive the map on the agents), and refusals name the caller's line and
 -- the value's place. Scripts run under mpirun -n 3 parmap-mpi, as in
 -- spec/mpi_backend_spec.lua (spec/mpi_helpers.lua); pending without it.
+local H = require "helpers"
 local MH = require "mpi_helpers"
 local mpirun = MH.mpirun
 local describe_mpi = MH.describer(describe, pending)
@@ -370,9 +371,10 @@ end)
 
 describe_mpi("the MPI backend's end of a map", function()
   it("comes after every worker's finish, recycled ones included", function()
-    local out, code = mpirun([[
+    -- the log every host's workers append to: a file all hosts see
+    local out, code = mpirun("local log = " .. string.format("%q", H.tmpname()) .. [[
+
 local parmap = require "parmap"
-local log = os.tmpname()
 local function count(what)
   local n, f = 0, io.open(log)
   for line in f:lines() do if line == what then n = n + 1 end end
